@@ -1,0 +1,29 @@
+"""bitnet-train: train 1.58-bit (ternary) BitNet language models and ship them to CPUs."""
+
+from .bitlinear import (
+    BitLinear,
+    convert_to_bitlinear,
+    revert_to_linear,
+    set_backend,
+    set_quant_lambda,
+)
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .model import ModelSpecError, build_model, list_presets, load_model, load_preset
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BitLinear",
+    "CheckpointError",
+    "ModelSpecError",
+    "build_model",
+    "convert_to_bitlinear",
+    "list_presets",
+    "load_checkpoint",
+    "load_model",
+    "load_preset",
+    "revert_to_linear",
+    "save_checkpoint",
+    "set_backend",
+    "set_quant_lambda",
+]

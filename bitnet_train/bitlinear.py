@@ -1,0 +1,216 @@
+"""BitLinear and the converter that swaps a built model's ``nn.Linear`` layers for it.
+
+The quantization math lives in :mod:`bitnet_train.quant`; this file only wires it into a layer.
+Backends:
+
+* ``torch``  — the plain PyTorch reference (fake quantization + ``F.linear``), always available.
+* ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward).
+* ``auto``   — ``triton`` on CUDA tensors when Triton is installed, else ``torch``.
+
+The backend is set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model)
+and the environment variable ``BITNET_TRAIN_BACKEND`` overrides it for every layer.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import quant
+
+BACKENDS = ("torch", "triton", "auto")
+BACKEND_ENV = "BITNET_TRAIN_BACKEND"
+
+# Modules never converted: embeddings and norms are not nn.Linear; the output head is.
+DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "output", "score", "classifier")
+
+
+class BitLinearRMSNorm(nn.Module):
+    """RMSNorm applied to a BitLinear's input (transformers' ``use_rms_norm`` option)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(dtype)
+
+
+def _check_backend(name: str, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown BitLinear backend {name!r} ({where}); choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """The backend that will actually run for a tensor on ``device``."""
+    env = os.environ.get(BACKEND_ENV)
+    name = _check_backend(env, f"${BACKEND_ENV}") if env else requested
+    if name == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "BitLinear backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
+            "in Triton's CPU interpreter); use backend 'torch' or 'auto' on the CPU"
+        )
+    return name
+
+
+class BitLinear(nn.Linear):
+    """A linear layer with absmean ternary weights and per-token absmax int8 activations.
+
+    Parameters and state dict are those of ``nn.Linear`` (``weight``, optional ``bias``), holding
+    the latent full-precision weights that the straight-through estimator trains. ``quant_lambda``
+    in [0, 1] blends quantization in (0 = full precision, 1 = fully quantized).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        backend: str = "auto",
+        quant_lambda: float = 1.0,
+        use_rms_norm: bool = False,
+        rms_norm_eps: float = 1e-6,
+    ):
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.backend = _check_backend(backend, "BitLinear(backend=...)")
+        self.quant_lambda = float(quant_lambda)
+        self.rms_norm = BitLinearRMSNorm(in_features, rms_norm_eps) if use_rms_norm else None
+        if self.rms_norm is not None and device is not None:
+            self.rms_norm.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "BitLinear":
+        """A BitLinear holding ``linear``'s weights (copied as they are: same dtype and device)."""
+        w = linear.weight
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, **kwargs)
+        new.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        if new.rms_norm is not None:
+            new.rms_norm = BitLinearRMSNorm(linear.in_features, new.rms_norm.variance_epsilon).to(
+                device=w.device, dtype=w.dtype
+            )
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
+        lam = self.quant_lambda
+        if lam <= 0.0:
+            return F.linear(x, self.weight, self.bias)
+        backend = resolve_backend(self.backend, x.device)
+        if backend == "triton" and lam >= 1.0:
+            from .kernels import bitlinear_triton
+
+            return bitlinear_triton(x, self.weight, self.bias)
+        return quant.bitlinear_reference(x, self.weight, self.bias, lam)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr() + f", backend={self.backend}"
+        if self.quant_lambda != 1.0:
+            s += f", quant_lambda={self.quant_lambda:g}"
+        return s
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    for p in patterns:
+        if name == p or fnmatch.fnmatchcase(name, p) or name.endswith("." + p):
+            return True
+    return False
+
+
+def convert_to_bitlinear(
+    model: nn.Module,
+    exclude: Iterable[str] | None = None,
+    backend: str = "auto",
+    quant_lambda: float = 1.0,
+    use_rms_norm: bool = False,
+    rms_norm_eps: float = 1e-6,
+    default_exclude: bool = True,
+) -> list[str]:
+    """Swap every eligible ``nn.Linear`` of ``model`` (in place) for :class:`BitLinear`.
+
+    Weights are copied; embeddings and norms are untouched (they are not ``nn.Linear``); the
+    output head and any module whose qualified name matches an ``exclude`` pattern (exact name,
+    a glob such as ``"*.gate"``, or a name suffix) stay full precision. Layers already BitLinear
+    are left alone. ``default_exclude=False`` drops the built-in head patterns (a checkpoint's
+    saved ``modules_to_not_convert`` list is then the whole truth). Returns the converted names.
+
+    Raises ``ValueError`` naming the problem when nothing can be converted.
+    """
+    patterns = (tuple(DEFAULT_EXCLUDE) if default_exclude else ()) + tuple(exclude or ())
+    _check_backend(backend, "convert_to_bitlinear(backend=...)")
+    # an output head tied to the input embedding must stay a plain Linear (it shares its weight)
+    tied_ids = set()
+    get_in = getattr(model, "get_input_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        tied_ids.add(id(emb.weight))
+    converted = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        if _matches(name, patterns):
+            continue
+        if id(module.weight) in tied_ids:
+            continue
+        new = BitLinear.from_linear(
+            module, backend=backend, quant_lambda=quant_lambda, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps
+        )
+        model.set_submodule(name, new)
+        converted.append(name)
+    if not converted:
+        raise ValueError(
+            f"convert_to_bitlinear: no eligible nn.Linear found in {type(model).__name__} "
+            f"(excluded patterns: {', '.join(patterns)})"
+        )
+    return converted
+
+
+def bitlinear_modules(model: nn.Module) -> list[tuple[str, BitLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, BitLinear)]
+
+
+def set_backend(model: nn.Module, backend: str) -> None:
+    _check_backend(backend, "set_backend")
+    for _, m in bitlinear_modules(model):
+        m.backend = backend
+
+
+def set_quant_lambda(model: nn.Module, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"quant_lambda must be in [0, 1], got {value}")
+    for _, m in bitlinear_modules(model):
+        m.quant_lambda = float(value)
+
+
+def revert_to_linear(model: nn.Module) -> None:
+    """Replace every BitLinear by a plain nn.Linear with the same latent weights (in place)."""
+    for name, m in bitlinear_modules(model):
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+        lin.weight = m.weight
+        lin.bias = m.bias
+        model.set_submodule(name, lin)

@@ -1,0 +1,210 @@
+"""The checkpoint format: a transformers ``save_pretrained`` directory that stock transformers loads.
+
+A checkpoint holds safetensors *latent* weights, ``config.json``, ``generation_config.json`` and
+the tokenizer when there is one. For a ternary model ``config.json`` carries::
+
+    quantization_config: {quant_method: bitnet, linear_class: autobitlinear,
+                          quantization_mode: online, modules_to_not_convert: [...]}
+
+so that ``AutoModelForCausalLM.from_pretrained(dir)`` — without bitnet_train — swaps the same
+Linear layers for transformers' ``AutoBitLinear`` and computes the logits we compute. Our own
+loader reads the same directory and puts :class:`BitLinear` in those places instead.
+
+Checkpoints are written atomically (see :mod:`bitnet_train.fsutil`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
+
+from .bitlinear import BitLinear, bitlinear_modules, convert_to_bitlinear
+from .fsutil import atomic_dir
+
+QUANT_METHOD = "bitnet"
+
+
+class CheckpointError(ValueError):
+    """A directory that is not a usable checkpoint; the message names the file and the problem."""
+
+
+def quantization_config_for(model: torch.nn.Module) -> dict | None:
+    """The ``quantization_config`` that makes stock transformers quantize exactly our layers."""
+    bit = bitlinear_modules(model)
+    if not bit:
+        return None
+    not_converted = sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)
+    rms = [m for _, m in bit if m.rms_norm is not None]
+    if rms and len(rms) != len(bit):
+        raise CheckpointError("some BitLinear layers have an input RMSNorm and some do not; stock transformers cannot express that")
+    qc = {
+        "quant_method": QUANT_METHOD,
+        "linear_class": "autobitlinear",
+        "quantization_mode": "online",
+        "modules_to_not_convert": not_converted,
+        "use_rms_norm": bool(rms),
+        "rms_norm_eps": float(rms[0].rms_norm.variance_epsilon) if rms else 1e-6,
+    }
+    return qc
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    path: str | os.PathLike,
+    tokenizer=None,
+    extra: dict | None = None,
+    write_extra=None,
+) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a checkpoint directory at ``path``, atomically.
+
+    ``extra`` is a JSON-able dict saved as ``bitnet_train.json``; ``write_extra(tmpdir)`` may add
+    more files (optimizer state, ...) into the directory before it is moved into place.
+    """
+    path = Path(path)
+    qc = quantization_config_for(model)
+    cfg = model.config
+    had_qc = getattr(cfg, "quantization_config", None)
+    meta = dict(getattr(cfg, "bitnet_train", None) or {})
+    meta["quant"] = "bitnet" if qc else "none"
+    if qc:
+        meta["backend"] = bit_backend(model)
+    with atomic_dir(path) as tmp:
+        try:
+            if qc:
+                cfg.quantization_config = qc
+            elif had_qc is not None:
+                del cfg.quantization_config
+            cfg.bitnet_train = meta
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if had_qc is not None:
+                cfg.quantization_config = had_qc
+            elif hasattr(cfg, "quantization_config"):
+                del cfg.quantization_config
+        if not (tmp / "generation_config.json").exists():
+            GenerationConfig.from_model_config(cfg).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            (tmp / "bitnet_train.json").write_text(json.dumps(extra, indent=2, sort_keys=True))
+        if write_extra is not None:
+            write_extra(tmp)
+    return path
+
+
+def bit_backend(model) -> str:
+    mods = bitlinear_modules(model)
+    return mods[0][1].backend if mods else "auto"
+
+
+def read_config_json(path: Path) -> dict:
+    f = path / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: not valid JSON ({e})") from None
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    backend: str = "auto",
+    dtype: torch.dtype | None = torch.float32,
+    require_causal_lm: bool = True,
+    expect_model_type: str | None = None,
+) -> PreTrainedModel:
+    """Load a checkpoint directory with :class:`BitLinear` where it is quantized.
+
+    Reads our checkpoints, converted Hugging Face models, and BitNet b1.58 2B4T's bf16 master
+    weights (``microsoft/bitnet-b1.58-2B-4T-bf16`` layout: ``quant_method: bitnet`` with
+    online quantization). Packed (``offline``) checkpoints are rejected: they hold no latent
+    weights to train.
+    """
+    path = Path(path)
+    raw = read_config_json(path)
+    model_type = raw.get("model_type")
+    if expect_model_type and model_type != expect_model_type:
+        raise CheckpointError(f"{path}: checkpoint is of architecture {model_type!r}, expected {expect_model_type!r}")
+    qc = raw.get("quantization_config")
+    if qc is not None and qc.get("quant_method") != QUANT_METHOD:
+        raise CheckpointError(
+            f"{path}/config.json: quantization_config.quant_method is {qc.get('quant_method')!r}; "
+            f"bitnet-train reads only '{QUANT_METHOD}' (or unquantized) checkpoints"
+        )
+    if qc is not None and qc.get("quantization_mode", "offline") != "online":
+        raise CheckpointError(
+            f"{path}/config.json: a packed (quantization_mode: {qc.get('quantization_mode', 'offline')!r}) "
+            "checkpoint holds no latent weights to train; use the bf16/online master weights"
+        )
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
+        raise CheckpointError(f"{path}: config.json cannot be read by transformers: {e}") from None
+    archs = raw.get("architectures") or []
+    if require_causal_lm and archs and not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        raise CheckpointError(f"{path}: architecture {archs} is not a causal language model (…ForCausalLM)")
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    kwargs = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: transformers cannot build a causal LM from this checkpoint: {e}") from None
+    if qc is not None:
+        skip = qc.get("modules_to_not_convert")
+        use_rms = bool(qc.get("use_rms_norm", False))
+        convert_to_bitlinear(
+            model,
+            exclude=skip or ("lm_head",),
+            default_exclude=skip is None,
+            backend=backend,
+            use_rms_norm=use_rms,
+            rms_norm_eps=float(qc.get("rms_norm_eps") or 1e-6),
+        )
+        if use_rms:
+            _load_extra_tensors(model, path, suffix=".rms_norm.weight")
+    meta = dict(raw.get("bitnet_train") or {})
+    meta["quant"] = "bitnet" if qc is not None else "none"
+    model.config.bitnet_train = meta
+    return model
+
+
+def _iter_safetensors(path: Path):
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors weight files")
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                yield k, sf, f
+
+
+def _load_extra_tensors(model: torch.nn.Module, path: Path, suffix: str) -> None:
+    params = dict(model.named_parameters())
+    found = 0
+    for key, sf, _f in _iter_safetensors(path):
+        if key.endswith(suffix) and key in params:
+            with torch.no_grad():
+                params[key].copy_(sf.get_tensor(key))
+            found += 1
+    want = sum(1 for k in params if k.endswith(suffix))
+    if found != want:
+        raise CheckpointError(f"{path}: expected {want} tensors '*{suffix}', found {found}")
+
+
+__all__ = [
+    "BitLinear",
+    "CheckpointError",
+    "load_checkpoint",
+    "quantization_config_for",
+    "save_checkpoint",
+]

@@ -1,0 +1,77 @@
+"""The ``bitnet-train`` command line.
+
+Each subcommand lives with the code it drives; a module registers its subcommands through a
+``register(subparsers)`` function. Modules keep their top-level imports light (no trl, triton,
+gguf or llama_cpp at import time) so that ``bitnet-train --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, what it provides) — in the order shown by --help
+COMMAND_MODULES = [
+    "bitnet_train.commands",  # init, info
+    "bitnet_train.train",  # pretrain
+    "bitnet_train.data",  # tokenize
+    "bitnet_train.align",  # sft, dpo
+    "bitnet_train.convert",  # convert
+    "bitnet_train.export",  # export
+    "bitnet_train.generate",  # generate
+    "bitnet_train.bench",  # bench
+]
+
+
+class UserError(Exception):
+    """An error caused by the user's input: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitnet-train",
+        description="Train 1.58-bit (ternary) BitNet language models and ship them to CPUs.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"bitnet-train {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:
+                continue
+            raise
+        mod.register(sub)
+    return parser
+
+
+def _user_error_types():
+    from .checkpoint import CheckpointError
+    from .model import ModelSpecError
+    from .recipe import RecipeError
+
+    return (UserError, RecipeError, ModelSpecError, CheckpointError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except _user_error_types() as e:
+        print(f"bitnet-train {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bitnet-train {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
