@@ -179,8 +179,15 @@ def load_model(preset_or_path: str | os.PathLike, backend: str = "auto", **kwarg
     """A model from a preset name, a preset YAML, or a checkpoint directory.
 
     Checkpoint directories (ours, a converted Hugging Face model, or a BitNet b1.58 2B4T
-    bf16-layout directory) load with their weights; presets build a random initialisation.
+    bf16-layout directory) load with their weights; presets build a random initialisation;
+    ``hf:<dir or hub id>`` converts a Hugging Face causal LM to BitLinear on load.
     """
+    spec = str(preset_or_path)
+    if spec.startswith("hf:"):
+        # a Hugging Face model (local dir or hub id) converted to BitLinear on load
+        from .convert import load_hf_converted
+
+        return load_hf_converted(spec[3:], backend=backend, **kwargs)
     p = Path(preset_or_path)
     if p.is_dir():
         from .checkpoint import load_checkpoint
