@@ -46,7 +46,9 @@ def weight_scale(w: torch.Tensor) -> torch.Tensor:
 
 def act_scale(x: torch.Tensor) -> torch.Tensor:
     """per-token scale ``a = 127 / max(max|x|, 1e-5)`` over the last dim, fp32 ``[..., 1]``."""
-    return ACT_QMAX / x.detach().float().abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+    # max|x| without materialising |x| (exact: a max involves no rounding)
+    amax = torch.linalg.vector_norm(x.detach().float(), ord=float("inf"), dim=-1, keepdim=True)
+    return ACT_QMAX / amax.clamp(min=ACT_EPS)
 
 
 def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,14 +86,16 @@ def weight_fake_quant_values(w: torch.Tensor) -> torch.Tensor:
     the codes are exact small integers in fp32, so skipping the int8 round trip changes no bit."""
     wf = w.detach().float()
     inv = 1.0 / weight_scale(wf)
-    return (torch.round(wf * inv).clamp_(-1, 1) / inv).to(w.dtype)
+    t = wf * inv  # a new tensor: the in-place ops below never touch w
+    return t.round_().clamp_(-1, 1).div_(inv).to(w.dtype)
 
 
 def act_fake_quant_values(x: torch.Tensor) -> torch.Tensor:
     """``q / a`` in the dtype of ``x`` (no gradient); equal to ``act_dequant(*act_quant(x))``."""
     xf = x.detach().float()
     a = act_scale(xf)
-    return (torch.round(xf * a).clamp_(ACT_QMIN, ACT_QMAX) / a).to(x.dtype)
+    q = xf * a
+    return q.round_().clamp_(ACT_QMIN, ACT_QMAX).div_(a).to(x.dtype)
 
 
 class _STE(torch.autograd.Function):

@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""BitLinear (torch reference backend) forward+backward against nn.Linear, on the CPU, fp32.
+
+For each BitNet b1.58 2B4T projection shape, times both layers in this one process, alternating
+them so machine load affects both alike, and prints the median time of each and the ratio.
+
+    python scripts/bench_bitlinear.py [--tokens 512] [--repeats 7] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+from bitnet_train import BitLinear
+
+SHAPES = [  # (out_features, in_features) of 2B4T's projections
+    ("q/o 2560x2560", 2560, 2560),
+    ("k/v 640x2560", 640, 2560),
+    ("gate/up 6912x2560", 6912, 2560),
+    ("down 2560x6912", 2560, 6912),
+]
+
+
+def step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
+    layer.weight.grad = None
+    x.grad = None
+    y = layer(x)
+    y.backward(g)
+
+
+def timed(layer, x, g) -> float:
+    t0 = time.perf_counter()
+    step(layer, x, g)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=512, help="tokens per step (batch x sequence)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {args.tokens} tokens, "
+          f"median of {args.repeats}")
+    print(f"{'shape':<20} {'nn.Linear ms':>13} {'BitLinear ms':>13} {'ratio':>7}")
+    ratios = []
+    for name, out_f, in_f in SHAPES:
+        lin = nn.Linear(in_f, out_f, bias=False)
+        bit = BitLinear.from_linear(lin, backend="torch")
+        x = torch.randn(args.tokens, in_f, requires_grad=True)
+        g = torch.randn(args.tokens, out_f)
+        for _ in range(2):  # warm up
+            step(lin, x, g)
+            step(bit, x, g)
+        tl, tb = [], []
+        for _ in range(args.repeats):
+            tl.append(timed(lin, x, g))
+            tb.append(timed(bit, x, g))
+        ml, mb = statistics.median(tl), statistics.median(tb)
+        ratios.append(mb / ml)
+        print(f"{name:<20} {ml * 1e3:>13.1f} {mb * 1e3:>13.1f} {mb / ml:>6.2f}x")
+    print(f"geometric mean ratio BitLinear / nn.Linear: {statistics.geometric_mean(ratios):.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""BitLinear, the swap function, presets, checkpoints and the stock-transformers round trip."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import bitnet_train
+from bitnet_train import BitLinear, quant
+from bitnet_train.bitlinear import resolve_backend
+from bitnet_train.checkpoint import CheckpointError
+from bitnet_train.model import ModelSpecError
+
+
+def tiny_llama():
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg)
+
+
+def test_bitlinear_is_a_linear_with_plain_state_dict():
+    lin = nn.Linear(16, 8, bias=True)
+    bl = BitLinear.from_linear(lin)
+    assert isinstance(bl, nn.Linear)
+    assert set(bl.state_dict()) == {"weight", "bias"}
+    assert torch.equal(bl.weight, lin.weight) and bl.weight is not lin.weight
+    x = torch.randn(3, 16)
+    assert torch.equal(bl(x), quant.bitlinear_reference(x, lin.weight, lin.bias))
+    bl.quant_lambda = 0.0
+    assert torch.equal(bl(x), lin(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitlinear_trains_latent_weights(dtype):
+    bl = BitLinear(16, 8, dtype=dtype)
+    before = bl.weight.detach().clone()
+    opt = torch.optim.SGD(bl.parameters(), lr=0.1)
+    bl(torch.randn(4, 16, dtype=dtype)).float().pow(2).sum().backward()
+    assert bl.weight.grad is not None and bl.weight.grad.dtype == dtype
+    opt.step()
+    assert not torch.equal(before, bl.weight)
+
+
+def test_swap_on_llama_keeps_head_embeddings_norms():
+    m = tiny_llama()
+    ref = {k: v.clone() for k, v in m.state_dict().items()}
+    names = bitnet_train.convert_to_bitlinear(m)
+    assert len(names) == 2 * 7
+    assert type(m.lm_head) is nn.Linear
+    assert isinstance(m.model.embed_tokens, nn.Embedding)
+    for layer in m.model.layers:
+        for proj in (layer.self_attn.q_proj, layer.mlp.down_proj):
+            assert isinstance(proj, BitLinear)
+    # weights copied exactly, same state dict keys
+    sd = m.state_dict()
+    assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
+    ids = torch.randint(0, 128, (1, 6))
+    assert torch.isfinite(m(ids).logits).all()
+
+
+def test_swap_exclusion_list_and_errors():
+    m = tiny_llama()
+    names = bitnet_train.convert_to_bitlinear(m, exclude=["mlp.gate_proj", "model.layers.1.*"])
+    assert "model.layers.0.mlp.gate_proj" not in names
+    assert not any(n.startswith("model.layers.1.") for n in names)
+    assert "model.layers.0.mlp.up_proj" in names
+    with pytest.raises(ValueError, match="no eligible nn.Linear"):
+        bitnet_train.convert_to_bitlinear(nn.Sequential(nn.Embedding(4, 4)))
+
+
+def test_backend_switch_and_env(monkeypatch):
+    m = bitnet_train.build_model("tiny", backend="torch")
+    assert {x.backend for _, x in bitnet_train.bitlinear.bitlinear_modules(m)} == {"torch"}
+    bitnet_train.set_backend(m, "auto")
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu) == "torch"
+    monkeypatch.setenv("BITNET_TRAIN_BACKEND", "torch")
+    assert resolve_backend("triton", cpu) == "torch"
+    monkeypatch.setenv("BITNET_TRAIN_BACKEND", "fast")
+    with pytest.raises(ValueError, match="BITNET_TRAIN_BACKEND"):
+        resolve_backend("auto", cpu)
+    with pytest.raises(ValueError, match="unknown BitLinear backend"):
+        bitnet_train.set_backend(m, "cuda")
+
+
+def test_presets():
+    names = bitnet_train.list_presets()
+    for n in ["tiny", "125m", "350m", "700m", "1.3b", "2b4t", "tiny-silu", "2b4t-silu"]:
+        assert n in names
+    p = bitnet_train.load_preset("2b4t")
+    assert (p["hidden_size"], p["num_hidden_layers"], p["num_attention_heads"], p["num_key_value_heads"]) == (2560, 30, 20, 5)
+    assert (p["intermediate_size"], p["vocab_size"], p["rope_theta"], p["hidden_act"]) == (6912, 128256, 500000.0, "relu2")
+    assert p["max_position_embeddings"] == 4096
+    assert bitnet_train.load_preset("tiny-silu")["hidden_act"] == "silu"
+    with torch.device("meta"):
+        m = bitnet_train.build_model("2b4t")
+    assert sum(x.numel() for x in m.parameters()) == 2_412_820_480
+    tiny = bitnet_train.build_model("tiny")
+    assert 1_000_000 < sum(x.numel() for x in tiny.parameters()) < 10_000_000
+
+
+def test_preset_errors(tmp_path):
+    with pytest.raises(ModelSpecError, match="unknown model preset 'nope'.*tiny"):
+        bitnet_train.load_model("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hidden_size: 64\nhiden_act: silu\n")
+    with pytest.raises(ModelSpecError, match=r"bad.yaml: unknown key 'hiden_act'"):
+        bitnet_train.load_model(str(bad))
+    bad.write_text("inherit: tiny\nhidden_act: gelu\n")
+    with pytest.raises(ModelSpecError, match=r"bad.yaml: key 'hidden_act' is 'gelu'"):
+        bitnet_train.load_model(str(bad))
+    bad.write_text("inherit: tiny\nnum_hidden_layers: two\n")
+    with pytest.raises(ModelSpecError, match="num_hidden_layers"):
+        bitnet_train.load_model(str(bad))
+
+
+STOCK_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    from transformers import AutoModelForCausalLM
+    m = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32).eval()
+    assert "bitnet_train" not in sys.modules
+    names = sorted(type(x).__name__ for x in m.modules() if isinstance(x, torch.nn.Linear))
+    ids = torch.load(sys.argv[2])
+    with torch.no_grad():
+        torch.save({"logits": m(ids).logits, "classes": names}, sys.argv[3])
+    """
+)
+
+
+def stock_logits(ckpt, ids, tmp_path, compiled=False):
+    torch.save(ids, tmp_path / "ids.pt")
+    env = dict(os.environ)
+    if not compiled:
+        # transformers runs its quantizers under torch.compile; eager mode gives the exact math
+        env["TORCHDYNAMO_DISABLE"] = "1"
+    subprocess.run(
+        [sys.executable, "-c", STOCK_SCRIPT, str(ckpt), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+        check=True, env=env, cwd=tmp_path,
+    )
+    return torch.load(tmp_path / "out.pt")
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-silu"])
+def test_stock_transformers_roundtrip(preset, tmp_path):
+    m = bitnet_train.build_model(preset, seed=1).eval()
+    ckpt = tmp_path / "ckpt"
+    bitnet_train.save_checkpoint(m, ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    assert (qc["quant_method"], qc["linear_class"], qc["quantization_mode"]) == ("bitnet", "autobitlinear", "online")
+    assert (ckpt / "generation_config.json").is_file() and (ckpt / "model.safetensors").is_file()
+    ids = torch.randint(0, m.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        ours = m(ids).logits
+    out = stock_logits(ckpt, ids, tmp_path)
+    assert set(out["classes"]) == {"AutoBitLinear", "Linear"} and out["classes"].count("Linear") <= 1
+    assert rel(ours, out["logits"]) < 1e-4
+    # and our loader reads the same directory back
+    again = bitnet_train.load_model(ckpt).eval()
+    assert isinstance(again.model.layers[0].mlp.up_proj, BitLinear)
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, ours)
+
+
+def test_untied_head_and_quant_none(tmp_path):
+    m = bitnet_train.build_model("tiny", seed=2, tie_word_embeddings=False).eval()
+    assert m.lm_head.weight is not m.model.embed_tokens.weight and type(m.lm_head) is nn.Linear
+    bitnet_train.save_checkpoint(m, tmp_path / "u")
+    ids = torch.randint(0, m.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        assert rel(m(ids).logits, stock_logits(tmp_path / "u", ids, tmp_path)["logits"]) < 1e-4
+    base = bitnet_train.build_model("tiny", quant="none", seed=3).eval()
+    assert not bitnet_train.bitlinear.bitlinear_modules(base)
+    bitnet_train.save_checkpoint(base, tmp_path / "fp")
+    assert "quantization_config" not in json.loads((tmp_path / "fp" / "config.json").read_text())
+    back = bitnet_train.load_model(tmp_path / "fp")
+    assert not bitnet_train.bitlinear.bitlinear_modules(back)
+
+
+def test_2b4t_bf16_layout_loads(tmp_path):
+    """A tiny model saved the way microsoft/bitnet-b1.58-2B-4T-bf16 is laid out."""
+    src = bitnet_train.build_model("tiny", quant="none", seed=4).to(torch.bfloat16)
+    d = tmp_path / "bitnet-bf16"
+    src.save_pretrained(d, safe_serialization=True)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.pop("bitnet_train", None)
+    cfg.update(
+        architectures=["BitNetForCausalLM"], model_type="bitnet", torch_dtype="bfloat16",
+        quantization_config={"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"},
+        hidden_act="relu2", tie_word_embeddings=True,
+    )
+    (d / "config.json").write_text(json.dumps(cfg))
+    m = bitnet_train.load_model(d).eval()
+    assert isinstance(m.model.layers[0].self_attn.q_proj, BitLinear)
+    assert m.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+    assert torch.equal(m.model.layers[1].mlp.gate_proj.weight, src.model.layers[1].mlp.gate_proj.weight.float())
+    ids = torch.randint(0, m.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        ours = m(ids).logits
+    assert rel(ours, stock_logits(d, ids, tmp_path)["logits"]) < 1e-4
+    # and a packed (offline) checkpoint is refused with the reason
+    cfg["quantization_config"]["quantization_mode"] = "offline"
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="no latent weights"):
+        bitnet_train.load_model(d)
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="no config.json"):
+        bitnet_train.load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="config.json: not valid JSON"):
+        bitnet_train.load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": {"quant_method": "gptq"}}))
+    with pytest.raises(CheckpointError, match="'gptq'"):
+        bitnet_train.load_checkpoint(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="architecture 'llama', expected 'bitnet'"):
+        bitnet_train.load_checkpoint(tmp_path, expect_model_type="bitnet")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(CheckpointError, match="not a causal language model"):
+        bitnet_train.load_checkpoint(tmp_path)
+
+
+def test_atomic_save_keeps_previous_on_failure(tmp_path):
+    m = bitnet_train.build_model("tiny", seed=5)
+    d = tmp_path / "ck"
+    bitnet_train.save_checkpoint(m, d)
+    before = (d / "model.safetensors").read_bytes()
+
+    def boom(tmp):
+        raise RuntimeError("killed mid-save")
+
+    with pytest.raises(RuntimeError):
+        bitnet_train.save_checkpoint(bitnet_train.build_model("tiny", seed=6), d, write_extra=boom)
+    assert (d / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ck"]
