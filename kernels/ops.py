@@ -8,8 +8,10 @@ All integer codes are bit-identical to :mod:`bitnet_train.quant` (the source of 
   weights are clamped to ``[-2, 2]`` first, which leaves the final clamp to ``[-1, 1]`` unchanged).
   Using ``rint`` on the GPU also avoids an FMA contraction of ``x * a + C``, which would round
   the exact product instead of the fp32 product and flip ties.
-* divisions that feed codes (``127 / amax``, ``1 / s``) use ``tl.div_rn`` (IEEE round to nearest),
-  not Triton's default approximate fp32 division.
+* divisions that feed codes use ``tl.div_rn`` (IEEE round to nearest), not Triton's default
+  approximate fp32 division. ``quant.act_scale``'s ``127 / amax`` is a python scalar divided by
+  a tensor, which torch evaluates as ``reciprocal(amax) * 127`` (differs from a true division in
+  about a quarter of cases by an ulp); we evaluate it the same way.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def _act_quant_kernel(X, Q, A, K, stride_x, stride_q, BLOCK: tl.constexpr, USE_L
         x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.abs(x))
     amax_s = tl.maximum(tl.max(amax, axis=0), 1e-5)
-    a = tl.div_rn(tl.full([], 127.0, tl.float32), amax_s)
+    # torch evaluates ``127 / t`` (python scalar / tensor) as ``reciprocal(t) * 127``: match it
+    a = tl.div_rn(tl.full([], 1.0, tl.float32), amax_s) * 127.0
     for k0 in range(0, K, BLOCK):
         m = (k0 + offs) < K
         x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
