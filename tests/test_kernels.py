@@ -202,3 +202,20 @@ def test_bitlinear_module_triton_backend():
     ref = lin(x)
     lin.backend = "triton"
     torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bitlinear_autograd_mixed_dtypes_under_autocast():
+    # bf16 activations, fp32 master weights (autocast-style training)
+    w = (torch.randn(12, 20) * 0.1).requires_grad_(True)
+    b = torch.randn(12).requires_grad_(True)
+    x = torch.randn(2, 5, 20, dtype=torch.bfloat16, requires_grad=True)
+    out = K.bitlinear_triton(x, w, b)
+    assert out.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = quant.bitlinear_reference(x.detach().float(), w.detach(), b.detach())
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    w_dq = quant.weight_dequant(*quant.weight_quant(w))
+    torch.testing.assert_close(x.grad.float(), (torch.ones(2, 5, 12) @ w_dq).float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(b.grad, torch.full((12,), 10.0))
