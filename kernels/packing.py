@@ -1,0 +1,57 @@
+"""2-bit packing of ternary codes (pure PyTorch, no Triton needed).
+
+Our layout (``pack_ternary``), chosen so that a matmul tile along the reduction dim reads
+contiguous bytes:
+
+* codes ``[..., K]`` int8 in {-1, 0, 1}  ->  packed uint8 ``[..., ceil(K / 4)]``;
+* the stored 2-bit value is ``code + 1`` (0, 1, 2; 3 never occurs);
+* byte ``j`` of a row holds codes ``4j, 4j+1, 4j+2, 4j+3`` in bits 0-1, 2-3, 4-5, 6-7;
+* padding past ``K`` holds value 1 (code 0), so a padded tail contributes nothing to a dot.
+
+For a weight ``[out, in]`` the packing runs along ``in`` (the reduction dim of ``x @ W^T``).
+
+transformers' layout (``to_hf_packed`` / ``from_hf_packed``; reference: ``quant.pack_hf``):
+uint8 ``[ceil(out / 4), in]``, value ``code + 1``; packed row ``r`` holds output rows
+``r, R+r, 2R+r, 3R+r`` (``R`` = packed rows) in bits 0-1, 2-3, 4-5, 6-7; padding rows hold code 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """Pack int8 ternary codes ``[..., K]`` into uint8 ``[..., ceil(K/4)]`` (layout above)."""
+    k = codes.shape[-1]
+    kp = (k + 3) // 4
+    vals = torch.ones((*codes.shape[:-1], kp * 4), dtype=torch.uint8, device=codes.device)
+    vals[..., :k] = (codes.to(torch.int16) + 1).to(torch.uint8)
+    vals = vals.view(*codes.shape[:-1], kp, 4)
+    return vals[..., 0] | (vals[..., 1] << 2) | (vals[..., 2] << 4) | (vals[..., 3] << 6)
+
+
+def unpack_ternary(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of :func:`pack_ternary`: int8 codes of ``shape`` (its last dim is ``K``)."""
+    shape = tuple(shape)
+    k = shape[-1]
+    parts = [((packed >> (2 * i)) & 3) for i in range(4)]
+    vals = torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 4)
+    return (vals[..., :k].to(torch.int8) - 1).reshape(shape)
+
+
+def to_hf_packed(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Our packed weight (logical ``shape = (out, in)``) -> transformers' uint8 ``[ceil(out/4), in]``."""
+    codes = unpack_ternary(packed, shape)
+    out, inp = codes.shape
+    rows = (out + 3) // 4
+    vals = torch.ones((rows * 4, inp), dtype=torch.uint8, device=codes.device)
+    vals[:out] = (codes.to(torch.int16) + 1).to(torch.uint8)
+    vals = vals.view(4, rows, inp)
+    return vals[0] | (vals[1] << 2) | (vals[2] << 4) | (vals[3] << 6)
+
+
+def from_hf_packed(hf: torch.Tensor, out_features: int) -> torch.Tensor:
+    """transformers' packed uint8 ``[ceil(out/4), in]`` -> our packed ``[out, ceil(in/4)]``."""
+    parts = [((hf >> (2 * i)) & 3) for i in range(4)]
+    codes = torch.cat(parts, dim=0)[:out_features].to(torch.int8) - 1
+    return pack_ternary(codes)

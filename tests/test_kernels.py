@@ -1,0 +1,221 @@
+"""Triton kernels vs the PyTorch reference (bitnet_train.quant), in Triton's CPU interpreter."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from bitnet_train import quant  # noqa: E402
+from bitnet_train import kernels as K  # noqa: E402
+from bitnet_train.bitlinear import BitLinear  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+POISON = 99
+
+
+def _poison_empty(monkeypatch):
+    """Make every torch.empty* in the kernels module come back filled with 99, so elements a
+    kernel forgets to write fail the comparison."""
+    import bitnet_train.kernels.ops as ops
+
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(POISON)
+
+    class _Torch:
+        def __getattr__(self, name):
+            if name == "empty":
+                return empty
+            return getattr(torch, name)
+
+    monkeypatch.setattr(ops, "torch", _Torch())
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    _poison_empty(monkeypatch)
+
+
+def _x(shape, dtype):
+    x = torch.randn(shape) * 3
+    flat = x.view(-1, shape[-1])
+    # first row: exact ties for round-half-to-even (x * a lands on k + 0.5 for a = 127 / 127);
+    # the other rows keep random amax so the scale itself is exercised
+    flat = flat[:1]
+    flat[:, 0] = 127.0
+    if shape[-1] > 4:
+        flat[:, 1] = 2.5
+        flat[:, 2] = -0.5
+        flat[:, 3] = 3.5
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 37), (3, 5, 70), (4, 64), (2, 130)])
+def test_act_quant_bitexact(shape, dtype):
+    x = _x(shape, dtype)
+    q, a = K.act_quant(x)
+    rq, ra = quant.act_quant(x)
+    assert q.dtype == torch.int8 and a.dtype == torch.float32
+    assert q.shape == rq.shape and a.shape == ra.shape
+    assert torch.equal(q, rq)
+    assert torch.equal(a, ra)
+
+
+def test_act_quant_scale_is_reciprocal_times_127():
+    # amax values where 127 / t (true division) != reciprocal(t) * 127 (what torch computes)
+    t = torch.rand(4000) * 10 + 1e-3
+    t = t[(torch.full_like(t, 127.0) / t) != 127 / t][:24]
+    assert t.numel() > 0
+    x = torch.randn(t.numel(), 40) * 0.1 * t[:, None]
+    x[:, 7] = t
+    q, a = K.act_quant(x)
+    rq, ra = quant.act_quant(x)
+    assert torch.equal(a, ra) and torch.equal(q, rq)
+
+
+def test_act_quant_ties_and_zero_row():
+    x = torch.tensor([[127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -127.0], [0.0] * 9])
+    q, a = K.act_quant(x)
+    rq, ra = quant.act_quant(x)
+    assert torch.equal(q, rq) and torch.equal(a, ra)
+    assert q[0, 1:4].tolist() == [0, 2, 2]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (33, 70), (300, 5)])
+def test_weight_quant(shape, dtype):
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    q, s = K.weight_quant(w)
+    rq, rs = quant.weight_quant(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.dim() == 0
+    # scale: different fp32 summation order -> within ~1 ulp
+    torch.testing.assert_close(s, rs, rtol=2.5e-7, atol=0)
+    # codes: bit-identical given the same scale
+    pair = torch.stack([rs, 1.0 / rs])
+    assert torch.equal(K.weight_codes(w, pair), rq)
+    # and with our own scale, in practice identical too
+    assert torch.equal(q, rq)
+
+
+def test_weight_quant_ties_and_tiny():
+    # mean|W| = 1 exactly -> codes of +-0.5, +-1.5 are ties
+    w = torch.tensor([[0.5, -0.5, 1.5, -1.5], [1.0, 0.0, 0.5, 2.0]])
+    q, s = K.weight_quant(w)
+    rq, rs = quant.weight_quant(w)
+    assert torch.equal(s, rs) and torch.equal(q, rq)
+    z = torch.zeros(3, 5)
+    q, s = K.weight_quant(z)
+    assert s.item() == pytest.approx(1e-5) and torch.equal(q, torch.zeros(3, 5, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 7), (4, 8), (3, 2, 13)])
+def test_pack_roundtrip(shape):
+    codes = torch.randint(-1, 2, shape, dtype=torch.int8)
+    p = K.pack_ternary(codes)
+    assert p.dtype == torch.uint8 and p.shape == (*shape[:-1], (shape[-1] + 3) // 4)
+    assert torch.equal(K.unpack_ternary(p, shape), codes)
+
+
+def test_pack_layout():
+    codes = torch.tensor([[-1, 0, 1, 1, -1]], dtype=torch.int8)
+    p = K.pack_ternary(codes)
+    assert p.tolist() == [[0 | 1 << 2 | 2 << 4 | 2 << 6, 0 | 1 << 2 | 1 << 4 | 1 << 6]]
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (5, 3), (1, 4), (13, 9)])
+def test_hf_layout(shape):
+    codes = torch.randint(-1, 2, shape, dtype=torch.int8)
+    p = K.pack_ternary(codes)
+    hf = K.to_hf_packed(p, shape)
+    assert torch.equal(hf, quant.pack_hf(codes))
+    assert torch.equal(K.from_hf_packed(hf, shape[0]), p)
+    assert torch.equal(quant.unpack_hf(hf, shape[0]), codes)
+
+
+@pytest.mark.parametrize(
+    "dtype,m,n,k",
+    [(torch.float32, 1, 20, 37), (torch.float32, 19, 33, 70), (torch.bfloat16, 5, 17, 40), (torch.float16, 3, 16, 32)],
+)
+def test_ternary_matmul(dtype, m, n, k):
+    x = (torch.randn(m, k)).to(dtype)
+    w = (torch.randn(n, k) * 0.05).to(dtype)
+    codes, s = quant.weight_quant(w)
+    y = K.ternary_matmul(x, K.pack_ternary(codes), s)
+    ref = quant.bitlinear_reference(x.float(), w.float())
+    assert y.dtype == dtype and y.shape == (m, n)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+    # exact integer identity: y * a * (1/s) == codes_x @ codes_w^T
+    qx, a = quant.act_quant(x)
+    exact = (qx.float() @ codes.float().t())
+    torch.testing.assert_close((y.float() * a * (1.0 / s)), exact, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=0.5)
+
+
+def test_ternary_matmul_leading_dims_and_bias():
+    x = torch.randn(2, 3, 21)
+    w = torch.randn(18, 21) * 0.1
+    b = torch.randn(18)
+    codes, s = quant.weight_quant(w)
+    y = K.ternary_matmul(x, K.pack_ternary(codes), s, bias=b)
+    torch.testing.assert_close(y, quant.bitlinear_reference(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "dtype,shape,n,bias", [(torch.float32, (2, 3, 37), 19, True), (torch.float32, (1, 16), 16, False), (torch.bfloat16, (4, 24), 10, True)]
+)
+def test_bitlinear_autograd(dtype, shape, n, bias):
+    k = shape[-1]
+    lin = BitLinear(k, n, bias=bias, backend="torch").to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    w2 = lin.weight.detach().clone().requires_grad_(True)
+    b2 = lin.bias.detach().clone().requires_grad_(True) if bias else None
+
+    ref = quant.bitlinear_reference(x1, lin.weight, lin.bias)
+    out = K.bitlinear_triton(x2, w2, b2)
+    assert out.dtype == dtype and out.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    # BitLinear's own torch backend gives the same forward
+    torch.testing.assert_close(lin(x), ref, rtol=0, atol=0)
+
+    g = torch.randn_like(ref)
+    ref.backward(g)
+    out.backward(g)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(w2.grad, lin.weight.grad, rtol=tol, atol=tol)
+    if bias:
+        torch.testing.assert_close(b2.grad, lin.bias.grad, rtol=tol, atol=tol)
+
+
+def test_bitlinear_module_triton_backend():
+    lin = BitLinear(24, 12, bias=False, backend="torch")
+    x = torch.randn(3, 24)
+    ref = lin(x)
+    lin.backend = "triton"
+    torch.testing.assert_close(lin(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bitlinear_autograd_mixed_dtypes_under_autocast():
+    # bf16 activations, fp32 master weights (autocast-style training)
+    w = (torch.randn(12, 20) * 0.1).requires_grad_(True)
+    b = torch.randn(12).requires_grad_(True)
+    x = torch.randn(2, 5, 20, dtype=torch.bfloat16, requires_grad=True)
+    out = K.bitlinear_triton(x, w, b)
+    assert out.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = quant.bitlinear_reference(x.detach().float(), w.detach(), b.detach())
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    w_dq = quant.weight_dequant(*quant.weight_quant(w))
+    torch.testing.assert_close(x.grad.float(), (torch.ones(2, 5, 12) @ w_dq).float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(b.grad, torch.full((12,), 10.0))
