@@ -238,6 +238,9 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | Non
     from .fsutil import clean_stale
     from .warmup import apply_warmup
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars would break ours
     out = Path(recipe.output_dir)
     t = recipe.train
     ckpts = list_checkpoints(out)
@@ -267,7 +270,8 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | Non
         model = load_checkpoint(ck)
         tokens_seen = int(state["tokens"])
         pos = DataPosition.from_dict(state["data_position"])
-    model.train()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
 
     opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, t) / t.lr if t.lr > 0 else 0.0)
@@ -290,7 +294,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | Non
         total, n = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(val), t.batch_size):
-                x = torch.tensor(val[i : i + t.batch_size], dtype=torch.long)
+                x = torch.tensor(val[i : i + t.batch_size], dtype=torch.long, device=device)
                 logits = model(input_ids=x[:, :-1]).logits
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum")
                 total += loss.item()
@@ -342,7 +346,7 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | Non
             opt.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for _ in range(t.grad_accum):
-                x = torch.tensor([next(blocks) for _ in range(t.batch_size)], dtype=torch.long)
+                x = torch.tensor([next(blocks) for _ in range(t.batch_size)], dtype=torch.long, device=device)
                 logits = model(input_ids=x[:, :-1]).logits
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
                 (loss / t.grad_accum).backward()
@@ -418,7 +422,7 @@ def cmd_pretrain(args) -> int:
         return 1
     if s.get("interrupted"):
         return 130
-    v0, v1 = s.get("first_val_loss"), s.get("val_loss")
-    vl = f"val_loss {v0:.4f} -> {v1:.4f}" if v0 is not None and v1 is not None else f"val_loss {v1}"
-    print(f"pretrain: {s['step']} steps, {s['tokens']:,} tokens, loss {s['loss']:.4f}, {vl}; model in {s['final']}")
+    f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    vl = f"val_loss {f(s.get('first_val_loss'))} -> {f(s.get('val_loss'))}" if s.get("first_val_loss") is not None else f"val_loss {f(s.get('val_loss'))}"
+    print(f"pretrain: {s['step']} steps, {s['tokens']:,} tokens, loss {f(s['loss'])}, {vl}; model in {s['final']}")
     return 0
