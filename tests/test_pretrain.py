@@ -188,3 +188,41 @@ def test_data_errors_and_formats(tmp_path):
     assert every.count(tok.eos_token_id) >= 50  # 50 JSON lines + 1 text file end in EOS (the tail block may be cut)
     assert data.validation(2)
     assert resolve_files("builtin:pydoc") == "builtin:pydoc"
+
+
+def test_non_finite_loss_names_the_step(tmp_path, shakespeare_path, monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    from bitnet_train.train import TrainingError
+
+    real = F.cross_entropy
+    monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: real(*a, **k) * torch.tensor(float("nan")))
+    r = load_pretrain_recipe(write_recipe(tmp_path, shakespeare_path), ["train.eval_every=0"])
+    with pytest.raises(TrainingError, match="non-finite loss nan at step 1"):
+        pretrain(r, progress=False)
+
+
+def test_sigterm_saves_and_resume_continues(tmp_path, shakespeare_path):
+    import signal
+    import time
+
+    p = write_recipe(tmp_path, shakespeare_path, max_steps=100000, save_every=1000, eval_every=0)
+    exe = str(Path(sys.executable).with_name("bitnet-train"))
+    proc = subprocess.Popen([exe, "pretrain", str(p), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    ckpts = sorted((tmp_path / "run" / "checkpoints").iterdir())
+    assert len(ckpts) == 1 and "stopped at step" in err
+    step = int(ckpts[0].name.split("-")[1])
+    assert step >= 3
+    r = subprocess.run([exe, "pretrain", str(p), "--resume", "--no-progress", "--set", f"train.max_steps={step + 2}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    steps = [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert steps == list(range(1, step + 3))
