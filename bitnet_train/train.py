@@ -229,6 +229,18 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | Non
 
     ``stop_after`` (for tests) acts like a SIGINT after that optimizer step: save and return.
     """
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars would break ours
+    try:
+        return _pretrain(recipe, resume, stop_after, progress)
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress: bool) -> dict:
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -238,9 +250,6 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | Non
     from .fsutil import clean_stale
     from .warmup import apply_warmup
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars would break ours
     out = Path(recipe.output_dir)
     t = recipe.train
     ckpts = list_checkpoints(out)
