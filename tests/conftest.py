@@ -1,8 +1,13 @@
 import os
-from pathlib import Path
 
-import pytest
-import torch
+# Triton kernels run in Triton's CPU interpreter in the test suite. This must be set before
+# anything (transformers included) imports triton, so it lives here rather than in a test module.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -12,6 +12,8 @@ from bitnet_train.data import DataError, DataPosition, PackedData, resolve_files
 from bitnet_train.recipe import RecipeError
 from bitnet_train.train import load_pretrain_recipe, pretrain
 
+REPO = Path(__file__).resolve().parents[1]
+
 MICRO = """\
 hidden_size: 64
 intermediate_size: 128
@@ -46,17 +48,10 @@ def read_metrics(out) -> list[dict]:
 
 
 def _shakespeare() -> Path:
-    from tests.conftest import SHAKESPEARE
-
-    for p in (SHAKESPEARE, Path("/work/shared/data/tinyshakespeare.txt")):
-        if p.is_file():
-            return p
-    pytest.skip(f"{SHAKESPEARE} not found")
-
-
-@pytest.fixture
-def shakespeare_path() -> Path:  # conftest's, plus the shared data directory of this workspace
-    return _shakespeare()
+    p = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if not p.is_file():
+        pytest.skip(f"{p} not found")
+    return p
 
 
 @pytest.fixture(scope="module")
