@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -74,6 +75,18 @@ class TrainConfig:
 
 
 @dataclass
+class WandbConfig:
+    enabled: bool = field(default=False, metadata={"help": "log metrics to Weights & Biases"})
+    project: str = field(default="bitnet-train", metadata={"help": "wandb project"})
+    name: str | None = field(default=None, metadata={"help": "run name (default: wandb's)"})
+    mode: str | None = field(
+        default=None,
+        metadata={"choices": ("online", "offline", "disabled"),
+                  "help": "default: $WANDB_MODE, else online with credentials, offline without"},
+    )
+
+
+@dataclass
 class PretrainRecipe:
     output_dir: str = field(metadata={"help": "where metrics, checkpoints and final/ go"})
     seed: int = field(metadata={"help": "seeds the model init, the data order and torch"})
@@ -82,6 +95,7 @@ class PretrainRecipe:
     train: TrainConfig
     quant: str = field(default="bitnet", metadata={"choices": ("bitnet", "none"), "help": "none = fp baseline"})
     quant_warmup: QuantWarmupConfig = field(default_factory=QuantWarmupConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 def load_pretrain_recipe(path, overrides=None) -> PretrainRecipe:
@@ -201,9 +215,81 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
+    """Write the loss curve (training loss per step, validation loss per evaluation) as a PNG,
+    atomically. Returns None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("pretrain: matplotlib not installed, no loss-curve PNG (pip install matplotlib)", file=sys.stderr)
+        return None
+    from .fsutil import atomic_path
+
+    recs = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
+    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(Path(metrics_path).parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(png_path)
+
+
+def _wandb_mode(cfg: "WandbConfig") -> str:
+    if cfg.mode:
+        return cfg.mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    has_key = bool(os.environ.get("WANDB_API_KEY"))
+    netrc = Path.home() / ".netrc"
+    if not has_key and netrc.is_file():
+        has_key = "api.wandb.ai" in netrc.read_text(errors="ignore")
+    return "online" if has_key else "offline"
+
+
+class _WandbLogger:
+    """wandb when the recipe enables it (offline without credentials), else nothing."""
+
+    def __init__(self, cfg: "WandbConfig", out: Path, recipe_dict: dict, resume_step: int | None):
+        self.run = None
+        if not cfg.enabled:
+            return
+        try:
+            import wandb
+        except ImportError:
+            raise RecipeError("wandb.enabled is true but wandb is not installed (pip install wandb)") from None
+        self.run = wandb.init(
+            project=cfg.project, name=cfg.name, config=recipe_dict, dir=str(out), mode=_wandb_mode(cfg),
+            resume="allow" if resume_step is not None else None,
+        )
+
+    def log(self, rec: dict) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None
+
+
 class _Metrics:
-    def __init__(self, path: Path, keep_upto: int | None):
+    def __init__(self, path: Path, keep_upto: int | None, sink=None):
         self.path = path
+        self.sink = sink
         path.parent.mkdir(parents=True, exist_ok=True)
         if keep_upto is None:
             path.write_text("")
@@ -216,6 +302,8 @@ class _Metrics:
     def write(self, rec: dict) -> None:
         self.f.write(json.dumps(rec) + "\n")
         self.f.flush()
+        if self.sink is not None:
+            self.sink.log(rec)
 
     def close(self):
         self.f.close()
@@ -293,8 +381,9 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
     data = PackedData(recipe.data.path, tok, recipe.data.seq_len, recipe.data.val_fraction, recipe.seed, recipe.data.text_field)
     val = data.validation(t.eval_batches * t.batch_size)
     blocks = data.train_blocks(pos)
-    metrics = _Metrics(out / "metrics.jsonl", keep_upto=None if start is None else step)
     recipe_dict = to_dict(recipe)
+    wandb_run = _WandbLogger(recipe.wandb, out, recipe_dict, None if start is None else step)
+    metrics = _Metrics(out / "metrics.jsonl", keep_upto=None if start is None else step, sink=wandb_run)
 
     def evaluate() -> float | None:
         if not val:
@@ -322,6 +411,7 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
 
         save_checkpoint(model, ck_dir, tokenizer=tok, extra={"stage": "pretrain", "step": step_}, write_extra=extra)
+        plot_loss(out / "metrics.jsonl", out / "loss.png")
         for _, old in list_checkpoints(out)[: -t.keep_last]:
             shutil.rmtree(old, ignore_errors=True)
         return ck_dir
@@ -391,6 +481,7 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
     finally:
         bar.close()
         metrics.close()
+        wandb_run.finish()
         for s, h in old_handlers.items():
             signal.signal(s, h)
 
@@ -400,6 +491,7 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
         print(f"pretrain: stopped at step {step}; checkpoint saved, continue with --resume", file=sys.stderr)
         return summary
     save_checkpoint(model, out / "final", tokenizer=tok, extra={"stage": "pretrain", "step": step, "recipe": recipe_dict})
+    plot_loss(out / "metrics.jsonl", out / "loss.png")
     summary["final"] = str(out / "final")
     return summary
 

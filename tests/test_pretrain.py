@@ -58,7 +58,10 @@ def _shakespeare() -> Path:
 def trained(tmp_path_factory):
     SHAKESPEARE = _shakespeare()
     tmp = tmp_path_factory.mktemp("learn")
-    recipe = load_pretrain_recipe(write_recipe(tmp, SHAKESPEARE, max_steps=60, save_every=30, eval_every=30))
+    recipe = load_pretrain_recipe(
+        write_recipe(tmp, SHAKESPEARE, max_steps=60, save_every=30, eval_every=30),
+        ["wandb.enabled=true", "wandb.mode=offline"],
+    )
     summary = pretrain(recipe, progress=False)
     return recipe, summary
 
@@ -75,6 +78,10 @@ def test_tiny_run_learns(trained):
     assert vals[-1] < vals[0] - 0.8, vals
     assert (out / "final" / "config.json").is_file()
     assert (out / "checkpoints" / "step-000060" / "optimizer.pt").is_file()
+    # the loss-curve PNG, and the offline wandb run with the same steps
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    runs = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
 
 
 def test_final_checkpoint_loads_in_stock_transformers(trained):
