@@ -249,3 +249,8 @@ def test_atomic_save_keeps_previous_on_failure(tmp_path):
         bitnet_train.save_checkpoint(bitnet_train.build_model("tiny", seed=6), d, write_extra=boom)
     assert (d / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
+
+
+def test_hf_prefix_not_yet_available_is_a_clear_error():
+    with pytest.raises(ModelSpecError, match="hf:"):
+        bitnet_train.load_model("hf:some/model")
