@@ -90,7 +90,7 @@ class WandbConfig:
 class PretrainRecipe:
     output_dir: str = field(metadata={"help": "where metrics, checkpoints and final/ go"})
     seed: int = field(metadata={"help": "seeds the model init, the data order and torch"})
-    model: str = field(metadata={"help": "preset name, preset YAML, checkpoint dir, or hf:<model>"})
+    model: str = field(metadata={"help": "preset name, preset YAML or checkpoint dir"})
     data: DataConfig
     train: TrainConfig
     quant: str = field(default="bitnet", metadata={"choices": ("bitnet", "none"), "help": "none = fp baseline"})
