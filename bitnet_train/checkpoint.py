@@ -158,22 +158,27 @@ def load_checkpoint(
     except ValueError as e:
         raise CheckpointError(f"{path}: transformers cannot build a causal LM from this checkpoint: {e}") from None
     if qc is not None:
-        skip = qc.get("modules_to_not_convert")
-        use_rms = bool(qc.get("use_rms_norm", False))
-        convert_to_bitlinear(
-            model,
-            exclude=skip or ("lm_head",),
-            default_exclude=skip is None,
-            backend=backend,
-            use_rms_norm=use_rms,
-            rms_norm_eps=float(qc.get("rms_norm_eps") or 1e-6),
-        )
-        if use_rms:
+        convert_like_checkpoint(model, qc, backend)
+        if qc.get("use_rms_norm"):
             _load_extra_tensors(model, path, suffix=".rms_norm.weight")
     meta = dict(raw.get("bitnet_train") or {})
     meta["quant"] = "bitnet" if qc is not None else "none"
     model.config.bitnet_train = meta
     return model
+
+
+def convert_like_checkpoint(model: torch.nn.Module, qc: dict, backend: str = "auto") -> list[str]:
+    """Swap in BitLinear exactly where stock transformers puts AutoBitLinear for this
+    ``quantization_config``: its ``modules_to_not_convert`` list is the whole truth when present."""
+    skip = qc.get("modules_to_not_convert")
+    return convert_to_bitlinear(
+        model,
+        exclude=skip or ("lm_head",),
+        default_exclude=skip is None,
+        backend=backend,
+        use_rms_norm=bool(qc.get("use_rms_norm", False)),
+        rms_norm_eps=float(qc.get("rms_norm_eps") or 1e-6),
+    )
 
 
 def _iter_safetensors(path: Path):

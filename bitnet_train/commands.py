@@ -43,8 +43,7 @@ def model_summary(spec: str) -> dict:
     if p.is_dir():
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from .bitlinear import convert_to_bitlinear
-        from .checkpoint import load_checkpoint, read_config_json
+        from .checkpoint import convert_like_checkpoint, read_config_json
 
         raw = read_config_json(p)
         qc = raw.get("quantization_config")
@@ -54,9 +53,7 @@ def model_summary(spec: str) -> dict:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
         if qc is not None:
-            load_checkpoint  # noqa: B018 - same conversion rules as the loader
-            skip = qc.get("modules_to_not_convert")
-            convert_to_bitlinear(model, exclude=skip or ("lm_head",), default_exclude=skip is None)
+            convert_like_checkpoint(model, qc)
         description = f"checkpoint {p}"
     else:
         preset = load_preset(spec)

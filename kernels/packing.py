@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import torch
 
+from bitnet_train import quant
+
 
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     """Pack int8 ternary codes ``[..., K]`` into uint8 ``[..., ceil(K/4)]`` (layout above)."""
@@ -41,17 +43,9 @@ def unpack_ternary(packed: torch.Tensor, shape) -> torch.Tensor:
 
 def to_hf_packed(packed: torch.Tensor, shape) -> torch.Tensor:
     """Our packed weight (logical ``shape = (out, in)``) -> transformers' uint8 ``[ceil(out/4), in]``."""
-    codes = unpack_ternary(packed, shape)
-    out, inp = codes.shape
-    rows = (out + 3) // 4
-    vals = torch.ones((rows * 4, inp), dtype=torch.uint8, device=codes.device)
-    vals[:out] = (codes.to(torch.int16) + 1).to(torch.uint8)
-    vals = vals.view(4, rows, inp)
-    return vals[0] | (vals[1] << 2) | (vals[2] << 4) | (vals[3] << 6)
+    return quant.pack_hf(unpack_ternary(packed, shape))
 
 
 def from_hf_packed(hf: torch.Tensor, out_features: int) -> torch.Tensor:
     """transformers' packed uint8 ``[ceil(out/4), in]`` -> our packed ``[out, ceil(in/4)]``."""
-    parts = [((hf >> (2 * i)) & 3) for i in range(4)]
-    codes = torch.cat(parts, dim=0)[:out_features].to(torch.int8) - 1
-    return pack_ternary(codes)
+    return pack_ternary(quant.unpack_hf(hf, out_features))
