@@ -88,13 +88,6 @@ def atomic_path(target: str | os.PathLike):
         raise
 
 
-@contextlib.contextmanager
-def atomic_file(target: str | os.PathLike, mode: str = "wb"):
-    """``with atomic_file(dst) as f:`` write to ``f``; on success the file becomes ``dst``."""
-    with atomic_path(target) as tmp, open(tmp, mode) as f:
-        yield f
-
-
 def clean_stale(directory: str | os.PathLike) -> list[Path]:
     """Remove temporaries left by a killed writer in ``directory``; returns what was removed."""
     d = Path(directory)
