@@ -20,7 +20,7 @@ import glob
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -28,6 +28,30 @@ BUILTIN_PYDOC = "builtin:pydoc"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 _CHUNK_CHARS = 1 << 16
 SHUFFLE_BUFFER = 1024
+
+
+@dataclass
+class DataConfig:
+    path: str = field(metadata={"help": "file, directory, glob, or builtin:pydoc"})
+    tokenizer: str = field(
+        default="bpe:4096",
+        metadata={"help": "transformers tokenizer name/path, or bpe:<vocab_size> to train one on the data"},
+    )
+    seq_len: int = field(default=256, metadata={"min": 8, "help": "tokens per training sequence"})
+    val_fraction: float = field(default=0.02, metadata={"min": 0.0, "max": 0.5, "help": "share of blocks held out"})
+    text_field: str = field(default="text", metadata={"help": "the text key of .jsonl records"})
+
+    def validate(self):
+        if self.tokenizer.startswith("bpe:"):
+            n = self.tokenizer[4:]
+            if not n.isdigit() or int(n) < 260:
+                raise _recipe_error()(f"data.tokenizer {self.tokenizer!r}: expected bpe:<vocab_size> with vocab_size >= 260")
+
+
+def _recipe_error():
+    from .recipe import RecipeError
+
+    return RecipeError
 
 
 class DataError(ValueError):
@@ -195,9 +219,13 @@ class DataPosition:
 class PackedData:
     """Train/validation blocks of one corpus, deterministic given the seed."""
 
-    def __init__(self, spec: str, tokenizer, seq_len: int, val_fraction: float, seed: int, text_field: str = "text"):
+    def __init__(self, spec: str, tokenizer, seq_len: int, val_fraction: float, seed: int, text_field: str = "text",
+                 rank: int = 0, world_size: int = 1):
         self.spec, self.tok, self.block = spec, tokenizer, seq_len + 1
         self.seed, self.text_field = seed, text_field
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.rank, self.world_size = rank, world_size
         self.period = max(2, round(1.0 / val_fraction)) if val_fraction > 0 else 0
         resolve_files(spec)  # fail early on a bad path
 
@@ -233,7 +261,9 @@ class PackedData:
 
     def train_blocks(self, pos: DataPosition) -> Iterator[list[int]]:
         """Training blocks from ``pos`` on, forever (epoch after epoch); updates ``pos`` in place
-        as each block is handed out."""
+        as each block is handed out. With ``world_size > 1`` every rank walks the same seeded
+        stream and keeps every ``world_size``-th block (offset ``rank``), so ranks never share a
+        block; ``pos.taken`` counts blocks of the whole stream, so it is the same on every rank."""
         skip = pos.taken
         while True:
             n = 0
@@ -242,6 +272,8 @@ class PackedData:
                 if n <= skip:
                     continue
                 pos.taken = n
+                if (n - 1) % self.world_size != self.rank:
+                    continue
                 yield b
             if n == 0:
                 raise DataError(
@@ -252,6 +284,13 @@ class PackedData:
             pos.epoch += 1
             pos.taken = 0
             skip = 0
+
+
+def open_training_data(cfg: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1) -> PackedData:
+    """The training data a recipe's ``data`` section describes, as seen by one rank: an object
+    with ``validation(n)`` and ``train_blocks(pos)``. The one entry point the loop uses."""
+    return PackedData(cfg.path, tokenizer, cfg.seq_len, cfg.val_fraction, seed, cfg.text_field,
+                      rank=rank, world_size=world_size)
 
 
 def register(sub) -> None:

@@ -30,28 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .recipe import RecipeError, load_recipe, to_dict
+from .data import DataConfig
 from .warmup import QuantWarmupConfig
 
 
 # ----------------------------------------------------------------------------- recipe schema
-
-
-@dataclass
-class DataConfig:
-    path: str = field(metadata={"help": "file, directory, glob, or builtin:pydoc"})
-    tokenizer: str = field(
-        default="bpe:4096",
-        metadata={"help": "transformers tokenizer name/path, or bpe:<vocab_size> to train one on the data"},
-    )
-    seq_len: int = field(default=256, metadata={"min": 8, "help": "tokens per training sequence"})
-    val_fraction: float = field(default=0.02, metadata={"min": 0.0, "max": 0.5, "help": "share of blocks held out"})
-    text_field: str = field(default="text", metadata={"help": "the text key of .jsonl records"})
-
-    def validate(self):
-        if self.tokenizer.startswith("bpe:"):
-            n = self.tokenizer[4:]
-            if not n.isdigit() or int(n) < 260:
-                raise RecipeError(f"data.tokenizer {self.tokenizer!r}: expected bpe:<vocab_size> with vocab_size >= 260")
 
 
 @dataclass
@@ -334,7 +317,7 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
     from tqdm.auto import tqdm
 
     from .checkpoint import load_checkpoint, save_checkpoint
-    from .data import DataPosition, PackedData
+    from .data import DataPosition, open_training_data
     from .fsutil import clean_stale
     from .warmup import apply_warmup
 
@@ -378,7 +361,7 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
         sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
         _set_rng_state(torch.load(ck / "rng.pt", weights_only=False))
 
-    data = PackedData(recipe.data.path, tok, recipe.data.seq_len, recipe.data.val_fraction, recipe.seed, recipe.data.text_field)
+    data = open_training_data(recipe.data, tok, recipe.seed)
     val = data.validation(t.eval_batches * t.batch_size)
     blocks = data.train_blocks(pos)
     recipe_dict = to_dict(recipe)
