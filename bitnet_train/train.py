@@ -117,15 +117,9 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
 
 
 def _make_tokenizer(recipe: PretrainRecipe):
-    from .tokenizer import load_tokenizer, train_bpe
+    from .data import make_tokenizer
 
-    spec = recipe.data.tokenizer
-    if spec.startswith("bpe:"):
-        from .data import iter_documents
-
-        texts = iter_documents(recipe.data.path, recipe.data.text_field, max_chars=8_000_000)
-        return train_bpe(texts, vocab_size=int(spec[4:]))
-    return load_tokenizer(spec)
+    return make_tokenizer(recipe.data)
 
 
 def _make_model(recipe: PretrainRecipe, tok):

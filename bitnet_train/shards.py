@@ -1,0 +1,383 @@
+"""Pre-tokenized corpora: ``bitnet-train tokenize`` writes them, :class:`ShardData` reads them.
+
+A tokenized directory::
+
+    DIR/index.json          format, dtype, vocab size, EOS id, tokenizer (recipe spec and
+                            fingerprint), source, and the shards with their token counts
+    DIR/shard-00000.bin     raw little-endian uint16 (vocab <= 65536) or uint32 token ids
+    DIR/shard-00001.bin     ...
+    DIR/tokenizer/          the tokenizer it was made with (``save_pretrained``)
+
+The shards hold one token stream — every document's tokens followed by EOS, in the source's
+order, exactly what the streaming reader produces — split into files of at most
+``--shard-tokens`` tokens (a document may straddle two shards). Nothing in it depends on
+``seq_len``: the trainer memory-maps the shards and cuts blocks of ``seq_len + 1`` tokens at
+multiples of ``seq_len + 1``, so the same directory serves any sequence length.
+
+Reading (:class:`ShardData`): block ``i`` is tokens ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))``;
+every ``round(1 / val_fraction)``-th block is held out (the same rule as the streaming reader, so
+both hold out the same blocks); each epoch visits the training blocks in a permutation seeded by
+(seed, epoch). In each round of ``world_size`` consecutive entries of the permutation, rank ``r``
+takes entry ``r``: ranks never share a block, and the data position (epoch, entries taken) is the
+same on every rank. Resuming jumps straight to the position: no replay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from .data import DataError, DataPosition, SkipCounter, check_rank, held_out_period, iter_token_batches
+
+INDEX = "index.json"
+FORMAT = "bitnet-train-tokens"
+VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+DEFAULT_SHARD_TOKENS = 100_000_000
+_DTYPES = {"uint16": 2, "uint32": 4}
+
+
+def is_token_dir(path) -> bool:
+    """Whether ``path`` is a directory written by ``bitnet-train tokenize`` (holds ``index.json``)."""
+    if not isinstance(path, (str, Path)) or (isinstance(path, str) and ":" in path.split("/")[0]):
+        return False  # hf:..., builtin:...
+    p = Path(path).expanduser()
+    return p.is_dir() and (p / INDEX).is_file()
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """A short hash of what maps text to ids (vocabulary, merges, added tokens, normalizer,
+    pre-tokenizer); equal for a tokenizer and its ``save_pretrained`` round trip."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        d = json.loads(backend.to_str())
+        keep = {k: d.get(k) for k in ("model", "added_tokens", "normalizer", "pre_tokenizer")}
+    else:
+        keep = {"vocab": sorted(tok.get_vocab().items())}
+    blob = json.dumps(keep, sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def pick_dtype(dtype: str, vocab_size: int) -> str:
+    if dtype == "auto":
+        return "uint16" if vocab_size <= 1 << 16 else "uint32"
+    if dtype not in _DTYPES:
+        raise DataError(f"--dtype {dtype!r}: choose auto, uint16 or uint32")
+    if dtype == "uint16" and vocab_size > 1 << 16:
+        raise DataError(f"--dtype uint16 cannot hold the ids of a {vocab_size}-token vocabulary; use uint32 or auto")
+    return dtype
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_token_dir(source: str, tokenizer, out, *, tokenizer_spec: str, text_field: str = "text", split: str = "train",
+                    shard_tokens: int = DEFAULT_SHARD_TOKENS, dtype: str = "auto", batch: int = 256,
+                    progress: bool = False) -> dict:
+    """Tokenize ``source`` (any ``data.path`` the streaming reader accepts) into the directory
+    ``out``, atomically. Returns the index."""
+    import numpy as np
+
+    from .fsutil import atomic_dir
+
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens {shard_tokens}: must be at least 1")
+    if is_token_dir(source):
+        raise DataError(f"{source} is already tokenized")
+    vocab = len(tokenizer)
+    dt = pick_dtype(dtype, vocab)
+    npdt = np.dtype(dt).newbyteorder("<")
+    skips = SkipCounter()
+    shards: list[dict] = []
+    total = docs = 0
+    t0 = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", dynamic_ncols=True)
+    with atomic_dir(out) as tmp:
+        f = None
+        room = 0
+        try:
+            for toks, nd in iter_token_batches(source, tokenizer, text_field, split, batch, skips):
+                arr = np.asarray(toks, dtype=np.int64)
+                if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+                    raise DataError(f"the tokenizer produced id {int(arr.max())} outside its vocabulary of {vocab}")
+                arr = arr.astype(npdt)
+                docs += nd
+                while arr.size:
+                    if room == 0:
+                        if f is not None:
+                            f.close()
+                        name = f"shard-{len(shards):05d}.bin"
+                        f = open(tmp / name, "wb")
+                        shards.append({"file": name, "tokens": 0})
+                        room = shard_tokens
+                    part, arr = arr[:room], arr[room:]
+                    f.write(part.tobytes())
+                    shards[-1]["tokens"] += int(part.size)
+                    room -= int(part.size)
+                    total += int(part.size)
+                    if bar is not None:
+                        bar.update(int(part.size))
+        finally:
+            if f is not None:
+                f.close()
+            if bar is not None:
+                bar.close()
+        if total == 0:
+            raise DataError(f"{source}: no tokens (the data holds no text)")
+        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        index = {
+            "format": FORMAT,
+            "version": VERSION,
+            "dtype": dt,
+            "vocab_size": vocab,
+            "eos_token_id": tokenizer.eos_token_id,
+            "tokenizer": {"spec": tokenizer_spec, "fingerprint": tokenizer_fingerprint(tokenizer)},
+            "source": source,
+            "text_field": text_field,
+            "split": split,
+            "documents": docs,
+            "total_tokens": total,
+            "shards": shards,
+            "skipped_null_records": skips.total,
+        }
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    index["seconds"] = time.perf_counter() - t0
+    return index
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_index(path) -> dict:
+    """The validated index of a tokenized directory; DataError names what is wrong."""
+    d = Path(path).expanduser()
+    ip = d / INDEX
+    try:
+        idx = json.loads(ip.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{d}: no {INDEX}; not a directory written by bitnet-train tokenize") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{ip}: corrupt index (not valid JSON: {e}); re-run bitnet-train tokenize") from None
+    bad = lambda what: DataError(f"{ip}: corrupt index ({what}); re-run bitnet-train tokenize")  # noqa: E731
+    if not isinstance(idx, dict) or idx.get("format") != FORMAT:
+        raise bad(f"'format' is not {FORMAT!r}")
+    if idx.get("version") != VERSION:
+        raise DataError(f"{ip}: format version {idx.get('version')!r}; this bitnet-train reads version {VERSION}")
+    if idx.get("dtype") not in _DTYPES:
+        raise bad(f"dtype {idx.get('dtype')!r}")
+    vocab = idx.get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 1 or (idx["dtype"] == "uint16" and vocab > 1 << 16):
+        raise bad(f"vocab_size {vocab!r}")
+    tk = idx.get("tokenizer")
+    if not isinstance(tk, dict) or not isinstance(tk.get("fingerprint"), str):
+        raise bad("no tokenizer fingerprint")
+    shards = idx.get("shards")
+    if not isinstance(shards, list) or not shards:
+        raise bad("no shards")
+    item = _DTYPES[idx["dtype"]]
+    total = 0
+    for s in shards:
+        if not isinstance(s, dict) or not isinstance(s.get("file"), str) or not isinstance(s.get("tokens"), int):
+            raise bad(f"shard entry {s!r}")
+        name, n = s["file"], s["tokens"]
+        if Path(name).name != name or n < 0:
+            raise bad(f"shard entry {s!r}")
+        f = d / name
+        if not f.is_file():
+            raise DataError(f"{f}: shard listed in {INDEX} is missing")
+        size = f.stat().st_size
+        if size != n * item:
+            raise DataError(
+                f"{f}: holds {size} bytes but {INDEX} says {n} {idx['dtype']} tokens ({n * item} bytes); "
+                "the directory is truncated or was changed: re-run bitnet-train tokenize"
+            )
+        total += n
+    if idx.get("total_tokens") != total:
+        raise bad(f"total_tokens {idx.get('total_tokens')!r} is not the sum of the shards ({total})")
+    return idx
+
+
+def tokenizer_for_token_dir(path, spec: str):
+    """The tokenizer to train on a tokenized directory with, given the recipe's ``data.tokenizer``:
+    the one saved in the directory when ``spec`` is the spec it was tokenized with (or that
+    directory), else ``spec`` loaded (its fingerprint is checked by :class:`ShardData`)."""
+    from transformers import AutoTokenizer
+
+    from .tokenizer import ensure_special_tokens, load_tokenizer
+
+    idx = read_index(path)
+    saved = Path(path).expanduser() / TOKENIZER_DIR
+    rec = idx["tokenizer"].get("spec")
+    if spec == rec or (Path(spec).expanduser().is_dir() and Path(spec).expanduser().resolve() == saved.resolve()):
+        if not saved.is_dir():
+            raise DataError(f"{saved}: the tokenizer saved with the tokenized data is missing")
+        return ensure_special_tokens(AutoTokenizer.from_pretrained(saved))
+    if spec.startswith("bpe:"):
+        raise DataError(
+            f"data.path {str(path)!r} was tokenized with {rec!r}, but data.tokenizer is {spec!r} (a new BPE cannot be "
+            f"trained on token ids): set data.tokenizer to {rec!r} (the tokenizer saved in {saved})"
+        )
+    return load_tokenizer(spec)
+
+
+class ShardData:
+    """Train/validation blocks of a tokenized directory, with random access (memory-mapped)."""
+
+    def __init__(self, path, tokenizer, seq_len: int, val_fraction: float, seed: int, rank: int = 0, world_size: int = 1):
+        import numpy as np
+
+        self.path = Path(path).expanduser()
+        self.index = idx = read_index(self.path)
+        check_rank(rank, world_size)
+        self.rank, self.world_size = rank, world_size
+        fp = tokenizer_fingerprint(tokenizer)
+        if fp != idx["tokenizer"]["fingerprint"] or len(tokenizer) != idx["vocab_size"]:
+            raise DataError(
+                f"data.path {str(path)!r} was tokenized with {idx['tokenizer'].get('spec')!r} (vocab {idx['vocab_size']}, "
+                f"fingerprint {idx['tokenizer']['fingerprint']}), but the recipe's tokenizer differs (vocab {len(tokenizer)}, "
+                f"fingerprint {fp}): set data.tokenizer to {idx['tokenizer'].get('spec')!r} or re-run bitnet-train tokenize"
+            )
+        dt = np.dtype(idx["dtype"]).newbyteorder("<")
+        self._arrays = [
+            np.memmap(self.path / s["file"], dtype=dt, mode="r", shape=(s["tokens"],))
+            for s in idx["shards"] if s["tokens"] > 0
+        ]
+        self._starts = np.cumsum([0] + [a.shape[0] for a in self._arrays])
+        self.total_tokens = int(self._starts[-1])
+        self.block = seq_len + 1
+        self.seed = seed
+        self.period = held_out_period(val_fraction)
+        self.n_blocks = self.total_tokens // self.block
+        self.n_val = self.n_blocks // self.period if self.period else 0
+        self.n_train = self.n_blocks - self.n_val
+        if self.n_train < world_size:
+            raise DataError(
+                f"data.path {str(path)!r}: {self.total_tokens} tokens make {self.n_train} training blocks of "
+                f"{self.block} tokens, fewer than the {world_size} rank(s)"
+            )
+        self._perm_epoch, self._perm = None, None
+
+    # token access
+    def tokens(self, start: int, length: int):
+        """Tokens ``[start, start + length)`` of the stream (a numpy array; may span shards)."""
+        import numpy as np
+
+        i = int(np.searchsorted(self._starts, start, side="right")) - 1
+        parts = []
+        while length > 0:
+            a = self._arrays[i]
+            off = start - int(self._starts[i])
+            part = a[off : off + length]
+            parts.append(part)
+            length -= part.shape[0]
+            start += part.shape[0]
+            i += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def block_at(self, i: int) -> list[int]:
+        return self.tokens(i * self.block, self.block).tolist()
+
+    def _train_block_index(self, j: int) -> int:
+        """Stream block index of the ``j``-th training block (held-out blocks skipped)."""
+        return j + j // (self.period - 1) if self.period else j
+
+    def validation(self, n: int) -> list[list[int]]:
+        """The first ``n`` held-out blocks (fewer if the corpus is small); the same on every rank."""
+        if n <= 0 or not self.period:
+            return []
+        return [self.block_at(m * self.period + self.period - 1) for m in range(min(n, self.n_val))]
+
+    def permutation(self, epoch: int):
+        """The order in which epoch ``epoch`` visits the training blocks."""
+        import numpy as np
+
+        if self._perm_epoch != epoch:
+            rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, epoch])
+            p = rng.permutation(self.n_train)
+            self._perm = p.astype(np.uint32) if self.n_train < 1 << 32 else p
+            self._perm_epoch = epoch
+        return self._perm
+
+    def train_blocks(self, pos: DataPosition) -> Iterator[list[int]]:
+        """Training blocks from ``pos`` on, forever; updates ``pos`` in place. Round ``k`` (from
+        the position the iterator started at) gives rank ``r`` permutation entry
+        ``pos.taken + k * world_size + r``; ``pos.taken`` moves a whole round at a time."""
+        w, r = self.world_size, self.rank
+        if pos.taken > self.n_train:
+            raise DataError(
+                f"saved data position {pos.taken} is past the end of epoch {pos.epoch} ({self.n_train} blocks); "
+                "did the data change?"
+            )
+        while True:
+            perm = self.permutation(pos.epoch)
+            k = pos.taken
+            while k + w <= self.n_train:
+                j = int(perm[k + r])
+                pos.taken = k + w
+                yield self.block_at(self._train_block_index(j))
+                k += w
+            pos.epoch += 1
+            pos.taken = 0
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register_tokenize(sub) -> None:
+    p = sub.add_parser(
+        "tokenize",
+        help="pre-tokenize a corpus into memory-mapped token shards",
+        description="Tokenize DATA (anything data.path accepts: files, directories, globs, hf:<dataset>[:<config>], "
+        "builtin:pydoc) into DIR: uint16/uint32 token shards plus index.json and the tokenizer. "
+        "Train on it with data.path: DIR.",
+    )
+    p.add_argument("data", metavar="DATA", help="file, directory, glob, hf:<dataset>[:<config>] or builtin:pydoc")
+    p.add_argument("--tokenizer", required=True, metavar="T",
+                   help="transformers tokenizer name/path, or bpe:<vocab_size> to train a byte-level BPE on the data")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
+    p.add_argument("--text-field", default="text", help="text field/column of jsonl, parquet, arrow and hf: data (default: text)")
+    p.add_argument("--split", default="train", help="split of an hf: dataset (default: train)")
+    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                   help=f"tokens per shard file (default: {DEFAULT_SHARD_TOKENS:,})")
+    p.add_argument("--dtype", default="auto", choices=("auto", "uint16", "uint32"),
+                   help="token id type; auto = uint16 when the vocabulary fits")
+    p.add_argument("--batch-docs", type=int, default=256, metavar="N",
+                   help="documents tokenized per call (the Rust tokenizer encodes a batch on all cores)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_tokenize)
+
+
+def cmd_tokenize(args) -> int:
+    from .cli import UserError
+    from .data import DataConfig, make_tokenizer
+
+    try:
+        cfg = DataConfig(path=args.data, tokenizer=args.tokenizer, text_field=args.text_field, split=args.split)
+        if args.tokenizer.startswith("bpe:"):
+            n = args.tokenizer[4:]
+            if not n.isdigit() or int(n) < 260:
+                raise UserError(f"--tokenizer {args.tokenizer!r}: expected bpe:<vocab_size> with vocab_size >= 260")
+        tok = make_tokenizer(cfg)
+        idx = write_token_dir(
+            args.data, tok, args.out, tokenizer_spec=args.tokenizer, text_field=args.text_field, split=args.split,
+            shard_tokens=args.shard_tokens, dtype=args.dtype, batch=max(1, args.batch_docs), progress=not args.no_progress,
+        )
+    except DataError as e:
+        raise UserError(str(e)) from None
+    secs = idx["seconds"]
+    skipped = f", {idx['skipped_null_records']} null record(s) skipped" if idx["skipped_null_records"] else ""
+    print(
+        f"tokenize: {idx['total_tokens']:,} tokens from {idx['documents']:,} documents in {len(idx['shards'])} "
+        f"{idx['dtype']} shard(s){skipped}, {secs:.1f} s ({idx['total_tokens'] / max(secs, 1e-9):,.0f} tokens/s); "
+        f"train on it with data.path: {args.out} and data.tokenizer: {args.tokenizer}",
+        file=sys.stdout,
+    )
+    return 0
