@@ -278,6 +278,37 @@ def _arrow_documents(path: Path, field: str, skips: SkipCounter | None = None) -
         source.close()
 
 
+def _arrow_schema(path: Path):
+    import pyarrow as pa
+
+    with pa.memory_map(str(path), "r") as source:
+        try:
+            return pa.ipc.open_file(source).schema
+        except pa.ArrowInvalid:
+            source.seek(0)
+            try:
+                return pa.ipc.open_stream(source).schema
+            except pa.ArrowInvalid as e:
+                raise DataError(f"{path}: not an Arrow IPC file or stream ({e})") from None
+
+
+def check_table_schemas(files: list[Path], field: str) -> None:
+    """Before any training: every parquet/arrow file has a text column ``field`` (footers and
+    schemas only; nothing else is read)."""
+    for f in files:
+        if f.suffix == ".parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                schema = pq.read_schema(f)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise DataError(f"{f}: not a readable Parquet file ({e})") from None
+            _check_text_column(schema, field, str(f))
+        elif f.suffix == ".arrow":
+            _check_text_column(_arrow_schema(f), field, str(f))
+
+
 def _hf_documents(spec: str, field: str, split: str, skips: SkipCounter | None = None) -> Iterator[str]:
     """Texts of a ``datasets`` dataset, streamed (``load_dataset(..., streaming=True)``)."""
     import datasets
@@ -443,7 +474,9 @@ class PackedData:
         self.rank, self.world_size = rank, world_size
         self.period = held_out_period(val_fraction)
         self.skips = SkipCounter()
-        resolve_files(spec)  # fail early on a bad path
+        files = resolve_files(spec)  # fail early on a bad path
+        if isinstance(files, list):
+            check_table_schemas(files, text_field)
 
     def _blocks(self, skips: SkipCounter | None = None) -> Iterator[list[int]]:
         return iter_blocks(self.spec, self.tok, self.block, self.text_field, split=self.split, skips=skips)

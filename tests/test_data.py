@@ -371,3 +371,12 @@ def test_pretrain_on_tokenized_dir_resumes_exactly(tmp_path, shakespeare_path):
     bad = load_pretrain_recipe(tmp_path / "r.yaml", [f"output_dir={tmp_path}/c", "data.tokenizer=bpe:1024"])
     with pytest.raises(DataError, match="was tokenized with 'bpe:512'"):
         pretrain(bad, progress=False)
+
+
+def test_missing_column_is_caught_when_the_reader_opens(tmp_path, tok):
+    d = tmp_path / "c"
+    d.mkdir()
+    write_parquet(d / "a.parquet", DOCS[:20])
+    write_parquet(d / "b.parquet", DOCS[20:40], column="content")
+    with pytest.raises(DataError, match=r"b\.parquet: no column 'text' \(columns: content, id\)"):
+        PackedData(str(d), tok, 16, 0.1, seed=0)  # before a single block is read
