@@ -398,33 +398,43 @@ def make_tokenizer(cfg: DataConfig):
 # ----------------------------------------------------------------------------- packing
 
 
+def iter_piece_batches(spec: str, text_field: str = "text", split: str = "train", batch: int = 8,
+                       skips: SkipCounter | None = None) -> Iterator[list[tuple[str, bool]]]:
+    """The corpus's (text, ends_document) pieces, ``batch`` at a time."""
+    pending: list[tuple[str, bool]] = []
+    for piece in iter_pieces(spec, text_field, split, skips):
+        pending.append(piece)
+        if len(pending) >= batch:
+            yield pending
+            pending = []
+    if pending:
+        yield pending
+
+
+def encode_pieces(tokenizer, pieces: list[tuple[str, bool]]) -> tuple[list[int], int]:
+    """(tokens, documents ended) of a batch of pieces tokenized together, EOS after each document."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token to join documents with")
+    ids = tokenizer([t for t, _ in pieces], add_special_tokens=False)["input_ids"]
+    out: list[int] = []
+    docs = 0
+    for toks, (_, end) in zip(ids, pieces):
+        out.extend(toks)
+        if end:
+            out.append(eos)
+            docs += 1
+    return out, docs
+
+
 def iter_token_batches(spec: str, tokenizer, text_field: str = "text", split: str = "train", batch: int = 8,
                        skips: SkipCounter | None = None) -> Iterator[tuple[list[int], int]]:
     """The corpus as a token stream, in pieces: (tokens, documents ended) for every ``batch``
     texts tokenized together, each document followed by EOS."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no EOS token to join documents with")
-    pending: list[tuple[str, bool]] = []
-
-    def flush() -> tuple[list[int], int]:
-        ids = tokenizer([t for t, _ in pending], add_special_tokens=False)["input_ids"]
-        out: list[int] = []
-        docs = 0
-        for toks, (_, end) in zip(ids, pending):
-            out.extend(toks)
-            if end:
-                out.append(eos)
-                docs += 1
-        pending.clear()
-        return out, docs
-
-    for piece in iter_pieces(spec, text_field, split, skips):
-        pending.append(piece)
-        if len(pending) >= batch:
-            yield flush()
-    if pending:
-        yield flush()
+    for pieces in iter_piece_batches(spec, text_field, split, batch, skips):
+        yield encode_pieces(tokenizer, pieces)
 
 
 def iter_blocks(spec: str, tokenizer, block: int, text_field: str = "text", batch: int = 8, split: str = "train",

@@ -26,12 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
-from .data import DataError, DataPosition, SkipCounter, check_rank, held_out_period, iter_token_batches
+from .data import DataError, DataPosition, SkipCounter, check_rank, encode_pieces, held_out_period, iter_piece_batches
 
 INDEX = "index.json"
 FORMAT = "bitnet-train-tokens"
@@ -75,22 +76,73 @@ def pick_dtype(dtype: str, vocab_size: int) -> str:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_token_dir(source: str, tokenizer, out, *, tokenizer_spec: str, text_field: str = "text", split: str = "train",
-                    shard_tokens: int = DEFAULT_SHARD_TOKENS, dtype: str = "auto", batch: int = 256,
-                    progress: bool = False) -> dict:
-    """Tokenize ``source`` (any ``data.path`` the streaming reader accepts) into the directory
-    ``out``, atomically. Returns the index."""
+_WORKER: dict = {}
+
+
+def _encode_array(tokenizer, pieces, vocab: int, dtype: str):
     import numpy as np
 
+    toks, docs = encode_pieces(tokenizer, pieces)
+    arr = np.asarray(toks, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= vocab):
+        raise DataError(f"the tokenizer produced id {int(arr.max())} outside its vocabulary of {vocab}")
+    return arr.astype(np.dtype(dtype).newbyteorder("<")), docs
+
+
+def _worker_init(tok_dir: str, vocab: int, dtype: str, eos: int) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core instead
+    from transformers import AutoTokenizer
+
+    _WORKER.update(vocab=vocab, dtype=dtype, error=None)
+    try:  # an initializer that raises makes the pool respawn workers forever: report it per task
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        if tok.eos_token_id != eos or len(tok) != vocab:
+            raise ValueError("it differs from the one given")
+        _WORKER["tok"] = tok
+    except Exception as e:
+        _WORKER["error"] = f"tokenize worker: cannot reload the tokenizer from {tok_dir}: {e}"
+
+
+def _worker_encode(pieces):
+    if _WORKER.get("error"):
+        return _WORKER["error"]
+    try:
+        return _encode_array(_WORKER["tok"], pieces, _WORKER["vocab"], _WORKER["dtype"])
+    except DataError as e:
+        return str(e)  # re-raised as a DataError in the parent
+
+
+def _bounded_imap(pool, fn, items, window: int):
+    """``pool.imap`` in order, with at most ``window`` tasks in flight (``imap`` itself would
+    read the whole source ahead into memory)."""
+    from collections import deque
+
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def write_token_dir(source: str, tokenizer, out, *, tokenizer_spec: str, text_field: str = "text", split: str = "train",
+                    shard_tokens: int = DEFAULT_SHARD_TOKENS, dtype: str = "auto", batch: int = 256,
+                    workers: int = 1, progress: bool = False) -> dict:
+    """Tokenize ``source`` (any ``data.path`` the streaming reader accepts) into the directory
+    ``out``, atomically. Returns the index. ``workers > 1`` tokenizes batches in that many
+    processes (the parent reads the source and writes the shards, in order: the output is
+    identical to ``workers=1``)."""
     from .fsutil import atomic_dir
 
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens {shard_tokens}: must be at least 1")
     if is_token_dir(source):
         raise DataError(f"{source} is already tokenized")
+    if tokenizer.eos_token_id is None:
+        raise DataError("the tokenizer has no EOS token to join documents with")
     vocab = len(tokenizer)
     dt = pick_dtype(dtype, vocab)
-    npdt = np.dtype(dt).newbyteorder("<")
     skips = SkipCounter()
     shards: list[dict] = []
     total = docs = 0
@@ -101,14 +153,25 @@ def write_token_dir(source: str, tokenizer, out, *, tokenizer_spec: str, text_fi
 
         bar = tqdm(unit="tok", unit_scale=True, desc="tokenize", dynamic_ncols=True)
     with atomic_dir(out) as tmp:
+        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+        batches = iter_piece_batches(source, text_field, split, batch, skips)
+        pool = None
+        if workers > 1:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            pool = ctx.Pool(workers, initializer=_worker_init,
+                            initargs=(str(tmp / TOKENIZER_DIR), vocab, dt, tokenizer.eos_token_id))
+            arrays = _bounded_imap(pool, _worker_encode, batches, window=2 * workers)
+        else:
+            arrays = (_encode_array(tokenizer, b, vocab, dt) for b in batches)
         f = None
         room = 0
         try:
-            for toks, nd in iter_token_batches(source, tokenizer, text_field, split, batch, skips):
-                arr = np.asarray(toks, dtype=np.int64)
-                if arr.size and (arr.min() < 0 or arr.max() >= vocab):
-                    raise DataError(f"the tokenizer produced id {int(arr.max())} outside its vocabulary of {vocab}")
-                arr = arr.astype(npdt)
+            for res in arrays:
+                if isinstance(res, str):
+                    raise DataError(res)
+                arr, nd = res
                 docs += nd
                 while arr.size:
                     if room == 0:
@@ -130,9 +193,11 @@ def write_token_dir(source: str, tokenizer, out, *, tokenizer_spec: str, text_fi
                 f.close()
             if bar is not None:
                 bar.close()
+            if pool is not None:
+                pool.terminate()
+                pool.join()
         if total == 0:
             raise DataError(f"{source}: no tokens (the data holds no text)")
-        tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
         index = {
             "format": FORMAT,
             "version": VERSION,
@@ -351,6 +416,8 @@ def register_tokenize(sub) -> None:
                    help="token id type; auto = uint16 when the vocabulary fits")
     p.add_argument("--batch-docs", type=int, default=256, metavar="N",
                    help="documents tokenized per call (the Rust tokenizer encodes a batch on all cores)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="tokenizing processes (default 1, whose Rust tokenizer already encodes each batch on all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_tokenize)
 
@@ -368,7 +435,8 @@ def cmd_tokenize(args) -> int:
         tok = make_tokenizer(cfg)
         idx = write_token_dir(
             args.data, tok, args.out, tokenizer_spec=args.tokenizer, text_field=args.text_field, split=args.split,
-            shard_tokens=args.shard_tokens, dtype=args.dtype, batch=max(1, args.batch_docs), progress=not args.no_progress,
+            shard_tokens=args.shard_tokens, dtype=args.dtype, batch=max(1, args.batch_docs), workers=max(1, args.workers),
+            progress=not args.no_progress,
         )
     except DataError as e:
         raise UserError(str(e)) from None

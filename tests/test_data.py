@@ -380,3 +380,12 @@ def test_missing_column_is_caught_when_the_reader_opens(tmp_path, tok):
     write_parquet(d / "b.parquet", DOCS[20:40], column="content")
     with pytest.raises(DataError, match=r"b\.parquet: no column 'text' \(columns: content, id\)"):
         PackedData(str(d), tok, 16, 0.1, seed=0)  # before a single block is read
+
+
+def test_tokenize_with_worker_processes_is_identical(tmp_path, shard_dir, tok):
+    src, idx1 = shard_dir
+    idx2 = write_token_dir(str(src / "a.parquet"), tok, tmp_path / "w2", tokenizer_spec="test-bpe", shard_tokens=1000,
+                           batch=32, workers=2)
+    assert idx2["shards"] == idx1["shards"] and idx2["documents"] == idx1["documents"]
+    for s in idx1["shards"]:
+        assert (tmp_path / "w2" / s["file"]).read_bytes() == (src / "tok" / s["file"]).read_bytes()
