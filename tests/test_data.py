@@ -269,7 +269,7 @@ def test_shards_uint32_and_any_seq_len(tmp_path, shard_dir, tok):
     assert a.validation(5) == b.validation(5) and len(a.validation(5)[0]) == 51
     assert take(a.train_blocks(DataPosition()), 5) == take(b.train_blocks(DataPosition()), 5)
     with pytest.raises(DataError, match="uint16 cannot hold"):
-        write_token_dir(str(src / "a.parquet"), type("T", (), {"__len__": lambda s: 70000})(), tmp_path / "x",
+        write_token_dir(str(src / "a.parquet"), type("T", (), {"__len__": lambda s: 70000, "eos_token_id": 1})(), tmp_path / "x",
                         tokenizer_spec="x", dtype="uint16")
 
 
