@@ -54,6 +54,7 @@ DATASETS_METADATA = frozenset({"dataset_info.json", "state.json", "dataset_dict.
 _CHUNK_CHARS = 1 << 16
 _TABLE_BATCH = 1024
 SHUFFLE_BUFFER = 1024
+PREFETCH_BLOCKS = 64  # blocks the streaming reader prepares ahead, in a background thread
 BPE_SAMPLE_CHARS = 8_000_000
 
 
@@ -536,7 +537,7 @@ class PackedData:
         while True:
             n = 0
             mine = None
-            for b in self._epoch_stream(pos.epoch):
+            for b in prefetched(lambda: self._epoch_stream(pos.epoch), PREFETCH_BLOCKS):
                 n += 1
                 if n <= skip:
                     continue
@@ -558,6 +559,56 @@ class PackedData:
             pos.epoch += 1
             pos.taken = 0
             skip = 0
+
+
+class _Raised:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_DONE = object()
+
+
+def prefetched(make_iter, depth: int) -> Iterator:
+    """The items of ``make_iter()``, produced ``depth`` ahead by a background thread (reading and
+    tokenizing overlap the training step; the Rust tokenizer releases the GIL). Same order;
+    an exception in the producer is raised here; abandoning the iterator stops the thread."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run():
+        try:
+            for item in make_iter():
+                if not put(item):
+                    return
+            put(_DONE)
+        except BaseException as e:  # handed to the consumer
+            put(_Raised(e))
+
+    t = threading.Thread(target=run, name="bitnet-train-data", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _DONE:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
 
 
 def open_training_data(cfg: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1):

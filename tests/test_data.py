@@ -389,3 +389,29 @@ def test_tokenize_with_worker_processes_is_identical(tmp_path, shard_dir, tok):
     assert idx2["shards"] == idx1["shards"] and idx2["documents"] == idx1["documents"]
     for s in idx1["shards"]:
         assert (tmp_path / "w2" / s["file"]).read_bytes() == (src / "tok" / s["file"]).read_bytes()
+
+
+def test_prefetch_keeps_order_raises_and_stops():
+    import threading
+    import time
+
+    from bitnet_train.data import prefetched
+
+    assert list(prefetched(lambda: iter(range(1000)), 7)) == list(range(1000))
+
+    def bad():
+        yield 1
+        raise DataError("x.txt: broken")
+
+    it = prefetched(bad, 4)
+    assert next(it) == 1
+    with pytest.raises(DataError, match="x.txt: broken"):
+        next(it)
+    before = set(threading.enumerate())
+    it = prefetched(lambda: iter(range(10**9)), 4)
+    assert next(it) == 0
+    mine = [t for t in threading.enumerate() if t not in before and t.name == "bitnet-train-data"]
+    assert len(mine) == 1
+    it.close()  # the consumer goes away: the producer thread ends
+    mine[0].join(timeout=5)
+    assert not mine[0].is_alive()
