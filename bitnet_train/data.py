@@ -537,7 +537,7 @@ class PackedData:
         while True:
             n = 0
             mine = None
-            for b in prefetched(lambda: self._epoch_stream(pos.epoch), PREFETCH_BLOCKS):
+            for b in prefetched(lambda e=pos.epoch: self._epoch_stream(e), PREFETCH_BLOCKS):
                 n += 1
                 if n <= skip:
                     continue
