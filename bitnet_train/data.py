@@ -571,7 +571,7 @@ _DONE = object()
 
 def prefetched(make_iter, depth: int) -> Iterator:
     """The items of ``make_iter()``, produced ``depth`` ahead by a background thread (reading and
-    tokenizing overlap the training step; the Rust tokenizer releases the GIL). Same order;
+    tokenizing overlap the training step's kernels, which run without the GIL). Same order;
     an exception in the producer is raised here; abandoning the iterator stops the thread."""
     import queue
     import threading
