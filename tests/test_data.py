@@ -415,3 +415,25 @@ def test_prefetch_keeps_order_raises_and_stops():
     it.close()  # the consumer goes away: the producer thread ends
     mine[0].join(timeout=5)
     assert not mine[0].is_alive()
+
+
+def test_tokenize_hf_source_and_resume_with_other_world_size(tmp_path, tok):
+    from bitnet_train.cli import main
+
+    d = tmp_path / "ds"
+    d.mkdir()
+    write_parquet(d / "train-00000.parquet", DOCS)
+    tok.save_pretrained(tmp_path / "tokdir")
+    assert main(["tokenize", f"hf:{d}", "--tokenizer", str(tmp_path / "tokdir"), "--out", str(tmp_path / "tk"),
+                 "--no-progress"]) == 0
+    assert read_index(tmp_path / "tk")["documents"] == len(DOCS)
+    one = ShardData(tmp_path / "tk", tok, 16, 0.1, seed=4)
+    ref = take(one.train_blocks(DataPosition()), 20)
+    # 2 ranks trained 3 rounds (position 6), then the run resumes on 4 ranks
+    p = [DataPosition(), DataPosition()]
+    for r in range(2):
+        take(ShardData(tmp_path / "tk", tok, 16, 0.1, seed=4, rank=r, world_size=2).train_blocks(p[r]), 3)
+    assert p[0] == p[1] == DataPosition(0, 6)
+    nxt = [take(ShardData(tmp_path / "tk", tok, 16, 0.1, seed=4, rank=r, world_size=4).train_blocks(DataPosition(0, 6)), 2)
+           for r in range(4)]
+    assert [nxt[k % 4][k // 4] for k in range(8)] == ref[6:14]
