@@ -129,8 +129,35 @@ class BitLinear(nn.Linear):
         if backend == "triton" and lam >= 1.0:
             from .kernels import bitlinear_triton
 
-            return bitlinear_triton(x, self.weight, self.bias)
+            return bitlinear_triton(x, self.weight, self.bias, self._quantized_weight())
         return quant.bitlinear_reference(x, self.weight, self.bias, lam)
+
+    # Triton backend: the weight's ternary codes and scale are computed once per weight version
+    # and reused by every forward until the weight changes, so gradient-accumulation micro-batches
+    # (and activation-checkpointing recomputes) quantize it once per optimizer step. The key is
+    # the parameter's identity, storage pointer, shape, dtype and autograd version counter: any
+    # in-place update (optimizer step, load_state_dict, copy_) bumps the version, and .to() or
+    # assigning .data changes the storage. Writes that bypass autograd's version counter (through
+    # .data of an alias or raw storage) are not seen; call clear_weight_cache() after such writes.
+    cache_quantized_weight = True
+
+    def _quantized_weight(self):
+        w = self.weight
+        if not self.cache_quantized_weight or w.is_inference():
+            return None
+        key = (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version)
+        cached = self.__dict__.get("_wq_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        from .kernels import quantize_weight
+
+        value = quantize_weight(w)
+        self.__dict__["_wq_cache"] = (key, value)
+        return value
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached ternary codes of the Triton backend (they are rebuilt on demand)."""
+        self.__dict__.pop("_wq_cache", None)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", backend={self.backend}"
