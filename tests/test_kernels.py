@@ -397,3 +397,52 @@ def test_bitlinear_weight_cache(monkeypatch, opt_name):
     lin.clear_weight_cache()
     lin(batches[0])
     assert len(calls) - n0 == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark script: its tables run end to end here on the CPU (interpreter, tiny shapes,
+# a wall-clock timer instead of do_bench); on a machine without CUDA the command refuses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bench_tables_run_on_cpu(capsys):
+    import argparse
+    import time
+
+    from bitnet_train.bench import add_kernels_arguments
+    from bitnet_train.kernels import bench
+
+    p = argparse.ArgumentParser()
+    add_kernels_arguments(p)
+    args = p.parse_args(["--train-tokens", "5"])
+    runs = []
+
+    def timer(fn):
+        t0 = time.perf_counter()
+        fn()
+        fn()  # the rotation moves on between calls
+        runs.append(fn)
+        return (time.perf_counter() - t0) * 500.0
+
+    bench._matmul_table(args, [1, 18], [(20, 37)], device="cpu", timer=timer)
+    bench._training_table(args, [(12, 24)], device="cpu", timer=timer)
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("   20x37")]
+    assert [r[2] for r in rows] == ["gemv", "tiled"]
+    assert all(r[-1] == "ok" and r[-2] == "n/a" for r in rows), out  # checked; no peak known for a CPU
+    assert "   12x24" in out and len(runs) == 4 + 4
+
+
+def test_bench_peaks_and_refusal_without_cuda(capsys):
+    from bitnet_train import cli
+    from bitnet_train.kernels import bench
+
+    assert bench.peaks_for("NVIDIA H100 80GB HBM3")[0] == 3.35e12
+    assert bench.peaks_for("NVIDIA H100 PCIe")[0] == 2.0e12
+    assert bench.peaks_for("NVIDIA H200")[0] == 4.8e12
+    assert bench.peaks_for("NVIDIA A100-SXM4-80GB") is None
+    assert cli.main(["bench", "kernels", "--tokens", "x"]) == 2
+    assert "--tokens" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "kernels"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
