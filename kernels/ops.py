@@ -16,6 +16,7 @@ All integer codes are bit-identical to :mod:`bitnet_train.quant` (the source of 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -302,10 +303,10 @@ def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _epilogue(acc, A, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS: tl.constexpr):
-    # y = acc / a / (1/s) (+ bias): the reference's act_dequant then weight_dequant order
-    a = tl.load(A + offs_m, mask=mask_m, other=1.0)
-    inv_s = tl.load(S + 1)
+def _epilogue(acc, a, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS: tl.constexpr):
+    # y = acc / a / (1/s) (+ bias): the reference's act_dequant then weight_dequant order; S[0] = s
+    # and 1/s is rounded as torch's ``1.0 / s`` (a correctly rounded reciprocal)
+    inv_s = tl.div_rn(tl.full([], 1.0, tl.float32), tl.load(S))
     y = tl.div_rn(tl.div_rn(acc.to(tl.float32), a[:, None]), inv_s)
     if HAS_BIAS:
         b = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -364,7 +365,8 @@ def _ternary_mm_kernel(
             xq = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
             wq = tl.load(w_cols + kk[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0)
             acc = tl.dot(xq, wq, acc, out_dtype=tl.int32)
-    _epilogue(acc, A, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS)
+    a = tl.load(A + offs_m, mask=mask_m, other=1.0)
+    _epilogue(acc, a, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS)
 
 
 @triton.jit
@@ -372,7 +374,7 @@ def _ternary_gemv_kernel(
     XQ, A, WB, S, BIAS, Y, WS, LOCK,
     M, N, K, M_BUCKET,
     stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, QUANT_X: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK4: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
     # decode path (M <= GEMV_MAX_M): program (pid_n, pid_k) streams the packed bytes of BN weight
@@ -391,17 +393,36 @@ def _ternary_gemv_kernel(
     x_rows = XQ + offs_m[:, None].to(tl.int64) * stride_xm
     w_rows = WB + offs_n[:, None].to(tl.int64) * stride_wn
     KB = (K + 3) // 4
+    if QUANT_X:
+        # XQ holds the float activations: every program quantizes them itself (the same math as
+        # _act_quant_kernel: the same a and codes), saving a launch and the codes' round trip
+        amax = tl.zeros([BM, 4 * BK4], dtype=tl.float32)
+        offs_kx = tl.arange(0, 4 * BK4)
+        for k0 in range(0, K, 4 * BK4):
+            kx = k0 + offs_kx
+            xv = tl.load(x_rows + kx[None, :], mask=mask_m[:, None] & (kx < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+        amax_r = tl.maximum(tl.max(amax, axis=1), 1e-5)
+        a = tl.div_rn(tl.full([BM], 1.0, tl.float32), amax_r) * 127.0
+    else:
+        a = tl.load(A + offs_m, mask=mask_m, other=1.0)
     acc = tl.zeros([BM, BN], dtype=tl.int32)
     for c in range(pid_k, tl.cdiv(KB, BK4), SPLIT_K):
         jj = c * BK4 + offs_j
         byte = tl.load(w_rows + jj[None, :], mask=mask_n[:, None] & (jj < KB)[None, :], other=85)  # [BN, BK4]
         for i in tl.static_range(4):
             kk = jj * 4 + i
-            xq = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0)
+            xmask = mask_m[:, None] & (kk < K)[None, :]
+            if QUANT_X:
+                xv = tl.load(x_rows + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
+                r = _rint(xv * a[:, None], USE_LIBDEVICE)
+                xq = tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8)
+            else:
+                xq = tl.load(x_rows + kk[None, :], mask=xmask, other=0)
             wq = ((byte >> (2 * i)) & 3).to(tl.int8) - 1
             acc = tl.dot(xq, tl.trans(wq), acc, out_dtype=tl.int32)
     if SPLIT_K == 1:
-        _epilogue(acc, A, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS)
+        _epilogue(acc, a, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS)
     else:
         mask = mask_m[:, None] & mask_n[None, :]
         ws = WS + offs_m[:, None] * N + offs_n[None, :]
@@ -410,7 +431,7 @@ def _ternary_gemv_kernel(
         if done == SPLIT_K - 1:
             total = tl.atomic_xchg(ws, tl.zeros([BM, BN], dtype=tl.int32), mask=mask)
             tl.atomic_xchg(LOCK + pid_n, 0)
-            _epilogue(total, A, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS)
+            _epilogue(total, a, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +440,7 @@ def _ternary_gemv_kernel(
 # ---------------------------------------------------------------------------------------------
 
 GEMV_MAX_M = 16  # token counts up to this take the GEMV path (decoding); more take the tiled path
+GEMV_FUSED_QUANT_MAX_M = 4  # up to this many rows the GEMV kernel also quantizes the activations
 
 
 def _autotune_enabled() -> bool:
@@ -510,7 +532,8 @@ def _launch(kernel_name, grid_fn, args, extra):
 
 def _mm(xq2, a2, w, s_inv, bias, out_dtype, n, k, packed):
     """y[m, n] = (xq2 @ codes(w)^T) / a / (1/s) (+ bias); ``w`` packed uint8 [n, ceil(k/4)] or
-    int8 codes [n, k]. Packed weights with m <= GEMV_MAX_M take the GEMV kernel."""
+    int8 codes [n, k]; ``s_inv[0]`` = s. Packed weights with m <= GEMV_MAX_M take the GEMV kernel.
+    ``a2=None``: ``xq2`` holds float activations, quantized inside the GEMV kernel."""
     m = xq2.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=xq2.device)
     if m == 0 or n == 0:
@@ -521,12 +544,16 @@ def _mm(xq2, a2, w, s_inv, bias, out_dtype, n, k, packed):
             y += bias.to(out_dtype)
         return y
     b = bias if bias is not None else s_inv
+    quant_x = a2 is None
+    if quant_x:
+        a2 = s_inv  # unused pointer
+        assert packed and m <= GEMV_MAX_M
     if packed and m <= GEMV_MAX_M:
         ws, lock = _gemv_workspace(xq2.device, m, n)
         args = (xq2, a2, w, s_inv, b, y, ws, lock, m, n, k, min(triton.next_power_of_2(m), GEMV_MAX_M),
                 xq2.stride(0), w.stride(0), y.stride(0))
         _launch("gemv", lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT_K"]), args,
-                dict(HAS_BIAS=bias is not None, BM=16))
+                dict(HAS_BIAS=bias is not None, QUANT_X=quant_x, USE_LIBDEVICE=not _interpret(), BM=16))
         return y
     args = (xq2, a2, w, s_inv, b, y, m, n, k, min(triton.next_power_of_2(m), 4096),
             xq2.stride(0), w.stride(0), y.stride(0))
@@ -535,11 +562,12 @@ def _mm(xq2, a2, w, s_inv, bias, out_dtype, n, k, packed):
     return y
 
 
-def _as_scale_pair(w_scale: torch.Tensor) -> torch.Tensor:
-    if w_scale.numel() == 2:  # already [s, 1/s]
-        return w_scale.float().contiguous()
-    s = w_scale.detach().float().reshape(1)
-    return torch.cat([s, 1.0 / s])
+def _scale_arg(w_scale: torch.Tensor) -> torch.Tensor:
+    """The kernels read ``s`` from element 0 (``s`` or the pair ``[s, 1/s]``); no copy for fp32."""
+    s = w_scale.detach().reshape(-1)
+    if s.numel() not in (1, 2):
+        raise ValueError(f"w_scale must hold the per-tensor scale s (1 element) or [s, 1/s], got shape {tuple(w_scale.shape)}")
+    return s if s.dtype == torch.float32 and s.is_contiguous() else s.float().contiguous()
 
 
 def ternary_matmul(
@@ -564,9 +592,19 @@ def ternary_matmul(
         raise ValueError(f"packed must be a 2-D uint8 tensor [out, ceil(in/4)], got {packed.dtype} {tuple(packed.shape)}")
     if packed.shape[-1] != (k + 3) // 4:
         raise ValueError(f"packed has {packed.shape[-1]} bytes per row; x's last dim {k} needs {(k + 3) // 4}")
-    xq, a = act_quant(x, norm_weight, eps)
     packed = packed if packed.stride(-1) == 1 else packed.contiguous()
-    y = _mm(xq.reshape(-1, k), a.reshape(-1), packed, _as_scale_pair(w_scale), bias, x.dtype, n, k, True)
+    m = math.prod(x.shape[:-1])
+    if norm_weight is None and 0 < m <= GEMV_FUSED_QUANT_MAX_M and k > 0:
+        # decoding: the GEMV kernel quantizes the activations itself (one launch instead of two;
+        # each program re-reads x to find its amax, which pays off only for a few rows)
+        if x.dtype not in _DT_CODE:
+            raise TypeError(f"ternary_matmul: x has dtype {x.dtype}; fp32, bf16 or fp16 expected")
+        x2 = x.detach().reshape(-1, k)
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        y = _mm(x2, None, packed, _scale_arg(w_scale), bias, x.dtype, n, k, True)
+    else:
+        xq, a = act_quant(x, norm_weight, eps)
+        y = _mm(xq.reshape(-1, k), a.reshape(-1), packed, _scale_arg(w_scale), bias, x.dtype, n, k, True)
     return y.reshape(*x.shape[:-1], n)
 
 
