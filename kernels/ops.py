@@ -324,12 +324,14 @@ def _ternary_mm_kernel(
     M, N, K, M_BUCKET,
     stride_xm, stride_wn, stride_ym,
     PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, X_SPLIT: tl.constexpr,
 ):
     # tiled path (prefill, training): one [BM, BN] output tile per program, grouped ordering so
     # that programs running together share weight tiles in L2. Packed weights: a tile of BK/4
     # bytes per row holds codes k = 4j + i in bits 2i..2i+1; each i is one int8 tl.dot against
     # the activation columns k = 4j + i, so the packed bytes are read once and never re-laid out.
+    # X_SPLIT (an autotuned choice): load the [BM, BK] activation tile contiguously and split it
+    # into the four k = 4j + i sub-tiles in registers, instead of four stride-4 loads.
     pid = tl.program_id(0)
     grid_m = tl.cdiv(M, BM)
     grid_n = tl.cdiv(N, BN)
@@ -352,11 +354,22 @@ def _ternary_mm_kernel(
         for j0 in range(0, KB, BK // 4):
             jj = j0 + offs_j
             byte = tl.load(w_cols + jj[:, None], mask=(jj < KB)[:, None] & mask_n[None, :], other=85)
-            for i in tl.static_range(4):
-                kk = jj * 4 + i
-                xq = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0)
-                wq = ((byte >> (2 * i)) & 3).to(tl.int8) - 1
-                acc = tl.dot(xq, wq, acc, out_dtype=tl.int32)
+            if X_SPLIT:
+                kx = j0 * 4 + tl.arange(0, BK)
+                xt = tl.load(x_rows + kx[None, :], mask=mask_m[:, None] & (kx < K)[None, :], other=0)
+                x_even, x_odd = tl.split(tl.reshape(xt, [BM, BK // 4, 2, 2]))  # k % 2 == 0 / 1
+                x0, x2 = tl.split(x_even)  # k % 4 == 0, 2
+                x1, x3 = tl.split(x_odd)  # k % 4 == 1, 3
+                acc = tl.dot(x0, (byte & 3).to(tl.int8) - 1, acc, out_dtype=tl.int32)
+                acc = tl.dot(x1, ((byte >> 2) & 3).to(tl.int8) - 1, acc, out_dtype=tl.int32)
+                acc = tl.dot(x2, ((byte >> 4) & 3).to(tl.int8) - 1, acc, out_dtype=tl.int32)
+                acc = tl.dot(x3, ((byte >> 6) & 3).to(tl.int8) - 1, acc, out_dtype=tl.int32)
+            else:
+                for i in tl.static_range(4):
+                    kk = jj * 4 + i
+                    xq = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0)
+                    wq = ((byte >> (2 * i)) & 3).to(tl.int8) - 1
+                    acc = tl.dot(xq, wq, acc, out_dtype=tl.int32)
     else:
         offs_k = tl.arange(0, BK)
         for k0 in range(0, K, BK):
@@ -427,6 +440,7 @@ def _ternary_gemv_kernel(
         mask = mask_m[:, None] & mask_n[None, :]
         ws = WS + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(ws, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial sums are in before the counter (acq_rel) moves
         done = tl.atomic_add(LOCK + pid_n, 1)
         if done == SPLIT_K - 1:
             total = tl.atomic_xchg(ws, tl.zeros([BM, BN], dtype=tl.int32), mask=mask)
@@ -454,7 +468,9 @@ GEMV_FIXED = (
     4, 3,
 )
 MM_FIXED = (
-    dict(BM=16, BN=16, BK=32, GROUP_M=2) if _interpret() else dict(BM=128, BN=128, BK=128, GROUP_M=8),
+    dict(BM=16, BN=16, BK=32, GROUP_M=2, X_SPLIT=True)
+    if _interpret()
+    else dict(BM=128, BN=128, BK=128, GROUP_M=8, X_SPLIT=False),
     8, 3,
 )
 
@@ -488,7 +504,10 @@ def _mm_configs():
         (16, 64, 256, 4, 4),
         (32, 128, 128, 4, 4),
     ]:
-        cfgs.append(triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=8), num_warps=warps, num_stages=stages))
+        for x_split in (False, True):
+            cfgs.append(
+                triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, X_SPLIT=x_split), num_warps=warps, num_stages=stages)
+            )
     return cfgs
 
 

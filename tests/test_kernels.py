@@ -325,8 +325,12 @@ def test_ternary_matmul_gemv(monkeypatch, split_k, dtype, m, n, k):
         assert not ws.any() and not lock.any(), "the GEMV must leave its workspace zeroed"
 
 
-def test_ternary_matmul_tiled_path_and_fused_norm():
+@pytest.mark.parametrize("x_split", [True, False])
+def test_ternary_matmul_tiled_path_and_fused_norm(monkeypatch, x_split):
     import bitnet_train.kernels.ops as ops
+
+    meta, warps, stages = ops.MM_FIXED
+    monkeypatch.setattr(ops, "MM_FIXED", (dict(meta, X_SPLIT=x_split), warps, stages))
 
     m = ops.GEMV_MAX_M + 3
     x = torch.randn(m, 45, dtype=torch.bfloat16) * 2
