@@ -92,7 +92,7 @@ def _round_to(v, DT: tl.constexpr):
 
 @triton.jit
 def _rmsnorm_act_quant_kernel(
-    X, W, Q, A, R, K, stride_x, stride_q, eps,
+    X, W, Q, A, R, K, KF, stride_x, stride_q, eps,
     HAS_RSTD: tl.constexpr, DT_X: tl.constexpr, DT_Y: tl.constexpr,
     BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
 ):
@@ -113,7 +113,7 @@ def _rmsnorm_act_quant_kernel(
             m = (k0 + offs) < K
             x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
             ss += x * x
-        var = tl.div_rn(tl.sum(ss, axis=0), K.to(tl.float32))
+        var = tl.div_rn(tl.sum(ss, axis=0), KF)  # KF = float(K): K may be specialized to a constexpr
         if USE_LIBDEVICE:
             rstd = libdevice.rsqrt(var + eps)  # torch.rsqrt on CUDA is rsqrtf
         else:
@@ -198,7 +198,7 @@ def rmsnorm_act_quant(
             raise ValueError(f"rmsnorm_act_quant: rstd has {rstd.numel()} values for {m} rows")
     if m > 0:
         _rmsnorm_act_quant_kernel[(m,)](
-            x2, w, q, a, rstd if rstd is not None else a, k, x2.stride(0), q.stride(0), float(eps),
+            x2, w, q, a, rstd if rstd is not None else a, k, float(k), x2.stride(0), q.stride(0), float(eps),
             HAS_RSTD=rstd is not None, DT_X=_DT_CODE[x.dtype],
             DT_Y=_DT_CODE[torch.promote_types(weight.dtype, x.dtype)],
             BLOCK=_row_block(k), USE_LIBDEVICE=not _interpret(),
@@ -664,7 +664,10 @@ class _BitLinearFn(torch.autograd.Function):
         g2 = grad.reshape(-1, n)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_dq = (wq.float() / s_inv[1]).to(ctx.w_dtype)  # t / (1/s), as quant.weight_dequant
+            # quant.weight_dequant's (t / (1/s)).to(dtype) for t in {-1, 0, 1} is t * c with
+            # c = (1 / (1/s)).to(dtype) exactly (division by +-1 and sign are exact): one pass, no fp32 copy
+            c = (1.0 / s_inv[1]).to(ctx.w_dtype)
+            w_dq = wq.to(ctx.w_dtype) * c
             grad_x = (g2 @ w_dq.to(g2.dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             x_dq = (xq2.float() / a).to(ctx.x_dtype)
