@@ -7,8 +7,10 @@ before every repetition); inputs and weights rotate through enough buffers to ex
 cache, so no call finds its operands cached by the previous one.
 
 1. Inference matmul, for each 2B4T projection shape ``out x in`` and token count ``M``:
-   ``ternary_matmul(x, packed, s)`` (activation quantization + int8 x 2-bit ternary matmul;
-   GEMV kernel for ``M <= GEMV_MAX_M``, tiled kernel above) against ``F.linear`` in bf16.
+   ``ternary_matmul(x, packed, s)`` (activation quantization + int8 x 2-bit ternary matmul)
+   against ``F.linear`` in bf16. Path: ``gemvq`` = GEMV kernel quantizing x itself
+   (``M <= GEMV_FUSED_QUANT_MAX_M``), ``gemv`` = quantization kernel + GEMV (``M <= GEMV_MAX_M``),
+   ``tiled`` = quantization kernel + tiled kernel.
    Besides the times and the speedup (bf16 / ternary), the achieved memory bandwidth (decode,
    ``M <= 16``: weight, activation and output bytes over time) or int8 TOPS (prefill) as a
    fraction of the GPU's nominal dense peak, for H100 / H200 (``n/a`` on other GPUs).
@@ -162,8 +164,9 @@ def _matmul_table(args, tokens, shapes, device="cuda", timer=None) -> None:
             t_bf16 = bench(run_bf16)
             t_tern = bench(run_tern)
             gemv = m <= ops.GEMV_MAX_M
+            path = "gemvq" if m <= ops.GEMV_FUSED_QUANT_MAX_M else "gemv" if gemv else "tiled"
             if gemv:
-                tern_bytes = n * ((k + 3) // 4) + m * k * 2 + m * k + m * n * 2  # weights, x, codes, y
+                tern_bytes = n * ((k + 3) // 4) + m * k * 2 + m * n * 2  # packed weights, x, y (useful bytes)
                 bf16_bytes = n * k * 2 + m * k * 2 + m * n * 2
                 achieved = tern_bytes / (t_tern * 1e-3)
                 shown = f"{achieved / 1e9:.0f} GB/s"
@@ -175,7 +178,7 @@ def _matmul_table(args, tokens, shapes, device="cuda", timer=None) -> None:
                 shown = f"{achieved / 1e12:.0f} TOPS"
                 tern_frac = achieved / peaks[1] if peaks else None
                 bf16_frac = ops_count / (t_bf16 * 1e-3) / peaks[2] if peaks else None
-            print(f"{n:>5}x{k:<5} {m:>5} {'gemv' if gemv else 'tiled':>5} {t_bf16:>9.4f} {t_tern:>10.4f} "
+            print(f"{n:>5}x{k:<5} {m:>5} {path:>5} {t_bf16:>9.4f} {t_tern:>10.4f} "
                   f"{t_bf16 / t_tern:>7.2f}x {shown:>14} {_fmt_pct(tern_frac):>10} {_fmt_pct(bf16_frac):>10} {ok:>6}")
             sys.stdout.flush()
     print()

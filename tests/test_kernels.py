@@ -428,13 +428,13 @@ def test_bench_tables_run_on_cpu(capsys):
         runs.append(fn)
         return (time.perf_counter() - t0) * 500.0
 
-    bench._matmul_table(args, [1, 18], [(20, 37)], device="cpu", timer=timer)
+    bench._matmul_table(args, [1, 16, 18], [(20, 37)], device="cpu", timer=timer)
     bench._training_table(args, [(12, 24)], device="cpu", timer=timer)
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.startswith("   20x37")]
-    assert [r[2] for r in rows] == ["gemv", "tiled"]
+    assert [r[2] for r in rows] == ["gemvq", "gemv", "tiled"]
     assert all(r[-1] == "ok" and r[-2] == "n/a" for r in rows), out  # checked; no peak known for a CPU
-    assert "   12x24" in out and len(runs) == 4 + 4
+    assert "   12x24" in out and len(runs) == 6 + 4
 
 
 def test_bench_peaks_and_refusal_without_cuda(capsys):
