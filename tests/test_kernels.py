@@ -450,3 +450,19 @@ def test_bench_peaks_and_refusal_without_cuda(capsys):
     if not torch.cuda.is_available():
         assert cli.main(["bench", "kernels"]) == 2
         assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+def test_bitlinear_triton_decode_uses_packed_gemv(rows):
+    torch.manual_seed(0)
+    lin = BitLinear(40, 21, bias=True, backend="triton")
+    x = torch.randn(1, rows, 40)
+    y_train = lin(x)  # autograd path: int8 codes, tiled kernel
+    assert "_wq_packed" not in lin.__dict__
+    with torch.no_grad():
+        y_eval = lin(x)
+    assert torch.equal(y_eval, y_train.detach())  # same int32 products, same rescale
+    assert ("_wq_packed" in lin.__dict__) == (rows <= 16)
+    with torch.no_grad():
+        lin.weight.add_(0.01)
+        torch.testing.assert_close(lin(x), quant.bitlinear_reference(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
