@@ -155,7 +155,8 @@ class BitLinear(nn.Linear):
         w = self.weight
         if not self.cache_quantized_weight or w.is_inference():
             return None
-        key = (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version)
+        # codes made under inference_mode are inference tensors, which autograd cannot save
+        key = (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())
         cached = self.__dict__.get("_wq_cache")
         if cached is not None and cached[0] == key:
             return cached[1]

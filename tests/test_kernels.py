@@ -463,6 +463,13 @@ def test_bitlinear_triton_decode_uses_packed_gemv(rows):
         y_eval = lin(x)
     assert torch.equal(y_eval, y_train.detach())  # same int32 products, same rescale
     assert ("_wq_packed" in lin.__dict__) == (rows <= 16)
+    # a cache filled under inference_mode (generation during training) must not reach autograd
+    with torch.no_grad():
+        lin.weight.mul_(1.5)  # a new version: the cache is rebuilt inside inference_mode
+    with torch.inference_mode():
+        lin(x)
+    lin(x).sum().backward()
+    assert lin.weight.grad is not None
     with torch.no_grad():
         lin.weight.add_(0.01)
         torch.testing.assert_close(lin(x), quant.bitlinear_reference(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
