@@ -127,10 +127,60 @@ class BitLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         backend = resolve_backend(self.backend, x.device)
         if backend == "triton" and lam >= 1.0:
-            from .kernels import bitlinear_triton
+            from .kernels import bitlinear_triton, ops
 
-            return bitlinear_triton(x, self.weight, self.bias)
+            wq = self._quantized_weight()
+            if (
+                wq is not None
+                and x.shape[-1] > 0
+                and x.numel() // x.shape[-1] <= ops.GEMV_MAX_M
+                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)))
+            ):
+                # decoding without autograd: the GEMV kernel on 2-bit packed codes (cached with
+                # the int8 ones); the same int32 products and rescale, so the same output bits
+                return ops.ternary_matmul(x, self._packed_weight(), wq[1], self.bias)
+            return bitlinear_triton(x, self.weight, self.bias, wq)
         return quant.bitlinear_reference(x, self.weight, self.bias, lam)
+
+    # Triton backend: the weight's ternary codes and scale are computed once per weight version
+    # and reused by every forward until the weight changes, so gradient-accumulation micro-batches
+    # (and activation-checkpointing recomputes) quantize it once per optimizer step. The key is
+    # the parameter's identity, storage pointer, shape, dtype and autograd version counter: any
+    # in-place update (optimizer step, load_state_dict, copy_) bumps the version, and .to() or
+    # assigning .data changes the storage. Writes that bypass autograd's version counter (through
+    # .data of an alias or raw storage) are not seen; call clear_weight_cache() after such writes.
+    cache_quantized_weight = True
+
+    def _quantized_weight(self):
+        w = self.weight
+        if not self.cache_quantized_weight or w.is_inference():
+            return None
+        # codes made under inference_mode are inference tensors, which autograd cannot save
+        key = (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_wq_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        from .kernels import quantize_weight
+
+        value = quantize_weight(w)
+        self.__dict__["_wq_cache"] = (key, value)
+        return value
+
+    def _packed_weight(self):
+        """2-bit packed codes of the current cached weight codes (built on first use)."""
+        cached = self.__dict__["_wq_cache"]
+        packed = self.__dict__.get("_wq_packed")
+        if packed is None or packed[0] != cached[0]:
+            from .kernels import pack_ternary
+
+            packed = (cached[0], pack_ternary(cached[1][0]))
+            self.__dict__["_wq_packed"] = packed
+        return packed[1]
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached ternary codes of the Triton backend (they are rebuilt on demand)."""
+        self.__dict__.pop("_wq_cache", None)
+        self.__dict__.pop("_wq_packed", None)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", backend={self.backend}"

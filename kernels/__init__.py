@@ -1,9 +1,11 @@
 """Triton kernels for BitNet (imported as ``bitnet_train.kernels``).
 
 * :func:`act_quant`, :func:`weight_quant` — quantizers, bit-identical to :mod:`bitnet_train.quant`
+* :func:`rmsnorm_act_quant` — RMSNorm fused with the activation quantizer
 * :func:`pack_ternary`, :func:`unpack_ternary`, :func:`to_hf_packed`, :func:`from_hf_packed`
   — 2-bit packing (pure PyTorch; layout in :mod:`.packing`)
-* :func:`ternary_matmul` — int8 x packed ternary matmul with int32 accumulation
+* :func:`ternary_matmul` — int8 x packed ternary matmul with int32 accumulation (split-K GEMV
+  kernel for decoding, tiled kernel for prefill; autotuned on the GPU)
 * :func:`bitlinear_triton` — the BitLinear autograd function (int8 forward, STE backward)
 
 Run on CPU with ``TRITON_INTERPRET=1`` (slow; tests only).
@@ -12,17 +14,29 @@ Run on CPU with ``TRITON_INTERPRET=1`` (slow; tests only).
 from .packing import from_hf_packed, pack_ternary, to_hf_packed, unpack_ternary
 
 try:
-    from .ops import act_quant, bitlinear_triton, ternary_matmul, weight_codes, weight_quant, weight_scale
+    from .ops import (
+        act_quant,
+        bitlinear_triton,
+        quantize_weight,
+        rmsnorm_act_quant,
+        ternary_matmul,
+        weight_codes,
+        weight_quant,
+        weight_scale,
+    )
 except ImportError as _err:  # triton not installed
     _IMPORT_ERROR = _err
 
     def _missing(*args, **kwargs):
         raise ImportError(f"bitnet_train.kernels needs Triton: {_IMPORT_ERROR}")
 
-    act_quant = weight_quant = weight_scale = weight_codes = ternary_matmul = bitlinear_triton = _missing
+    act_quant = rmsnorm_act_quant = weight_quant = weight_scale = weight_codes = quantize_weight = _missing
+    ternary_matmul = bitlinear_triton = _missing
 
 __all__ = [
     "act_quant",
+    "rmsnorm_act_quant",
+    "quantize_weight",
     "weight_quant",
     "weight_scale",
     "weight_codes",

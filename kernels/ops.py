@@ -16,6 +16,7 @@ All integer codes are bit-identical to :mod:`bitnet_train.quant` (the source of 
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -70,9 +71,86 @@ def _act_quant_kernel(X, Q, A, K, stride_x, stride_q, BLOCK: tl.constexpr, USE_L
     tl.store(A + row, a)
 
 
-def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+_DT_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@triton.jit
+def _round_to(v, DT: tl.constexpr):
+    """fp32 ``v`` rounded to dtype code ``DT`` (0 fp32, 1 bf16, 2 fp16) and back to fp32."""
+    if DT == 1:
+        # round to nearest even on the bits (Triton's CPU interpreter truncates in .to(bfloat16));
+        # exact for finite values, overflow goes to inf as a true cast does
+        b = v.to(tl.uint32, bitcast=True)
+        b = ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) << 16
+        r = b.to(tl.float32, bitcast=True)
+    elif DT == 2:
+        r = v.to(tl.float16).to(tl.float32)
+    else:
+        r = v
+    return r
+
+
+@triton.jit
+def _rmsnorm_act_quant_kernel(
+    X, W, Q, A, R, K, KF, stride_x, stride_q, eps,
+    HAS_RSTD: tl.constexpr, DT_X: tl.constexpr, DT_Y: tl.constexpr,
+    BLOCK: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+):
+    # transformers' BitNetRMSNorm, then act_quant, in the reference's order of operations:
+    #   xf = x.float(); var = xf.pow(2).mean(-1)  (sum, then / K)
+    #   n = (xf * rsqrt(var + eps)).to(x.dtype); y = weight * n  (in promote(weight, x) dtype)
+    #   a = 127 / max(amax|y|, eps_a); q = round(y * a)
+    # three passes over the row (sum of squares, amax, codes); nothing but codes and a is written
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    q_row = Q + row * stride_q
+    offs = tl.arange(0, BLOCK)
+    if HAS_RSTD:
+        rstd = tl.load(R + row)
+    else:
+        ss = tl.zeros([BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            m = (k0 + offs) < K
+            x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
+            ss += x * x
+        var = tl.div_rn(tl.sum(ss, axis=0), KF)  # KF = float(K): K may be specialized to a constexpr
+        if USE_LIBDEVICE:
+            rstd = libdevice.rsqrt(var + eps)  # torch.rsqrt on CUDA is rsqrtf
+        else:
+            rstd = tl.div_rn(tl.full([], 1.0, tl.float32), tl.sqrt_rn(var + eps))  # torch.rsqrt on CPU
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        m = (k0 + offs) < K
+        x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(W + k0 + offs, mask=m, other=0.0).to(tl.float32)
+        y = _round_to(w * _round_to(x * rstd, DT_X), DT_Y)
+        amax = tl.maximum(amax, tl.abs(y))
+    amax_s = tl.maximum(tl.max(amax, axis=0), 1e-5)
+    a = tl.div_rn(tl.full([], 1.0, tl.float32), amax_s) * 127.0
+    for k0 in range(0, K, BLOCK):
+        m = (k0 + offs) < K
+        x = tl.load(x_row + k0 + offs, mask=m, other=0.0).to(tl.float32)
+        w = tl.load(W + k0 + offs, mask=m, other=0.0).to(tl.float32)
+        y = _round_to(w * _round_to(x * rstd, DT_X), DT_Y)
+        r = _rint(y * a, USE_LIBDEVICE)
+        r = tl.minimum(tl.maximum(r, -128.0), 127.0)
+        tl.store(q_row + k0 + offs, r.to(tl.int8), mask=m)
+    tl.store(A + row, a)
+
+
+def _row_block(k: int) -> int:
+    return min(triton.next_power_of_2(max(k, 1)), 64 if _interpret() else 4096)
+
+
+def act_quant(
+    x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 1e-6
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 codes (shape of ``x``) and fp32 scale ``a`` ``[..., 1]``; equals
-    ``quant.act_quant`` bit for bit. Any leading shape, any last-dim size, fp32/bf16/fp16."""
+    ``quant.act_quant`` bit for bit. Any leading shape, any last-dim size, fp32/bf16/fp16.
+
+    With ``norm_weight``, quantizes ``RMSNorm(x)`` instead (see :func:`rmsnorm_act_quant`)."""
+    if norm_weight is not None:
+        return rmsnorm_act_quant(x, norm_weight, eps)
     k = x.shape[-1]
     x2 = x.detach().reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -81,9 +159,49 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     a = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m > 0:
-        block = min(triton.next_power_of_2(max(k, 1)), 64 if _interpret() else 4096)
         _act_quant_kernel[(m,)](
-            x2, q, a, k, x2.stride(0), q.stride(0), BLOCK=block, USE_LIBDEVICE=not _interpret()
+            x2, q, a, k, x2.stride(0), q.stride(0), BLOCK=_row_block(k), USE_LIBDEVICE=not _interpret()
+        )
+    return q.reshape(x.shape), a.reshape(*x.shape[:-1], 1)
+
+
+def rmsnorm_act_quant(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, rstd: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``act_quant(BitNetRMSNorm(x))`` in one kernel: the normalised activations are never
+    written to memory. Returns int8 codes (shape of ``x``) and fp32 ``a`` ``[..., 1]``.
+
+    The norm is transformers' ``BitNetRMSNorm`` (also our ``BitLinearRMSNorm``): fp32 mean of
+    squares, ``x * rsqrt(var + eps)`` cast back to ``x.dtype``, times ``weight`` in
+    ``promote_types(weight.dtype, x.dtype)``; every rounding of that chain is reproduced, so given
+    the same per-row ``rsqrt`` the codes and scales equal ``quant.act_quant(norm(x))`` bit for bit.
+    The sum of squares is reduced in another order than torch's (like :func:`weight_scale`), so
+    ``rsqrt`` can differ by an ulp, which flips a code only when a value sits on a rounding tie.
+    ``rstd`` (fp32, one per row) replaces the in-kernel reduction (used by the tests).
+    """
+    k = x.shape[-1]
+    if weight.shape != (k,):
+        raise ValueError(f"rmsnorm_act_quant: norm weight has shape {tuple(weight.shape)}, x's last dim is {k}")
+    for name, t in (("x", x), ("norm weight", weight)):
+        if t.dtype not in _DT_CODE:
+            raise TypeError(f"rmsnorm_act_quant: {name} has dtype {t.dtype}; fp32, bf16 or fp16 expected")
+    x2 = x.detach().reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    w = weight.detach().contiguous()
+    m = x2.shape[0]
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    a = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if rstd is not None:
+        rstd = rstd.detach().float().reshape(-1).contiguous()
+        if rstd.numel() != m:
+            raise ValueError(f"rmsnorm_act_quant: rstd has {rstd.numel()} values for {m} rows")
+    if m > 0:
+        _rmsnorm_act_quant_kernel[(m,)](
+            x2, w, q, a, rstd if rstd is not None else a, k, float(k), x2.stride(0), q.stride(0), float(eps),
+            HAS_RSTD=rstd is not None, DT_X=_DT_CODE[x.dtype],
+            DT_Y=_DT_CODE[torch.promote_types(weight.dtype, x.dtype)],
+            BLOCK=_row_block(k), USE_LIBDEVICE=not _interpret(),
         )
     return q.reshape(x.shape), a.reshape(*x.shape[:-1], 1)
 
@@ -185,40 +303,10 @@ def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @triton.jit
-def _ternary_mm_kernel(
-    XQ, A, WB, S, BIAS, Y,
-    M, N, K,
-    stride_xm, stride_wn, stride_ym,
-    PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_k = tl.arange(0, BK)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    acc = tl.zeros([BM, BN], dtype=tl.int32)
-    for k0 in range(0, K, BK):
-        kk = k0 + offs_k
-        mask_k = kk < K
-        xq = tl.load(
-            XQ + offs_m[:, None].to(tl.int64) * stride_xm + kk[None, :],
-            mask=mask_m[:, None] & mask_k[None, :], other=0,
-        )
-        wmask = mask_k[:, None] & mask_n[None, :]
-        if PACKED:
-            byte = tl.load(
-                WB + offs_n[None, :].to(tl.int64) * stride_wn + (kk // 4)[:, None], mask=wmask, other=85
-            )
-            shift = ((kk % 4) * 2).to(tl.uint8)[:, None]
-            wq = ((byte >> shift) & 3).to(tl.int8) - 1
-        else:
-            wq = tl.load(WB + offs_n[None, :].to(tl.int64) * stride_wn + kk[:, None], mask=wmask, other=0)
-        acc = tl.dot(xq, wq, acc, out_dtype=tl.int32)
-    a = tl.load(A + offs_m, mask=mask_m, other=1.0)
-    inv_s = tl.load(S + 1)
+def _epilogue(acc, a, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS: tl.constexpr):
+    # y = acc / a / (1/s) (+ bias): the reference's act_dequant then weight_dequant order; S[0] = s
+    # and 1/s is rounded as torch's ``1.0 / s`` (a correctly rounded reciprocal)
+    inv_s = tl.div_rn(tl.full([], 1.0, tl.float32), tl.load(S))
     y = tl.div_rn(tl.div_rn(acc.to(tl.float32), a[:, None]), inv_s)
     if HAS_BIAS:
         b = tl.load(BIAS + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -230,17 +318,241 @@ def _ternary_mm_kernel(
     )
 
 
-def _blocks(m: int) -> tuple[int, int, int]:
-    if _interpret():
-        return 16, 16, 32
-    if m <= 16:
-        return 16, 64, 128
-    if m <= 64:
-        return 64, 64, 128
-    return 128, 128, 64
+@triton.jit
+def _ternary_mm_kernel(
+    XQ, A, WB, S, BIAS, Y,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_wn, stride_ym,
+    PACKED: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, X_SPLIT: tl.constexpr,
+):
+    # tiled path (prefill, training): one [BM, BN] output tile per program, grouped ordering so
+    # that programs running together share weight tiles in L2. Packed weights: a tile of BK/4
+    # bytes per row holds codes k = 4j + i in bits 2i..2i+1; each i is one int8 tl.dot against
+    # the activation columns k = 4j + i, so the packed bytes are read once and never re-laid out.
+    # X_SPLIT (an autotuned choice): load the [BM, BK] activation tile contiguously and split it
+    # into the four k = 4j + i sub-tiles in registers, instead of four stride-4 loads.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BM)
+    grid_n = tl.cdiv(N, BN)
+    width = GROUP_M * grid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = XQ + offs_m[:, None].to(tl.int64) * stride_xm
+    w_cols = WB + offs_n[None, :].to(tl.int64) * stride_wn
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    if PACKED:
+        offs_j = tl.arange(0, BK // 4)
+        KB = (K + 3) // 4
+        for j0 in range(0, KB, BK // 4):
+            jj = j0 + offs_j
+            byte = tl.load(w_cols + jj[:, None], mask=(jj < KB)[:, None] & mask_n[None, :], other=85)
+            if X_SPLIT:
+                kx = j0 * 4 + tl.arange(0, BK)
+                xt = tl.load(x_rows + kx[None, :], mask=mask_m[:, None] & (kx < K)[None, :], other=0)
+                x_even, x_odd = tl.split(tl.reshape(xt, [BM, BK // 4, 2, 2]))  # k % 2 == 0 / 1
+                x0, x2 = tl.split(x_even)  # k % 4 == 0, 2
+                x1, x3 = tl.split(x_odd)  # k % 4 == 1, 3
+                acc = tl.dot(x0, (byte & 3).to(tl.int8) - 1, acc, out_dtype=tl.int32)
+                acc = tl.dot(x1, ((byte >> 2) & 3).to(tl.int8) - 1, acc, out_dtype=tl.int32)
+                acc = tl.dot(x2, ((byte >> 4) & 3).to(tl.int8) - 1, acc, out_dtype=tl.int32)
+                acc = tl.dot(x3, ((byte >> 6) & 3).to(tl.int8) - 1, acc, out_dtype=tl.int32)
+            else:
+                for i in tl.static_range(4):
+                    kk = jj * 4 + i
+                    xq = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0)
+                    wq = ((byte >> (2 * i)) & 3).to(tl.int8) - 1
+                    acc = tl.dot(xq, wq, acc, out_dtype=tl.int32)
+    else:
+        offs_k = tl.arange(0, BK)
+        for k0 in range(0, K, BK):
+            kk = k0 + offs_k
+            mask_k = kk < K
+            xq = tl.load(x_rows + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
+            wq = tl.load(w_cols + kk[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0)
+            acc = tl.dot(xq, wq, acc, out_dtype=tl.int32)
+    a = tl.load(A + offs_m, mask=mask_m, other=1.0)
+    _epilogue(acc, a, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS)
+
+
+@triton.jit
+def _ternary_gemv_kernel(
+    XQ, A, WB, S, BIAS, Y, WS, LOCK,
+    M, N, K, M_BUCKET,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, QUANT_X: tl.constexpr, USE_LIBDEVICE: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK4: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    # decode path (M <= GEMV_MAX_M): program (pid_n, pid_k) streams the packed bytes of BN weight
+    # rows once, for the byte chunks pid_k, pid_k + SPLIT_K, ...; all M (<= BM) activation rows
+    # stay in registers/L1. int32 partial sums of a split are added into the int32 workspace WS;
+    # the program that finishes a column block last (counter in LOCK) takes the sum, resets WS and
+    # LOCK to zero for the next call (atomic exchange) and writes the rescaled output. Integer
+    # sums are exact, so the result does not depend on the order in which splits finish.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_j = tl.arange(0, BK4)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = XQ + offs_m[:, None].to(tl.int64) * stride_xm
+    w_rows = WB + offs_n[:, None].to(tl.int64) * stride_wn
+    KB = (K + 3) // 4
+    if QUANT_X:
+        # XQ holds the float activations: every program quantizes them itself (the same math as
+        # _act_quant_kernel: the same a and codes), saving a launch and the codes' round trip
+        amax = tl.zeros([BM, 4 * BK4], dtype=tl.float32)
+        offs_kx = tl.arange(0, 4 * BK4)
+        for k0 in range(0, K, 4 * BK4):
+            kx = k0 + offs_kx
+            xv = tl.load(x_rows + kx[None, :], mask=mask_m[:, None] & (kx < K)[None, :], other=0.0)
+            amax = tl.maximum(amax, tl.abs(xv.to(tl.float32)))
+        amax_r = tl.maximum(tl.max(amax, axis=1), 1e-5)
+        a = tl.div_rn(tl.full([BM], 1.0, tl.float32), amax_r) * 127.0
+    else:
+        a = tl.load(A + offs_m, mask=mask_m, other=1.0)
+    acc = tl.zeros([BM, BN], dtype=tl.int32)
+    for c in range(pid_k, tl.cdiv(KB, BK4), SPLIT_K):
+        jj = c * BK4 + offs_j
+        byte = tl.load(w_rows + jj[None, :], mask=mask_n[:, None] & (jj < KB)[None, :], other=85)  # [BN, BK4]
+        for i in tl.static_range(4):
+            kk = jj * 4 + i
+            xmask = mask_m[:, None] & (kk < K)[None, :]
+            if QUANT_X:
+                xv = tl.load(x_rows + kk[None, :], mask=xmask, other=0.0).to(tl.float32)
+                r = _rint(xv * a[:, None], USE_LIBDEVICE)
+                xq = tl.minimum(tl.maximum(r, -128.0), 127.0).to(tl.int8)
+            else:
+                xq = tl.load(x_rows + kk[None, :], mask=xmask, other=0)
+            wq = ((byte >> (2 * i)) & 3).to(tl.int8) - 1
+            acc = tl.dot(xq, tl.trans(wq), acc, out_dtype=tl.int32)
+    if SPLIT_K == 1:
+        _epilogue(acc, a, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS)
+    else:
+        mask = mask_m[:, None] & mask_n[None, :]
+        ws = WS + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial sums are in before the counter (acq_rel) moves
+        done = tl.atomic_add(LOCK + pid_n, 1)
+        if done == SPLIT_K - 1:
+            total = tl.atomic_xchg(ws, tl.zeros([BM, BN], dtype=tl.int32), mask=mask)
+            tl.atomic_xchg(LOCK + pid_n, 0)
+            _epilogue(total, a, S, BIAS, Y, offs_m, offs_n, mask_m, mask_n, stride_ym, HAS_BIAS)
+
+
+# ---------------------------------------------------------------------------------------------
+# launch configuration: autotuned on the GPU (keyed on the M bucket, N and K), one fixed
+# configuration in the interpreter or with BITNET_TRAIN_AUTOTUNE=0
+# ---------------------------------------------------------------------------------------------
+
+GEMV_MAX_M = 16  # token counts up to this take the GEMV path (decoding); more take the tiled path
+GEMV_FUSED_QUANT_MAX_M = 4  # up to this many rows the GEMV kernel also quantizes the activations
+
+
+def _autotune_enabled() -> bool:
+    return not _interpret() and os.environ.get("BITNET_TRAIN_AUTOTUNE", "1") != "0"
+
+
+# fixed configurations (meta-parameters, num_warps, num_stages); tests swap these to reach
+# every code path (e.g. SPLIT_K == 1 and > 1) with small shapes
+GEMV_FIXED = (
+    dict(BN=16, BK4=8, SPLIT_K=2) if _interpret() else dict(BN=32, BK4=64, SPLIT_K=4),
+    4, 3,
+)
+MM_FIXED = (
+    dict(BM=16, BN=16, BK=32, GROUP_M=2, X_SPLIT=True)
+    if _interpret()
+    else dict(BM=128, BN=128, BK=128, GROUP_M=8, X_SPLIT=False),
+    8, 3,
+)
+
+
+def _gemv_configs():
+    cfgs = []
+    for bn, bk4, splits, warps in [
+        (16, 128, (1, 2, 4, 8), 4),
+        (32, 64, (1, 2, 4, 8), 4),
+        (64, 64, (1, 2, 4), 4),
+        (64, 32, (2, 4, 8), 4),
+        (128, 32, (4, 8), 8),
+        (16, 64, (2, 4, 8), 2),
+    ]:
+        for sk in splits:
+            cfgs.append(triton.Config(dict(BN=bn, BK4=bk4, SPLIT_K=sk), num_warps=warps, num_stages=3))
+    return cfgs
+
+
+def _mm_configs():
+    cfgs = []
+    for bm, bn, bk, warps, stages in [
+        (128, 128, 128, 8, 3),
+        (128, 256, 128, 8, 3),
+        (256, 128, 128, 8, 3),
+        (128, 128, 256, 8, 3),
+        (64, 128, 128, 4, 4),
+        (128, 64, 128, 4, 4),
+        (64, 64, 256, 4, 3),
+        (32, 64, 256, 4, 4),
+        (16, 64, 256, 4, 4),
+        (32, 128, 128, 4, 4),
+    ]:
+        for x_split in (False, True):
+            cfgs.append(
+                triton.Config(dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, X_SPLIT=x_split), num_warps=warps, num_stages=stages)
+            )
+    return cfgs
+
+
+_TUNED = {}
+
+
+def _tuned(name):
+    if name not in _TUNED:
+        if name == "gemv":
+            _TUNED[name] = triton.autotune(_gemv_configs(), key=["M_BUCKET", "N", "K"])(_ternary_gemv_kernel)
+        else:
+            _TUNED[name] = triton.autotune(_mm_configs(), key=["M_BUCKET", "N", "K", "PACKED"])(_ternary_mm_kernel)
+    return _TUNED[name]
+
+
+_WORKSPACE = {}
+
+
+def _gemv_workspace(device: torch.device, m: int, n: int):
+    """Per device and stream: an int32 [>= m*n] accumulator and an int32 [>= n] counter array,
+    all zero between calls (each GEMV leaves them zeroed)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, lock = _WORKSPACE.get(key, (None, None))
+    if ws is None or ws.numel() < m * n or lock.numel() < n:
+        size = max(m * n, ws.numel() if ws is not None else 0)
+        ws = torch.zeros((size,), dtype=torch.int32, device=device)
+        lock = torch.zeros((max(n, lock.numel() if lock is not None else 0),), dtype=torch.int32, device=device)
+        _WORKSPACE[key] = (ws, lock)
+    return ws, lock
+
+
+def _launch(kernel_name, grid_fn, args, extra):
+    if _autotune_enabled():
+        _tuned(kernel_name)[grid_fn](*args, **extra)
+        return
+    meta, warps, stages = GEMV_FIXED if kernel_name == "gemv" else MM_FIXED
+    raw = _ternary_gemv_kernel if kernel_name == "gemv" else _ternary_mm_kernel
+    raw[grid_fn(meta)](*args, **extra, **meta, num_warps=warps, num_stages=stages)
 
 
 def _mm(xq2, a2, w, s_inv, bias, out_dtype, n, k, packed):
+    """y[m, n] = (xq2 @ codes(w)^T) / a / (1/s) (+ bias); ``w`` packed uint8 [n, ceil(k/4)] or
+    int8 codes [n, k]; ``s_inv[0]`` = s. Packed weights with m <= GEMV_MAX_M take the GEMV kernel.
+    ``a2=None``: ``xq2`` holds float activations, quantized inside the GEMV kernel."""
     m = xq2.shape[0]
     y = torch.empty((m, n), dtype=out_dtype, device=xq2.device)
     if m == 0 or n == 0:
@@ -250,37 +562,68 @@ def _mm(xq2, a2, w, s_inv, bias, out_dtype, n, k, packed):
         if bias is not None:
             y += bias.to(out_dtype)
         return y
-    bm, bn, bk = _blocks(m)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
-    _ternary_mm_kernel[grid](
-        xq2, a2, w, s_inv, bias if bias is not None else s_inv, y,
-        m, n, k, xq2.stride(0), w.stride(0), y.stride(0),
-        PACKED=packed, HAS_BIAS=bias is not None, BM=bm, BN=bn, BK=bk,
-    )
+    b = bias if bias is not None else s_inv
+    quant_x = a2 is None
+    if quant_x:
+        a2 = s_inv  # unused pointer
+        assert packed and m <= GEMV_MAX_M
+    if packed and m <= GEMV_MAX_M:
+        ws, lock = _gemv_workspace(xq2.device, m, n)
+        args = (xq2, a2, w, s_inv, b, y, ws, lock, m, n, k, min(triton.next_power_of_2(m), GEMV_MAX_M),
+                xq2.stride(0), w.stride(0), y.stride(0))
+        _launch("gemv", lambda meta: (triton.cdiv(n, meta["BN"]), meta["SPLIT_K"]), args,
+                dict(HAS_BIAS=bias is not None, QUANT_X=quant_x, USE_LIBDEVICE=not _interpret(), BM=16))
+        return y
+    args = (xq2, a2, w, s_inv, b, y, m, n, k, min(triton.next_power_of_2(m), 4096),
+            xq2.stride(0), w.stride(0), y.stride(0))
+    _launch("mm", lambda meta: (triton.cdiv(m, meta["BM"]) * triton.cdiv(n, meta["BN"]),), args,
+            dict(PACKED=packed, HAS_BIAS=bias is not None))
     return y
 
 
-def _as_scale_pair(w_scale: torch.Tensor) -> torch.Tensor:
-    if w_scale.numel() == 2:  # already [s, 1/s]
-        return w_scale.float().contiguous()
-    s = w_scale.detach().float().reshape(1)
-    return torch.cat([s, 1.0 / s])
+def _scale_arg(w_scale: torch.Tensor) -> torch.Tensor:
+    """The kernels read ``s`` from element 0 (``s`` or the pair ``[s, 1/s]``); no copy for fp32."""
+    s = w_scale.detach().reshape(-1)
+    if s.numel() not in (1, 2):
+        raise ValueError(f"w_scale must hold the per-tensor scale s (1 element) or [s, 1/s], got shape {tuple(w_scale.shape)}")
+    return s if s.dtype == torch.float32 and s.is_contiguous() else s.float().contiguous()
 
 
-def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor, bias=None) -> torch.Tensor:
+def ternary_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias=None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
     """``y = act_fake_quant(x) @ (codes * s)^T (+ bias)`` with ``codes`` packed by
     :func:`pack_ternary` (``[out, ceil(in/4)]``), ``w_scale`` = ``s`` (0-dim/1-elem fp32 tensor).
 
-    x is quantized per token to int8, the product is int8 x ternary with int32 accumulation,
-    then rescaled by ``1/a`` and ``s`` (as ``/ (1/s)``). Output dtype = ``x.dtype``.
+    x is quantized per token to int8 (after the fused RMSNorm when ``norm_weight`` is given, see
+    :func:`rmsnorm_act_quant`), the product is int8 x ternary with int32 accumulation, then
+    rescaled by ``1/a`` and ``s`` (as ``/ (1/s)``). Output dtype = ``x.dtype``. Up to
+    ``GEMV_MAX_M`` tokens run the split-K GEMV kernel (decoding), more the tiled kernel.
     """
     k = x.shape[-1]
     n = packed.shape[0]
+    if packed.dim() != 2 or packed.dtype != torch.uint8:
+        raise ValueError(f"packed must be a 2-D uint8 tensor [out, ceil(in/4)], got {packed.dtype} {tuple(packed.shape)}")
     if packed.shape[-1] != (k + 3) // 4:
         raise ValueError(f"packed has {packed.shape[-1]} bytes per row; x's last dim {k} needs {(k + 3) // 4}")
-    xq, a = act_quant(x)
     packed = packed if packed.stride(-1) == 1 else packed.contiguous()
-    y = _mm(xq.reshape(-1, k), a.reshape(-1), packed, _as_scale_pair(w_scale), bias, x.dtype, n, k, True)
+    m = math.prod(x.shape[:-1])
+    if norm_weight is None and 0 < m <= GEMV_FUSED_QUANT_MAX_M and k > 0:
+        # decoding: the GEMV kernel quantizes the activations itself (one launch instead of two;
+        # each program re-reads x to find its amax, which pays off only for a few rows)
+        if x.dtype not in _DT_CODE:
+            raise TypeError(f"ternary_matmul: x has dtype {x.dtype}; fp32, bf16 or fp16 expected")
+        x2 = x.detach().reshape(-1, k)
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        y = _mm(x2, None, packed, _scale_arg(w_scale), bias, x.dtype, n, k, True)
+    else:
+        xq, a = act_quant(x, norm_weight, eps)
+        y = _mm(xq.reshape(-1, k), a.reshape(-1), packed, _scale_arg(w_scale), bias, x.dtype, n, k, True)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -289,13 +632,20 @@ def ternary_matmul(x: torch.Tensor, packed: torch.Tensor, w_scale: torch.Tensor,
 # ---------------------------------------------------------------------------------------------
 
 
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, [s, 1/s])`` of a latent weight, as the training forward uses them: int8 codes of
+    ``weight``'s shape and the fp32 scale pair (see :func:`weight_scale`). BitLinear caches this
+    per weight version so gradient-accumulation micro-batches quantize the weight once per step."""
+    s_inv = weight_scale(weight)
+    return weight_codes(weight, s_inv), s_inv
+
+
 class _BitLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, weight_q):
         k = x.shape[-1]
         n = weight.shape[0]
-        s_inv = weight_scale(weight)
-        wq = weight_codes(weight, s_inv)
+        wq, s_inv = weight_q if weight_q is not None else quantize_weight(weight)
         xq, a = act_quant(x)
         xq2 = xq.reshape(-1, k)
         y = _mm(xq2, a.reshape(-1), wq, s_inv, bias, x.dtype, n, k, False)
@@ -314,18 +664,29 @@ class _BitLinearFn(torch.autograd.Function):
         g2 = grad.reshape(-1, n)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            w_dq = (wq.float() / s_inv[1]).to(ctx.w_dtype)  # t / (1/s), as quant.weight_dequant
+            # quant.weight_dequant's (t / (1/s)).to(dtype) for t in {-1, 0, 1} is t * c with
+            # c = (1 / (1/s)).to(dtype) exactly (division by +-1 and sign are exact): one pass, no fp32 copy
+            c = (1.0 / s_inv[1]).to(ctx.w_dtype)
+            w_dq = wq.to(ctx.w_dtype) * c
             grad_x = (g2 @ w_dq.to(g2.dtype)).reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             x_dq = (xq2.float() / a).to(ctx.x_dtype)
             grad_w = (g2.t() @ x_dq.to(g2.dtype)).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b
+        return grad_x, grad_w, grad_b, None
 
 
-def bitlinear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def bitlinear_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    weight_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """BitLinear with Triton kernels: forward = int8 activation codes x ternary weight codes
     (int32 accumulation) rescaled; backward = straight-through estimator:
-    ``grad_x = grad @ W_deq``, ``grad_W = grad^T @ x_deq``, ``grad_b = sum(grad)``."""
-    return _BitLinearFn.apply(x, weight, bias)
+    ``grad_x = grad @ W_deq``, ``grad_W = grad^T @ x_deq``, ``grad_b = sum(grad)``.
+
+    ``weight_q`` = :func:`quantize_weight` ``(weight)`` computed beforehand (a cache); it must be
+    the quantization of ``weight``'s current values."""
+    return _BitLinearFn.apply(x, weight, bias, weight_q)

@@ -10,6 +10,17 @@ contiguous bytes:
 
 For a weight ``[out, in]`` the packing runs along ``in`` (the reduction dim of ``x @ W^T``).
 
+How the matmul kernels read it (``ops._ternary_gemv_kernel`` for decoding, ``ops._ternary_mm_kernel``
+for prefill): a tile of ``BK/4`` consecutive bytes of a row is one contiguous, coalesced load and
+carries codes ``k = 4j + i`` in bits ``2i..2i+1``; shifting by ``2i`` and masking gives, for each
+``i``, the ``[rows, BK/4]`` sub-matrix of the columns ``k ≡ i (mod 4)``, which is dotted (int8
+``tl.dot``, int32 accumulation) with the matching activation columns (a stride-4 load, or a
+contiguous tile split in registers). So every packed byte is read from memory exactly once and
+unpacked with two integer ops; an interleaved layout (e.g. the 4 codes of a byte 32 or 128 columns
+apart, as in bitnet.cpp's I2_S) would only change which activation columns pair with each shift,
+not the weight traffic, so the simple layout stays. Row-major ``[out, ceil(in/4)]`` also lets a
+GEMV program stream whole rows and a split-K program stream contiguous byte ranges.
+
 transformers' layout (``to_hf_packed`` / ``from_hf_packed``; reference: ``quant.pack_hf``):
 uint8 ``[ceil(out / 4), in]``, value ``code + 1``; packed row ``r`` holds output rows
 ``r, R+r, 2R+r, 3R+r`` (``R`` = packed rows) in bits 0-1, 2-3, 4-5, 6-7; padding rows hold code 0.

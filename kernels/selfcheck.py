@@ -46,8 +46,24 @@ def main() -> int:
             check(f"weight_quant {dtype} {shape}", codes_same and rel <= 2.5e-7,
                   f"scale rel diff {rel:.2e}, own-scale codes equal: {torch.equal(q, rq)}")
 
+        from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm
+
+        norm = BitNetRMSNorm(2560, eps=1e-5).to(dev)
+        with torch.no_grad():
+            norm.weight.uniform_(0.25, 2.0)
+            x = (torch.randn(9, 2560, device=dev) * 3).to(dtype)
+            rq, ra = quant.act_quant(norm(x))
+            rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+        q, a = K.rmsnorm_act_quant(x, norm.weight, 1e-5, rstd=rstd)
+        check(f"rmsnorm_act_quant {dtype} (reference rsqrt)", torch.equal(q, rq) and torch.equal(a, ra))
+        q, a = K.rmsnorm_act_quant(x, norm.weight, 1e-5)
+        rel = ((a - ra).abs() / ra).max().item()
+        check(f"rmsnorm_act_quant {dtype} (own rsqrt)", rel <= 1e-6, f"scale rel diff {rel:.2e}, "
+              f"codes differing {(q != rq).sum().item()}")
+
     for dtype in (torch.float32, torch.bfloat16):
-        for m, n, k in [(1, 2560, 2560), (16, 640, 2560), (128, 6912, 2560), (333, 2560, 6912), (7, 17, 37)]:
+        for m, n, k in [(1, 2560, 2560), (3, 6912, 2560), (16, 640, 2560), (17, 2560, 2560), (128, 6912, 2560),
+                        (333, 2560, 6912), (7, 17, 37), (2048, 2560, 6912)]:
             x = torch.randn(m, k, device=dev).to(dtype)
             w = (torch.randn(n, k, device=dev) * 0.02).to(dtype)
             codes, s = quant.weight_quant(w)

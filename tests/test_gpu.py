@@ -41,3 +41,76 @@ def test_model_trains_on_cuda_bf16():
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+# --- Triton kernels compiled for the GPU (the CPU tests run them in the interpreter) ----------
+
+
+@cuda
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 300])
+@pytest.mark.parametrize("n,k", [(2560, 2560), (640, 2560), (2560, 6912), (333, 1001)])
+def test_ternary_matmul_paths_on_cuda(m, n, k):
+    from bitnet_train import kernels as K
+    from bitnet_train.kernels import ops
+
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    codes, s = quant.weight_quant(w)
+    packed = K.pack_ternary(codes)
+    ref = quant.bitlinear_reference(x.float(), w.float())
+    qx, a = quant.act_quant(x)
+    exact = qx.float() @ codes.float().t()
+    for _ in range(2):  # the GEMV workspace must come back zeroed
+        y = K.ternary_matmul(x, packed, s)
+        assert not torch.isnan(y).any()
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+        # fp32 output: the integer product exactly, up to the rescale's rounding
+        y32 = K.ternary_matmul(x.float(), packed, s)
+        torch.testing.assert_close(y32 * a * (1.0 / s), exact, rtol=1e-5, atol=0.5)
+    for ws, lock in ops._WORKSPACE.values():
+        assert not ws.any() and not lock.any()
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rmsnorm_act_quant_on_cuda(dtype):
+    from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm
+
+    from bitnet_train import kernels as K
+
+    torch.manual_seed(0)
+    norm = BitNetRMSNorm(2560, eps=1e-5).cuda()
+    with torch.no_grad():
+        norm.weight.uniform_(0.25, 2.0)
+    x = (torch.randn(7, 33, 2560, device="cuda") * 3).to(dtype)
+    with torch.no_grad():
+        rq, ra = quant.act_quant(norm(x))
+        rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5)
+    q, a = K.rmsnorm_act_quant(x, norm.weight, 1e-5, rstd=rstd)
+    assert torch.equal(q, rq) and torch.equal(a, ra)
+    q2, a2 = K.rmsnorm_act_quant(x, norm.weight, 1e-5)
+    torch.testing.assert_close(a2, ra, rtol=1e-6, atol=0)
+    assert (q2 != rq).float().mean().item() < 1e-4  # only rounding ties may flip
+
+
+@cuda
+def test_bitlinear_triton_weight_cache_on_cuda():
+    from bitnet_train.bitlinear import BitLinear
+
+    torch.manual_seed(0)
+    lin = BitLinear(512, 384, backend="triton").cuda()
+    ref = BitLinear(512, 384, backend="torch").cuda()
+    ref.load_state_dict(lin.state_dict())
+    opt = torch.optim.AdamW(lin.parameters(), lr=1e-3, fused=True)
+    for _ in range(3):
+        x = torch.randn(4, 64, 512, device="cuda")
+        key0 = lin.__dict__.get("_wq_cache", (None,))[0]
+        y = lin(x)
+        torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-4)
+        y.sum().backward()
+        y2 = lin(x)  # second micro-batch of the same step: the cached codes
+        assert lin.__dict__["_wq_cache"][0] != key0 and torch.equal(y, y2)
+        opt.step()
+        opt.zero_grad()
+        ref.load_state_dict(lin.state_dict())

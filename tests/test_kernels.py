@@ -18,15 +18,15 @@ POISON = 99
 
 
 def _poison_empty(monkeypatch):
-    """Make every torch.empty* in the kernels module come back filled with 99, so elements a
-    kernel forgets to write fail the comparison."""
+    """Make every torch.empty in the kernels module come back filled with NaN (float) or 99
+    (integer), so elements a kernel forgets to write fail the comparison."""
     import bitnet_train.kernels.ops as ops
 
     real_empty = torch.empty
 
     def empty(*args, **kwargs):
         t = real_empty(*args, **kwargs)
-        return t.fill_(POISON)
+        return t.fill_(float("nan") if t.is_floating_point() else POISON)
 
     class _Torch:
         def __getattr__(self, name):
@@ -219,3 +219,275 @@ def test_bitlinear_autograd_mixed_dtypes_under_autocast():
     w_dq = quant.weight_dequant(*quant.weight_quant(w))
     torch.testing.assert_close(x.grad.float(), (torch.ones(2, 5, 12) @ w_dq).float(), rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(b.grad, torch.full((12,), 10.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# RMSNorm fused with the activation quantizer
+# ---------------------------------------------------------------------------------------------
+
+
+def _bitnet_norm(k, eps, w_dtype, seed=0):
+    from transformers.models.bitnet.modeling_bitnet import BitNetRMSNorm
+
+    g = torch.Generator().manual_seed(seed)
+    norm = BitNetRMSNorm(k, eps=eps)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(k, generator=g) * 1.5 + 0.25)
+    return norm.to(w_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("w_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("shape,eps", [((1, 1), 1e-6), ((3, 37), 1e-5), ((2, 3, 70), 1e-6), ((4, 130), 1e-5)])
+def test_rmsnorm_act_quant_bitexact(shape, eps, dtype, w_dtype):
+    w_dtype = dtype if w_dtype == "same" else w_dtype
+    k = shape[-1]
+    x = _x(shape, dtype)
+    norm = _bitnet_norm(k, eps, w_dtype)
+    with torch.no_grad():
+        y = norm(x)  # transformers' BitNetRMSNorm: the reference
+        rq, ra = quant.act_quant(y)
+        # the reference's own rsqrt per row: everything downstream of the reduction is bit-exact
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    q, a = K.rmsnorm_act_quant(x, norm.weight, eps, rstd=rstd)
+    assert q.dtype == torch.int8 and q.shape == rq.shape and a.shape == ra.shape
+    assert torch.equal(q, rq)
+    assert torch.equal(a, ra)
+    # the kernel's own sum of squares (another fp32 order): scale within ulps, codes equal
+    # except where a value sits on a rounding tie (none in random data of this size)
+    q2, a2 = K.act_quant(x, norm_weight=norm.weight, eps=eps)
+    torch.testing.assert_close(a2, ra, rtol=1e-6, atol=0)
+    assert torch.equal(q2, rq)
+
+
+def test_rmsnorm_act_quant_matches_bitlinear_rms_norm_and_checks_shapes():
+    from bitnet_train.bitlinear import BitLinearRMSNorm
+
+    norm = BitLinearRMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+    x = torch.randn(6, 48, dtype=torch.bfloat16) * 4
+    rq, ra = quant.act_quant(norm(x))
+    rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6)
+    q, a = K.rmsnorm_act_quant(x, norm.weight, 1e-6, rstd=rstd)
+    assert torch.equal(q, rq) and torch.equal(a, ra)
+    with pytest.raises(ValueError, match="norm weight has shape"):
+        K.rmsnorm_act_quant(x, torch.ones(47), 1e-6)
+    with pytest.raises(ValueError, match="rstd has 5 values for 6 rows"):
+        K.rmsnorm_act_quant(x, norm.weight, 1e-6, rstd=torch.ones(5))
+
+
+# ---------------------------------------------------------------------------------------------
+# ternary_matmul: GEMV (decode) and tiled (prefill) paths
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_matmul(x, w, y, bias=None, norm=None):
+    """y against the reference fake-quant linear (float rounding) and the exact integer product."""
+    dtype = x.dtype
+    with torch.no_grad():
+        xin = norm(x) if norm is not None else x
+    ref = quant.bitlinear_reference(xin.float(), w.float(), None if bias is None else bias.float())
+    assert y.dtype == dtype and y.shape == ref.shape
+    assert not torch.isnan(y).any(), "unwritten output elements"
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol)
+    if bias is not None and dtype != torch.float32:
+        return  # y - bias loses the low bits in 16-bit floats; the reference check covers it
+    codes, s = quant.weight_quant(w)
+    qx, a = quant.act_quant(xin)
+    exact = qx.reshape(-1, x.shape[-1]).float() @ codes.float().t()
+    yb = y.float().reshape(exact.shape) - (0 if bias is None else bias.float())
+    torch.testing.assert_close(yb * a.reshape(-1, 1) * (1.0 / s), exact, rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=0.5)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+@pytest.mark.parametrize(
+    "dtype,m,n,k",
+    [(torch.float32, 1, 21, 37), (torch.bfloat16, 3, 17, 70), (torch.float16, 16, 40, 33), (torch.float32, 16, 16, 32)],
+)
+def test_ternary_matmul_gemv(monkeypatch, split_k, dtype, m, n, k):
+    import bitnet_train.kernels.ops as ops
+
+    meta, warps, stages = ops.GEMV_FIXED
+    monkeypatch.setattr(ops, "GEMV_FIXED", (dict(meta, SPLIT_K=split_k), warps, stages))
+    assert m <= ops.GEMV_MAX_M  # m <= GEMV_FUSED_QUANT_MAX_M: the kernel quantizes x itself
+    x = _x((m, k), dtype)  # row 0 has exact rounding ties
+    w = (torch.randn(n, k) * 0.05).to(dtype)
+    bias = torch.randn(n).to(dtype) if split_k == 2 else None
+    codes, s = quant.weight_quant(w)
+    packed = K.pack_ternary(codes)
+    for _ in range(2):  # the second call reuses the workspace the first left zeroed
+        y = K.ternary_matmul(x, packed, s, bias=bias)
+        _check_matmul(x, w, y, bias)
+    for ws, lock in ops._WORKSPACE.values():
+        assert not ws.any() and not lock.any(), "the GEMV must leave its workspace zeroed"
+
+
+@pytest.mark.parametrize("x_split", [True, False])
+def test_ternary_matmul_tiled_path_and_fused_norm(monkeypatch, x_split):
+    import bitnet_train.kernels.ops as ops
+
+    meta, warps, stages = ops.MM_FIXED
+    monkeypatch.setattr(ops, "MM_FIXED", (dict(meta, X_SPLIT=x_split), warps, stages))
+
+    m = ops.GEMV_MAX_M + 3
+    x = torch.randn(m, 45, dtype=torch.bfloat16) * 2
+    w = torch.randn(23, 45, dtype=torch.bfloat16) * 0.05
+    codes, s = quant.weight_quant(w)
+    packed = K.pack_ternary(codes)
+    _check_matmul(x, w, K.ternary_matmul(x, packed, s))
+    # fused RMSNorm on both paths
+    norm = _bitnet_norm(45, 1e-5, torch.float32)
+    for rows in (2, m):
+        xr = x[:rows]
+        y = K.ternary_matmul(xr, packed, s, norm_weight=norm.weight, eps=1e-5)
+        _check_matmul(xr, w, y, norm=norm)
+    with pytest.raises(ValueError, match="bytes per row"):
+        K.ternary_matmul(x, packed[:, :-1], s)
+    with pytest.raises(ValueError, match="uint8"):
+        K.ternary_matmul(x, codes, s)
+
+
+# ---------------------------------------------------------------------------------------------
+# BitLinear(backend="triton"): weight codes cached per weight version
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
+def test_bitlinear_weight_cache(monkeypatch, opt_name):
+    import bitnet_train.kernels.ops as ops
+
+    calls = []
+    real_scale = ops.weight_scale
+
+    def counting_scale(w):
+        calls.append(1)
+        return real_scale(w)
+
+    monkeypatch.setattr(ops, "weight_scale", counting_scale)
+    torch.manual_seed(0)
+    lin = BitLinear(24, 12, bias=True, backend="triton")
+    ref = BitLinear(24, 12, bias=True, backend="triton")
+    ref.load_state_dict(lin.state_dict())
+    ref.cache_quantized_weight = False
+    opt_cls = torch.optim.SGD if opt_name == "sgd" else torch.optim.AdamW
+    opt, ref_opt = opt_cls(lin.parameters(), lr=0.05), opt_cls(ref.parameters(), lr=0.05)
+    batches = [torch.randn(3, 24) for _ in range(3)]
+    for step in range(2):
+        for xb in batches:  # gradient-accumulation micro-batches
+            n0 = len(calls)
+            y = lin(xb)
+            cached = len(calls) - n0
+            y.square().sum().backward()
+            n0 = len(calls)
+            yr = ref(xb)
+            assert len(calls) - n0 == 1  # uncached: quantizes every forward
+            yr.square().sum().backward()
+            assert torch.equal(y, yr)  # cached and uncached paths agree exactly
+            assert cached == (1 if xb is batches[0] else 0), f"step {step}: weight quantized {cached}x"
+        assert torch.equal(lin.weight.grad, ref.weight.grad)
+        opt.step()
+        ref_opt.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        assert torch.equal(lin.weight, ref.weight)
+    # any in-place write invalidates; so does clear_weight_cache()
+    n0 = len(calls)
+    with torch.no_grad():
+        lin.weight.mul_(-1)
+    torch.testing.assert_close(lin(batches[0]), quant.bitlinear_reference(batches[0], lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    lin.clear_weight_cache()
+    lin(batches[0])
+    assert len(calls) - n0 == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark script: its tables run end to end here on the CPU (interpreter, tiny shapes,
+# a wall-clock timer instead of do_bench); on a machine without CUDA the command refuses
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bench_tables_run_on_cpu(capsys):
+    import argparse
+    import time
+
+    from bitnet_train.bench import add_kernels_arguments
+    from bitnet_train.kernels import bench
+
+    p = argparse.ArgumentParser()
+    add_kernels_arguments(p)
+    args = p.parse_args(["--train-tokens", "5"])
+    runs = []
+
+    def timer(fn):
+        t0 = time.perf_counter()
+        fn()
+        fn()  # the rotation moves on between calls
+        runs.append(fn)
+        return (time.perf_counter() - t0) * 500.0
+
+    bench._matmul_table(args, [1, 16, 18], [(20, 37)], device="cpu", timer=timer)
+    bench._training_table(args, [(12, 24)], device="cpu", timer=timer)
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.startswith("   20x37")]
+    assert [r[2] for r in rows] == ["gemvq", "gemv", "tiled"]
+    assert all(r[-1] == "ok" and r[-2] == "n/a" for r in rows), out  # checked; no peak known for a CPU
+    assert "   12x24" in out and len(runs) == 6 + 4
+
+
+def test_bench_peaks_and_refusal_without_cuda(capsys):
+    from bitnet_train import cli
+    from bitnet_train.kernels import bench
+
+    assert bench.peaks_for("NVIDIA H100 80GB HBM3")[0] == 3.35e12
+    assert bench.peaks_for("NVIDIA H100 PCIe")[0] == 2.0e12
+    assert bench.peaks_for("NVIDIA H200")[0] == 4.8e12
+    assert bench.peaks_for("NVIDIA A100-SXM4-80GB") is None
+    assert cli.main(["bench", "kernels", "--tokens", "x"]) == 2
+    assert "--tokens" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["bench", "kernels"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])
+def test_bitlinear_triton_decode_uses_packed_gemv(rows):
+    torch.manual_seed(0)
+    lin = BitLinear(40, 21, bias=True, backend="triton")
+    x = torch.randn(1, rows, 40)
+    y_train = lin(x)  # autograd path: int8 codes, tiled kernel
+    assert "_wq_packed" not in lin.__dict__
+    with torch.no_grad():
+        y_eval = lin(x)
+    assert torch.equal(y_eval, y_train.detach())  # same int32 products, same rescale
+    assert ("_wq_packed" in lin.__dict__) == (rows <= 16)
+    # a cache filled under inference_mode (generation during training) must not reach autograd
+    with torch.no_grad():
+        lin.weight.mul_(1.5)  # a new version: the cache is rebuilt inside inference_mode
+    with torch.inference_mode():
+        lin(x)
+    lin(x).sum().backward()
+    assert lin.weight.grad is not None
+    with torch.no_grad():
+        lin.weight.add_(0.01)
+        torch.testing.assert_close(lin(x), quant.bitlinear_reference(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_h100():
+    """The interpreter cannot see GPU code-generation errors: compile each kernel and path for
+    sm_90 with Triton's ptxas (no GPU needed), in a subprocess without TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
+    except Exception as e:
+        pytest.skip(f"Triton's NVIDIA backend is not available: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "bitnet_train.kernels.compilecheck", "--quick"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all ok" in r.stdout and "wgmma" in r.stdout and "s8" in r.stdout
