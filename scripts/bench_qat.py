@@ -12,7 +12,7 @@
 Every run evaluates on the same held-out blocks (same data, tokenizer, seq_len and seed).
 Prints a Markdown table and writes OUT/results.json.
 
-    python scripts/bench_qat.py [--out runs/bench-qat] [--fp-steps 600] [--qat-steps 300]
+    python scripts/bench_qat.py [--out runs/bench-qat] [--fp-steps 400] [--qat-steps 200] [--warmup 100]
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench-qat")
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "qat-tiny.yaml"))
-    ap.add_argument("--fp-steps", type=int, default=600)
+    ap.add_argument("--fp-steps", type=int, default=400)
     ap.add_argument("--fp-lr", type=float, default=3e-3)
-    ap.add_argument("--qat-steps", type=int, default=300)
-    ap.add_argument("--warmup", type=int, default=150, help="quant_warmup.steps of the warm-up runs")
+    ap.add_argument("--qat-steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=100, help="quant_warmup.steps of the warm-up runs")
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for these sizes)")
