@@ -170,8 +170,8 @@ def _make_model(recipe: PretrainRecipe, tok):
         n_emb = model.get_input_embeddings().weight.shape[0]
         if n_emb < len(tok):
             raise RecipeError(
-                f"model {spec!r} has {n_emb} token embeddings, fewer than the {len(tok)} tokens of "
-                f"tokenizer {recipe.data.tokenizer!r}; use the model's own tokenizer"
+                f"model {spec!r} has {n_emb} token embeddings, fewer than the {len(tok)} tokens of tokenizer "
+                f"{getattr(tok, 'name_or_path', '') or recipe.data.tokenizer!r}; use the model's own tokenizer"
             )
     else:
         model = build_model(

@@ -208,6 +208,9 @@ def test_cli_convert(tok, tmp_path, capsys):
     qc = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
     assert qc["use_rms_norm"] is True and "model.layers.1.mlp.down_proj" in qc["modules_to_not_convert"]
     assert (tmp_path / "o" / "tokenizer.json").is_file()
+    assert cli.main(["convert", str(tmp_path / "q"), "--out", str(tmp_path / "a"), "--include", "*.self_attn.*", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert len(s["converted"]) == 8 and all(".self_attn." in n for n in s["converted"])
     # an architecture it cannot convert: exit 2 with one line naming the problem
     import transformers as tf
 
