@@ -153,7 +153,14 @@ def convert_hf(
 
     model = load_hf_converted(src, exclude=exclude, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps,
                               dtype=dtype, include=include)
-    tok = load_hf_tokenizer(src) if tokenizer else None
+    tok = None
+    if tokenizer:
+        from .model import ModelSpecError
+
+        try:
+            tok = load_hf_tokenizer(src)
+        except ModelSpecError as e:
+            print(f"convert: note: {e}; the checkpoint is written without a tokenizer", file=sys.stderr)
     kept = sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)
     from .bitlinear import bitlinear_modules
 

@@ -211,6 +211,12 @@ def test_cli_convert(tok, tmp_path, capsys):
     assert cli.main(["convert", str(tmp_path / "q"), "--out", str(tmp_path / "a"), "--include", "*.self_attn.*", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert len(s["converted"]) == 8 and all(".self_attn." in n for n in s["converted"])
+    # a model directory without a tokenizer converts, with a note
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_config(tiny_config("llama", tok)).save_pretrained(tmp_path / "notok")
+    assert cli.main(["convert", str(tmp_path / "notok"), "--out", str(tmp_path / "nt")]) == 0
+    assert "without a tokenizer" in capsys.readouterr().err and not (tmp_path / "nt" / "tokenizer.json").exists()
     # an architecture it cannot convert: exit 2 with one line naming the problem
     import transformers as tf
 
