@@ -204,6 +204,7 @@ def convert_to_bitlinear(
     use_rms_norm: bool = False,
     rms_norm_eps: float = 1e-6,
     default_exclude: bool = True,
+    include: Iterable[str] | None = None,
 ) -> list[str]:
     """Swap every eligible ``nn.Linear`` of ``model`` (in place) for :class:`BitLinear`.
 
@@ -211,11 +212,18 @@ def convert_to_bitlinear(
     output head and any module whose qualified name matches an ``exclude`` pattern (exact name,
     a glob such as ``"*.gate"``, or a name suffix) stay full precision. Layers already BitLinear
     are left alone. ``default_exclude=False`` drops the built-in head patterns (a checkpoint's
-    saved ``modules_to_not_convert`` list is then the whole truth). Returns the converted names.
+    saved ``modules_to_not_convert`` list is then the whole truth). ``include`` (patterns as for
+    ``exclude``) limits the conversion to the modules it names. Returns the converted names.
 
-    Raises ``ValueError`` naming the problem when nothing can be converted.
+    An output head whose weight is tied to the input embedding stays a plain Linear (it shares
+    the embedding's weight); naming it in ``include`` is an error. Raises ``ValueError`` naming
+    the module when a layer cannot be converted: its weight is shared with another module that
+    would be converted (the copy would break the tie), its weight is not floating point (an
+    already-quantized layer), or it has no input or output features (there is nothing to
+    quantize per token) — and when nothing at all can be converted.
     """
     patterns = (tuple(DEFAULT_EXCLUDE) if default_exclude else ()) + tuple(exclude or ())
+    include = tuple(include) if include is not None else None
     _check_backend(backend, "convert_to_bitlinear(backend=...)")
     # an output head tied to the input embedding must stay a plain Linear (it shares its weight)
     tied_ids = set()
@@ -223,23 +231,56 @@ def convert_to_bitlinear(
     emb = get_in() if callable(get_in) else None
     if emb is not None and getattr(emb, "weight", None) is not None:
         tied_ids.add(id(emb.weight))
-    converted = []
+    # which module names hold each parameter (several names = a tied weight)
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules(remove_duplicate=False):
+        for pname, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), []).append(f"{mname}.{pname}" if mname else pname)
+    chosen = []
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
-        if _matches(name, patterns):
+        if include is not None and not _matches(name, include):
             continue
         if id(module.weight) in tied_ids:
+            if include is not None:
+                raise ValueError(
+                    f"cannot convert module {name!r}: its weight is tied to the input embedding "
+                    "(quantizing it would quantize the embedding too); leave it out of the include list"
+                )
             continue
+        if _matches(name, patterns):
+            continue
+        chosen.append((name, module))
+    for name, module in chosen:
+        shared = [o for o in owners.get(id(module.weight), []) if o != f"{name}.weight"]
+        if shared:
+            raise ValueError(
+                f"cannot convert module {name!r}: its weight is tied to {', '.join(sorted(shared))}; "
+                "converting would copy it and break the tie (exclude these modules, or untie the weights)"
+            )
+        if not module.weight.is_floating_point():
+            raise ValueError(
+                f"cannot convert module {name!r}: its weight has dtype {module.weight.dtype}, not a floating-point "
+                "type (an already-quantized layer holds no latent weights to train)"
+            )
+        if module.in_features <= 0 or module.out_features <= 0:
+            raise ValueError(
+                f"cannot convert module {name!r}: input width {module.in_features}, output width "
+                f"{module.out_features} (per-token activation quantization needs at least one input feature)"
+            )
+    converted = []
+    for name, module in chosen:
         new = BitLinear.from_linear(
             module, backend=backend, quant_lambda=quant_lambda, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps
         )
         model.set_submodule(name, new)
         converted.append(name)
     if not converted:
+        what = f"matching include patterns {', '.join(include)}" if include is not None else "eligible"
         raise ValueError(
-            f"convert_to_bitlinear: no eligible nn.Linear found in {type(model).__name__} "
-            f"(excluded patterns: {', '.join(patterns)})"
+            f"convert_to_bitlinear: no {what} nn.Linear found in {type(model).__name__} "
+            f"(excluded patterns: {', '.join(patterns) or 'none'})"
         )
     return converted
 

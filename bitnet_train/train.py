@@ -32,6 +32,7 @@ from pathlib import Path
 from .recipe import RecipeError, load_recipe, to_dict
 from .data import DataConfig
 from .warmup import QuantWarmupConfig
+from .convert import ConvertConfig
 
 
 # ----------------------------------------------------------------------------- recipe schema
@@ -73,11 +74,12 @@ class WandbConfig:
 class PretrainRecipe:
     output_dir: str = field(metadata={"help": "where metrics, checkpoints and final/ go"})
     seed: int = field(metadata={"help": "seeds the model init, the data order and torch"})
-    model: str = field(metadata={"help": "preset name, preset YAML or checkpoint dir"})
+    model: str = field(metadata={"help": "preset name, preset YAML, checkpoint dir, or hf:<dir or hub id> (converted on load)"})
     data: DataConfig
     train: TrainConfig
     quant: str = field(default="bitnet", metadata={"choices": ("bitnet", "none"), "help": "none = fp baseline"})
     quant_warmup: QuantWarmupConfig = field(default_factory=QuantWarmupConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -119,23 +121,52 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
 def _make_tokenizer(recipe: PretrainRecipe):
     from .data import make_tokenizer
 
+    spec = recipe.data.tokenizer
+    if recipe.model.startswith("hf:"):
+        # a pretrained model comes with its vocabulary: a BPE trained on our data would not match
+        # its embeddings. The default data.tokenizer means "the model's own".
+        from dataclasses import fields
+
+        from .convert import load_hf_tokenizer
+
+        default = next(f.default for f in fields(type(recipe.data)) if f.name == "tokenizer")
+        if spec.startswith("bpe:") and spec != default:
+            raise RecipeError(
+                f"data.tokenizer {spec!r} trains a new vocabulary, which does not match the embeddings of "
+                f"model {recipe.model!r}; leave data.tokenizer out (the model's own tokenizer is used) or name "
+                "a tokenizer with the model's vocabulary"
+            )
+        if spec.startswith("bpe:"):
+            return load_hf_tokenizer(recipe.model[3:])
     return make_tokenizer(recipe.data)
 
 
 def _make_model(recipe: PretrainRecipe, tok):
     import torch
 
+    from .bitlinear import bitlinear_modules
     from .model import build_model, load_model
 
     spec = recipe.model
     if spec.startswith("hf:") or Path(spec).is_dir():
-        model = load_model(spec)
+        c = recipe.convert
+        kw = {}
+        if spec.startswith("hf:"):
+            kw = {"quant": recipe.quant, "exclude": c.exclude, "use_rms_norm": c.use_rms_norm, "rms_norm_eps": c.rms_norm_eps}
+        model = load_model(spec, **kw)
         if recipe.quant == "none" and model.config.bitnet_train.get("quant") == "bitnet":
             raise RecipeError(f"quant: none, but model {spec!r} is a ternary checkpoint")
-        if model.get_input_embeddings().weight.shape[0] < len(tok):
+        if recipe.quant == "bitnet" and not bitlinear_modules(model):
+            # a full-precision checkpoint fine-tuned into ternary: convert it like hf:<dir>
+            from .convert import convert_model
+
+            convert_model(model, c.exclude, c.use_rms_norm, c.rms_norm_eps, where=f"model {spec!r}")
+            model.config.bitnet_train = {**(model.config.bitnet_train or {}), "quant": "bitnet"}
+        n_emb = model.get_input_embeddings().weight.shape[0]
+        if n_emb < len(tok):
             raise RecipeError(
-                f"model {spec!r} has {model.get_input_embeddings().weight.shape[0]} token embeddings, "
-                f"fewer than the tokenizer's {len(tok)} tokens"
+                f"model {spec!r} has {n_emb} token embeddings, fewer than the {len(tok)} tokens of tokenizer "
+                f"{getattr(tok, 'name_or_path', '') or recipe.data.tokenizer!r}; use the model's own tokenizer"
             )
     else:
         model = build_model(

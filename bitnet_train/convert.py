@@ -1,0 +1,224 @@
+"""``bitnet-train convert HF_MODEL --out DIR``: turn a Hugging Face causal LM into a ternary model.
+
+Every eligible ``nn.Linear`` (attention and MLP projections, fused ones included) becomes a
+:class:`~bitnet_train.bitlinear.BitLinear` holding the same latent weights; embeddings, norms and
+the output head stay full precision (more with ``--exclude``). The result is a checkpoint in our
+format (:mod:`bitnet_train.checkpoint`): stock transformers loads it with the same quantized
+semantics through its ``quantization_config`` (``quant_method: bitnet``,
+``linear_class: autobitlinear``, ``quantization_mode: online``, ``use_rms_norm`` for the optional
+RMSNorm on every BitLinear input).
+
+A recipe reaches the same code with ``model: hf:<dir or hub id>`` (converted on load, see
+:func:`load_hf_converted`); the ``convert:`` recipe keys (:class:`ConvertConfig`) hold the
+exclusion list and the RMSNorm switch. Naive conversion loses most of what the model knew; the
+quantization warm-up (``quant_warmup``, :mod:`bitnet_train.warmup`) and a short fine-tune bring
+it back (README, "Quantization-aware fine-tuning").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ConvertConfig:
+    """Recipe keys for ``model: hf:...`` (and for a full-precision checkpoint with ``quant: bitnet``)."""
+
+    exclude: list[str] = field(
+        default_factory=list,
+        metadata={"help": "modules kept full precision besides the output head (names, globs such as '*.gate', or name suffixes)"},
+    )
+    use_rms_norm: bool = field(default=False, metadata={"help": "RMSNorm on every BitLinear input (transformers' use_rms_norm)"})
+    rms_norm_eps: float | None = field(
+        default=None, metadata={"min": 0.0, "help": "eps of that RMSNorm; default: the model's rms_norm_eps, else 1e-6"}
+    )
+
+
+def _model_error(msg: str):
+    from .model import ModelSpecError
+
+    return ModelSpecError(msg)
+
+
+def _is_bitnet_checkpoint(src: str) -> bool:
+    cfg = Path(src) / "config.json"
+    if not cfg.is_file():
+        return False
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config")
+    except json.JSONDecodeError:
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "bitnet"
+
+
+def load_hf_model(src: str, dtype=None):
+    """A Hugging Face causal LM (local directory or hub id) in full precision, unconverted."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.float32 if dtype is None else dtype
+    where = f"hf:{src}"
+    if _is_bitnet_checkpoint(src):
+        raise _model_error(
+            f"model {where!r} is already a ternary (quantization_config.quant_method: bitnet) checkpoint; "
+            "give the directory itself as the model, without hf:"
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    except OSError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _model_error(f"model {where!r}: cannot load it as a local directory or a hub model: {first}") from None
+    except ValueError as e:
+        raise _model_error(f"model {where!r}: transformers cannot build a causal LM from it: {e}") from None
+    return model
+
+
+def _rms_eps(model, rms_norm_eps):
+    if rms_norm_eps is not None:
+        return float(rms_norm_eps)
+    eps = getattr(model.config, "rms_norm_eps", None)
+    return float(eps) if isinstance(eps, (int, float)) and eps > 0 else 1e-6
+
+
+def convert_model(model, exclude=(), use_rms_norm: bool = False, rms_norm_eps: float | None = None,
+                  backend: str = "auto", where: str = "model", include=None) -> list[str]:
+    """Convert a loaded full-precision model in place; errors (ModelSpecError) name the module."""
+    from .bitlinear import convert_to_bitlinear
+
+    try:
+        return convert_to_bitlinear(
+            model,
+            exclude=list(exclude or ()),
+            include=include,
+            backend=backend,
+            use_rms_norm=use_rms_norm,
+            rms_norm_eps=_rms_eps(model, rms_norm_eps),
+        )
+    except ValueError as e:
+        raise _model_error(f"{where}: cannot convert {type(model).__name__} to BitLinear: {e}") from None
+
+
+def load_hf_converted(
+    src: str,
+    backend: str = "auto",
+    quant: str = "bitnet",
+    exclude=(),
+    use_rms_norm: bool = False,
+    rms_norm_eps: float | None = None,
+    dtype=None,
+    include=None,
+):
+    """``hf:<src>``: a Hugging Face causal LM, converted to BitLinear on load (``quant='none'``
+    loads it as it is, for a full-precision baseline or fine-tune)."""
+    if quant not in ("bitnet", "none"):
+        raise _model_error(f"quant must be 'bitnet' or 'none', got {quant!r}")
+    model = load_hf_model(src, dtype)
+    converted = []
+    if quant == "bitnet":
+        converted = convert_model(model, exclude, use_rms_norm, rms_norm_eps, backend, where=f"model 'hf:{src}'",
+                                  include=include)
+    model.config.bitnet_train = {"quant": quant, "source": f"hf:{src}", "converted": len(converted)}
+    return model
+
+
+def load_hf_tokenizer(src: str):
+    """The tokenizer saved with a Hugging Face model (pad token and chat template ensured)."""
+    from .tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(src)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise _model_error(f"model 'hf:{src}': no usable tokenizer with it: {first}") from None
+
+
+def convert_hf(
+    src: str,
+    out,
+    exclude=(),
+    use_rms_norm: bool = False,
+    rms_norm_eps: float | None = None,
+    include=None,
+    dtype=None,
+    tokenizer: bool = True,
+) -> dict:
+    """Convert Hugging Face model ``src`` (dir or hub id) and write it as a checkpoint at ``out``
+    (atomically). Returns a summary: converted and full-precision module names, parameters."""
+    import torch
+
+    from .checkpoint import save_checkpoint
+
+    model = load_hf_converted(src, exclude=exclude, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps,
+                              dtype=dtype, include=include)
+    tok = None
+    if tokenizer:
+        from .model import ModelSpecError
+
+        try:
+            tok = load_hf_tokenizer(src)
+        except ModelSpecError as e:
+            print(f"convert: note: {e}; the checkpoint is written without a tokenizer", file=sys.stderr)
+    kept = sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)
+    from .bitlinear import bitlinear_modules
+
+    bit = bitlinear_modules(model)
+    n_bit = sum(m.weight.numel() for _, m in bit)
+    n_all = sum(p.numel() for p in model.parameters())
+    save_checkpoint(model, out, tokenizer=tok, extra={"stage": "convert", "source": f"hf:{src}"})
+    return {
+        "out": str(out),
+        "architecture": type(model).__name__,
+        "converted": [n for n, _ in bit],
+        "full_precision_linear": kept,
+        "ternary_params": n_bit,
+        "params": n_all,
+        "use_rms_norm": use_rms_norm,
+    }
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert a Hugging Face causal LM into a ternary BitNet checkpoint",
+        description="Swap every eligible Linear layer of a Hugging Face causal LM for BitLinear (weights "
+        "copied; embeddings, output head and norms stay full precision) and write a checkpoint that both "
+        "bitnet-train and stock transformers load with the same quantized semantics.",
+    )
+    p.add_argument("model", metavar="HF_MODEL", help="local model directory or hub id (e.g. HuggingFaceTB/SmolLM2-135M)")
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="keep these modules full precision too (name, glob like '*.mlp.gate', or suffix; repeatable)")
+    p.add_argument("--include", action="append", default=None, metavar="PATTERN",
+                   help="convert only these modules (repeatable); default: every eligible Linear")
+    p.add_argument("--rms-norm", action="store_true", help="add an RMSNorm on every BitLinear input (use_rms_norm)")
+    p.add_argument("--rms-norm-eps", type=float, default=None, help="its eps (default: the model's rms_norm_eps, else 1e-6)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the saved latent weights (default float32)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    s = convert_hf(
+        args.model, args.out, exclude=args.exclude, include=args.include, use_rms_norm=args.rms_norm,
+        rms_norm_eps=args.rms_norm_eps, dtype=getattr(torch, args.dtype),
+    )
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    print(
+        f"convert: {s['architecture']}: {len(s['converted'])} Linear layers -> BitLinear "
+        f"({s['ternary_params']:,} of {s['params']:,} parameters ternary); kept full precision: "
+        f"{', '.join(s['full_precision_linear']) or 'no Linear'} plus embeddings and norms"
+        f"{'; RMSNorm on BitLinear inputs' if s['use_rms_norm'] else ''}; wrote {s['out']}",
+        file=sys.stdout,
+    )
+    return 0
