@@ -185,15 +185,8 @@ def load_model(preset_or_path: str | os.PathLike, backend: str = "auto", **kwarg
     spec = str(preset_or_path)
     if spec.startswith("hf:"):
         # a Hugging Face model (local dir or hub id) converted to BitLinear on load
-        try:
-            from .convert import load_hf_converted
-        except ModuleNotFoundError as e:
-            if e.name != "bitnet_train.convert":
-                raise
-            raise ModelSpecError(
-                f"model {spec!r}: converting Hugging Face models (hf:...) is not available yet in this "
-                "version of bitnet-train; use a preset, a preset YAML or a checkpoint directory"
-            ) from None
+        from .convert import load_hf_converted
+
         return load_hf_converted(spec[3:], backend=backend, **kwargs)
     p = Path(preset_or_path)
     if p.is_dir():

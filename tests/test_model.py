@@ -251,6 +251,7 @@ def test_atomic_save_keeps_previous_on_failure(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]
 
 
-def test_hf_prefix_not_yet_available_is_a_clear_error():
+def test_hf_prefix_missing_model_is_a_clear_error(tmp_path):
+    # offline (HF_HUB_OFFLINE=1): a hub id that is not cached, or a directory that does not exist
     with pytest.raises(ModelSpecError, match="hf:"):
-        bitnet_train.load_model("hf:some/model")
+        bitnet_train.load_model(f"hf:{tmp_path}/no-such-model")
