@@ -11,39 +11,46 @@
 Run on CPU with ``TRITON_INTERPRET=1`` (slow; tests only).
 """
 
-from .packing import from_hf_packed, pack_ternary, to_hf_packed, unpack_ternary
+if __name__ != "bitnet_train.kernels":
+    # Imported as a top-level ``kernels`` (Python started in the repository root puts this folder
+    # on sys.path, and transformers probes for the Hugging Face ``kernels`` package by importing
+    # that name): stay an empty module so the probe finds no version and moves on, instead of
+    # importing bitnet_train (and transformers) in the middle of transformers' own import.
+    __all__: list[str] = []
+else:
+    from .packing import from_hf_packed, pack_ternary, to_hf_packed, unpack_ternary
 
-try:
-    from .ops import (
-        act_quant,
-        bitlinear_triton,
-        quantize_weight,
-        rmsnorm_act_quant,
-        ternary_matmul,
-        weight_codes,
-        weight_quant,
-        weight_scale,
-    )
-except ImportError as _err:  # triton not installed
-    _IMPORT_ERROR = _err
+    try:
+        from .ops import (
+            act_quant,
+            bitlinear_triton,
+            quantize_weight,
+            rmsnorm_act_quant,
+            ternary_matmul,
+            weight_codes,
+            weight_quant,
+            weight_scale,
+        )
+    except ImportError as _err:  # triton not installed
+        _IMPORT_ERROR = _err
 
-    def _missing(*args, **kwargs):
-        raise ImportError(f"bitnet_train.kernels needs Triton: {_IMPORT_ERROR}")
+        def _missing(*args, **kwargs):
+            raise ImportError(f"bitnet_train.kernels needs Triton: {_IMPORT_ERROR}")
 
-    act_quant = rmsnorm_act_quant = weight_quant = weight_scale = weight_codes = quantize_weight = _missing
-    ternary_matmul = bitlinear_triton = _missing
+        act_quant = rmsnorm_act_quant = weight_quant = weight_scale = weight_codes = quantize_weight = _missing
+        ternary_matmul = bitlinear_triton = _missing
 
-__all__ = [
-    "act_quant",
-    "rmsnorm_act_quant",
-    "quantize_weight",
-    "weight_quant",
-    "weight_scale",
-    "weight_codes",
-    "pack_ternary",
-    "unpack_ternary",
-    "to_hf_packed",
-    "from_hf_packed",
-    "ternary_matmul",
-    "bitlinear_triton",
-]
+    __all__ = [
+        "act_quant",
+        "rmsnorm_act_quant",
+        "quantize_weight",
+        "weight_quant",
+        "weight_scale",
+        "weight_codes",
+        "pack_ternary",
+        "unpack_ternary",
+        "to_hf_packed",
+        "from_hf_packed",
+        "ternary_matmul",
+        "bitlinear_triton",
+    ]
