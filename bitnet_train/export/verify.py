@@ -1,0 +1,189 @@
+"""Verification of an export: the runtime's logits against our model's, on a probe text.
+
+Our side: the checkpoint loaded by :func:`bitnet_train.checkpoint.load_checkpoint` (BitLinear,
+``torch`` backend, fp32) — the forward the trainer ran. Runtime side: stock transformers for
+``hf`` (no bitnet_train code involved), llama.cpp through ``llama-cpp-python`` for GGUF, fed the
+same token ids (``eval(ids)``, so a tokenizer difference cannot hide a weight error; tokenization
+agreement is checked separately).
+
+Metrics over all probe positions: relative error ``||runtime - ours|| / ||ours||`` of the logits
+and top-1 agreement (share of positions whose argmax token is the same).
+
+Tolerances (:data:`TOLERANCES`) were set from measurements on trained tiny models (README,
+"Export"), with margin; a ReLU² model in llama.cpp or a ternary export with its scales dropped
+is far outside them (tested).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# format -> (max relative logit error vs the trainer's forward, min top-1 agreement,
+#            max relative error vs the same ternary weights with full-precision activations or None)
+# Measured (README, "Export"): a trained tiny model agrees to 1.4e-3-1.7e-3 in every GGUF format;
+# a random-initialised one, whose activations are less regular, to 2.8e-2 (F32) and 3.0e-2 (TQ2_0)
+# with top-1 92-94%. F32/F16 quantize no activations in llama.cpp, so they get a second, tight
+# check against exactly that computation (measured 3.6e-5 F32, 7.2e-5 F16).
+TOLERANCES = {
+    # stock transformers unpacks the same codes and quantizes activations the same way (per
+    # token int8); only float summation order differs
+    "hf": (1e-4, 0.99, None),  # measured 1.0e-7
+    "f32": (5e-2, 0.90, 1e-3),
+    "f16": (5e-2, 0.90, 2e-3),
+    # llama.cpp quantizes activations to int8 in 256-wide blocks (Q8_K), not per token
+    "tq2_0": (5e-2, 0.90, None),
+    "tq1_0": (5e-2, 0.90, None),
+}
+
+DEFAULT_PROBE = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+    "First Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n"
+)
+
+
+@dataclass
+class Agreement:
+    fmt: str
+    rel_error: float
+    top1: float
+    positions: int
+    max_rel: float
+    min_top1: float
+    tokenization: str = "not checked"
+    weights_rel: float | None = None
+    max_weights_rel: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        good = bool(np.isfinite(self.rel_error)) and self.rel_error <= self.max_rel and self.top1 >= self.min_top1
+        if self.max_weights_rel is not None:
+            good = good and self.weights_rel is not None and self.weights_rel <= self.max_weights_rel
+        return good and not self.tokenization.startswith("DIFFERS")
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        s = (
+            f"verify [{self.fmt}] {verdict}: relative logit error {self.rel_error:.3e} (tolerance {self.max_rel:.0e}), "
+            f"top-1 agreement {self.top1:.1%} (tolerance {self.min_top1:.0%}) over {self.positions} positions"
+        )
+        if self.max_weights_rel is not None:
+            s += (
+                f"; vs the same ternary weights with unquantized activations {self.weights_rel:.3e} "
+                f"(tolerance {self.max_weights_rel:.0e})"
+            )
+        return s + f"; tokenization: {self.tokenization}"
+
+
+def rel_error(runtime: np.ndarray, ours: np.ndarray) -> float:
+    runtime = np.asarray(runtime, dtype=np.float64)
+    ours = np.asarray(ours, dtype=np.float64)
+    if runtime.shape != ours.shape:
+        raise ValueError(f"logit shapes differ: runtime {runtime.shape} vs ours {ours.shape}")
+    return float(np.linalg.norm(runtime - ours) / max(np.linalg.norm(ours), 1e-30))
+
+
+def compare(
+    fmt: str, runtime: np.ndarray, ours: np.ndarray, tokenization: str = "not checked", ours_fp_act: np.ndarray | None = None
+) -> Agreement:
+    """``ours``: the trainer's forward; ``ours_fp_act``: the same ternary weights with unquantized
+    activations (needed for the formats that have a weights tolerance)."""
+    rel = rel_error(runtime, ours)
+    top1 = float(np.mean(np.asarray(runtime).argmax(-1) == np.asarray(ours).argmax(-1)))
+    max_rel, min_top1, max_w = TOLERANCES[fmt]
+    w = rel_error(runtime, ours_fp_act) if ours_fp_act is not None else None
+    return Agreement(fmt, rel, top1, int(np.asarray(ours).shape[0]), max_rel, min_top1, tokenization, w,
+                     max_w)
+
+
+def probe_ids(tokenizer, text: str, max_tokens: int = 128) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    if tokenizer.bos_token_id is not None:
+        ids = [int(tokenizer.bos_token_id)] + ids[: max_tokens - 1]
+    if len(ids) < 2:
+        raise ValueError("the probe text is too short: it gives fewer than 2 tokens")
+    return [int(i) for i in ids]
+
+
+def our_logits(checkpoint: str | Path, ids: list[int], act_quant: bool = True) -> np.ndarray:
+    """Logits of the trainer's forward (BitLinear, torch backend, fp32).
+
+    ``act_quant=False``: the same ternary weights (``codes * scale``) with full-precision
+    activations — what llama.cpp computes with F32/F16 weights, which quantizes no activations."""
+    import torch
+
+    from ..bitlinear import bitlinear_modules
+    from ..checkpoint import load_checkpoint
+    from ..quant import weight_fake_quant_values
+
+    model = load_checkpoint(checkpoint, backend="torch", dtype=torch.float32).eval()
+    if not act_quant:
+        with torch.no_grad():
+            for _, m in bitlinear_modules(model):
+                m.weight.copy_(weight_fake_quant_values(m.weight))
+                m.quant_lambda = 0.0  # plain F.linear on the already ternary weights
+    with torch.no_grad():
+        out = model(torch.tensor([ids])).logits[0].float().numpy()
+    del model
+    return out
+
+
+def hf_logits(path: str | Path, ids: list[int]) -> np.ndarray:
+    """Logits of stock transformers on an exported ``hf`` directory. transformers runs its BitNet
+    quantizers under ``torch.compile``; the eager path computes the same function without the
+    compiler (and without a C toolchain), so dynamo is disabled for the call."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch._dynamo.config.patch(disable=True):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        with torch.no_grad():
+            out = model(torch.tensor([ids])).logits[0].float().numpy()
+    del model
+    return out
+
+
+def llama_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def open_llama(path: str | Path, n_ctx: int = 512, logits_all: bool = False):
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        logits_all=logits_all,
+        n_threads=max(1, min(os.cpu_count() or 1, 8)),
+        n_batch=min(n_ctx, 512),
+        verbose=False,
+    )
+
+
+def gguf_logits(path: str | Path, ids: list[int], text: str | None = None, tokenizer=None) -> tuple[np.ndarray, str]:
+    """llama.cpp's logits for ``ids`` and whether it tokenizes ``text`` as ``tokenizer`` does."""
+    llm = open_llama(path, n_ctx=max(64, len(ids) + 8), logits_all=True)
+    try:
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        tokenization = "not checked"
+        if text is not None and tokenizer is not None:
+            ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+            theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+            if list(ours) == list(theirs):
+                tokenization = f"identical ({len(ours)} tokens)"
+            else:
+                n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                tokenization = f"DIFFERS at token {n} ({len(ours)} vs {len(theirs)} tokens)"
+    finally:
+        llm.close() if hasattr(llm, "close") else None
+        del llm
+    return logits, tokenization
