@@ -101,9 +101,8 @@ def compare(
 
 
 def probe_ids(tokenizer, text: str, max_tokens: int = 128) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
-    if tokenizer.bos_token_id is not None:
-        ids = [int(tokenizer.bos_token_id)] + ids[: max_tokens - 1]
+    """The probe as the tokenizer encodes it for the model (its own BOS/EOS policy)."""
+    ids = tokenizer(text)["input_ids"][:max_tokens]
     if len(ids) < 2:
         raise ValueError("the probe text is too short: it gives fewer than 2 tokens")
     return [int(i) for i in ids]
@@ -176,14 +175,14 @@ def gguf_logits(path: str | Path, ids: list[int], text: str | None = None, token
         logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
         tokenization = "not checked"
         if text is not None and tokenizer is not None:
-            ours = tokenizer(text, add_special_tokens=False)["input_ids"]
-            theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+            # both with their special-token policy: llama.cpp adds BOS only when the GGUF says so
+            ours = tokenizer(text)["input_ids"]
+            theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
             if list(ours) == list(theirs):
                 tokenization = f"identical ({len(ours)} tokens)"
             else:
                 n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
                 tokenization = f"DIFFERS at token {n} ({len(ours)} vs {len(theirs)} tokens)"
     finally:
-        llm.close() if hasattr(llm, "close") else None
-        del llm
+        llm.close()
     return logits, tokenization
