@@ -290,3 +290,6 @@ def test_cli_errors(silu_ckpt, tmp_path, capsys):
     assert "not a checkpoint directory" in capsys.readouterr().err
     assert main(["export", str(silu_ckpt), "--format", "hf", "--quant", "tq2_0", "--out", str(tmp_path / "h")]) == 2
     assert "--quant applies to --format gguf" in capsys.readouterr().err
+    assert main(["export", str(silu_ckpt), "--format", "gguf", "--quant", "i2_s", "--out", str(tmp_path / "i.gguf")]) == 2
+    assert "i2_s (bitnet.cpp) is not implemented" in capsys.readouterr().err
+    assert not (tmp_path / "i.gguf").exists()

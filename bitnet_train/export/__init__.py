@@ -1,7 +1,7 @@
 """``bitnet-train export``: a checkpoint to a packed model a real runtime loads, verified.
 
 Formats: ``hf`` (transformers' packed BitNet layout, :mod:`.hf`) and ``gguf`` with
-``--quant tq2_0|tq1_0|f16|f32`` (llama.cpp, :mod:`.gguf`) or ``i2_s`` (bitnet.cpp, :mod:`.i2s`).
+``--quant tq2_0|tq1_0|f16|f32`` (llama.cpp, :mod:`.gguf`) (``i2_s``, bitnet.cpp's layout, is refused as not implemented).
 The file is written under a temporary name, loaded in its runtime and compared with our model on
 a probe text (:mod:`.verify`), and only then renamed to ``--out``: a failed or interrupted export
 leaves nothing at ``--out``.
@@ -31,7 +31,9 @@ def register(sub) -> None:
     )
     p.add_argument("checkpoint", help="checkpoint directory (bitnet-train pretrain/init output)")
     p.add_argument("--format", required=True, choices=("hf", "gguf"))
-    p.add_argument("--quant", choices=GGUF_QUANTS, help="GGUF weight format (default tq2_0); not used by hf")
+    p.add_argument(
+        "--quant", choices=GGUF_QUANTS, help="GGUF weight format (default tq2_0; i2_s is not implemented); not used by hf"
+    )
     p.add_argument("--out", required=True, help="output file (gguf) or directory (hf)")
     p.add_argument("--tokenizer", help="tokenizer directory or name when the checkpoint holds none")
     p.add_argument(
@@ -138,15 +140,12 @@ def export(
     for m in mismatches:
         log(f"warning (--force): {m}")
     if quant == "i2_s":
-        from .i2s import write_i2s
-
-        with atomic_path(out) as tmp:
-            result.update(write_i2s(src, tmp, tok, force=force))
-        log(f"exported {checkpoint} -> {out} ({_size(out)}); i2_s is bitnet.cpp's format: llama.cpp cannot "
-            "load it, so it was verified by decoding it back against the checkpoint's codes")
-        result["agreement"] = result.get("decode_check")
-        return result
-
+        raise ExportError(
+            "--quant i2_s (bitnet.cpp) is not implemented: its layout depends on bitnet.cpp's build target "
+            "(blocks of 128 values on x86, 64 on ARM), its GGML type 36 is unknown to the gguf package and to "
+            "llama.cpp, and nothing here could load the result to verify it. Use tq2_0 (llama.cpp's 2-bit "
+            "ternary type) or tq1_0"
+        )
     from .gguf import write_gguf
 
     with atomic_path(out) as tmp:

@@ -297,7 +297,7 @@ def write_gguf(
     import gguf
 
     if quant not in QUANTS:
-        raise ExportError(f"--quant {quant!r}: GGUF quantizations are {', '.join(QUANTS)} (and i2_s)")
+        raise ExportError(f"--quant {quant!r}: GGUF quantizations are {', '.join(QUANTS)}")
     c = src.config
     rows = plan(src, quant, tq_fallback)
     embed_rows = src.shape("model.embed_tokens.weight")[0]
