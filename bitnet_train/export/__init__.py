@@ -4,7 +4,7 @@ Formats: ``hf`` (transformers' packed BitNet layout, :mod:`.hf`) and ``gguf`` wi
 ``--quant tq2_0|tq1_0|f16|f32`` (llama.cpp, :mod:`.gguf`) (``i2_s``, bitnet.cpp's layout, is refused as not implemented).
 The file is written under a temporary name, loaded in its runtime and compared with our model on
 a probe text (:mod:`.verify`), and only then renamed to ``--out``: a failed or interrupted export
-leaves nothing at ``--out``.
+leaves nothing at ``--out`` (a ``.NAME.tmp-*`` leftover is removed by the next export to it).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def export(
     Raises :class:`ExportError` for an export that cannot be made or that fails verification
     (then nothing is left at ``out``); with ``force`` a mismatched GGUF is kept and ``ok`` is
     False."""
-    from ..fsutil import atomic_dir, atomic_path, clean_stale
+    from ..fsutil import atomic_dir, atomic_path
     from .source import load_tokenizer_for
     from .verify import DEFAULT_PROBE
 
@@ -102,8 +102,7 @@ def export(
     out = Path(out)
     src = CheckpointSource(checkpoint)
     tok = load_tokenizer_for(src, tokenizer)
-    if out.parent.is_dir():
-        clean_stale(out.parent)
+    _clean_leftovers(out)
     result: dict = {"path": str(out), "format": fmt, "ok": True, "agreement": None}
     text = probe_text or DEFAULT_PROBE
 
@@ -176,10 +175,24 @@ def _verify(src, tok, text, probe_tokens, fmt, path, log):
             return None
         theirs, tokenization = V.gguf_logits(path, ids, text=text[:2000], tokenizer=tok)
     ours = V.our_logits(src.path, ids)
-    fp_act = V.our_logits(src.path, ids, act_quant=False) if V.TOLERANCES[fmt][2] is not None else None
-    ag = V.compare(fmt, theirs, ours, tokenization, ours_fp_act=fp_act)
+    emulated = V.our_logits(src.path, ids, emulate=fmt) if V.TOLERANCES[fmt][2] is not None else None
+    ag = V.compare(fmt, theirs, ours, tokenization, ours_emulated=emulated)
     log(str(ag))
     return ag
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove what a killed export to this same ``out`` left (only its own temporaries: other
+    writers' in the same directory, e.g. a running trainer's, are not touched)."""
+    import shutil
+
+    from ..fsutil import TMP_MARK
+
+    if not out.parent.is_dir():
+        return
+    for pattern in (f".{out.name}{TMP_MARK}*", f".{out.name}.old{TMP_MARK}*"):
+        for p in out.parent.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _size(p: Path) -> str:

@@ -23,16 +23,18 @@ from pathlib import Path
 import numpy as np
 
 # format -> (max relative logit error vs the trainer's forward, min top-1 agreement,
-#            max relative error vs the same ternary weights with full-precision activations or None)
-# Measured (README, "Export"): a trained tiny model agrees to 1.4e-3-1.7e-3 in every GGUF format;
-# a random-initialised one, whose activations are less regular, to 2.8e-2 (F32) and 3.0e-2 (TQ2_0)
-# with top-1 92-94%. F32/F16 quantize no activations in llama.cpp, so they get a second, tight
-# check against exactly that computation (measured 3.6e-5 F32, 7.2e-5 F16).
+#            max relative error vs our model with the runtime's arithmetic emulated, or None)
+# Measured (README, "Export") on a tiny model trained 40 steps: hf 1e-7 to 1.5e-5; F32/F16
+# 1.8e-3, TQ2_0/TQ1_0 1.3e-3, top-1 100%; on a random-initialised one, whose activations suffer
+# more from int8 quantization, F32 2.8e-2 and TQ2_0 2.8e-2-3.0e-2 with top-1 92-95%. F32/F16
+# quantize no activations in llama.cpp, so they get a second, tight check against exactly that
+# computation (measured 1.7e-5 F32 and 2.8e-5 F16 trained, 4.3e-4 F32 random). A ReLU² model
+# forced through llama.cpp measured 1.1e-1 after 40 training steps (the gap grows with training).
 TOLERANCES = {
     # stock transformers unpacks the same codes and quantizes activations the same way (per
     # token int8); only float summation order differs
-    "hf": (1e-4, 0.99, None),  # measured 1.0e-7
-    "f32": (5e-2, 0.90, 1e-3),
+    "hf": (1e-3, 0.99, None),
+    "f32": (5e-2, 0.90, 2e-3),
     "f16": (5e-2, 0.90, 2e-3),
     # llama.cpp quantizes activations to int8 in 256-wide blocks (Q8_K), not per token
     "tq2_0": (5e-2, 0.90, None),
@@ -55,14 +57,14 @@ class Agreement:
     max_rel: float
     min_top1: float
     tokenization: str = "not checked"
-    weights_rel: float | None = None
-    max_weights_rel: float | None = None
+    emulated_rel: float | None = None
+    max_emulated_rel: float | None = None
 
     @property
     def ok(self) -> bool:
         good = bool(np.isfinite(self.rel_error)) and self.rel_error <= self.max_rel and self.top1 >= self.min_top1
-        if self.max_weights_rel is not None:
-            good = good and self.weights_rel is not None and self.weights_rel <= self.max_weights_rel
+        if self.max_emulated_rel is not None:
+            good = good and self.emulated_rel is not None and self.emulated_rel <= self.max_emulated_rel
         return good and not self.tokenization.startswith("DIFFERS")
 
     def __str__(self) -> str:
@@ -71,10 +73,10 @@ class Agreement:
             f"verify [{self.fmt}] {verdict}: relative logit error {self.rel_error:.3e} (tolerance {self.max_rel:.0e}), "
             f"top-1 agreement {self.top1:.1%} (tolerance {self.min_top1:.0%}) over {self.positions} positions"
         )
-        if self.max_weights_rel is not None:
+        if self.max_emulated_rel is not None:
             s += (
-                f"; vs the same ternary weights with unquantized activations {self.weights_rel:.3e} "
-                f"(tolerance {self.max_weights_rel:.0e})"
+                f"; vs our model with {self.fmt}'s arithmetic emulated {self.emulated_rel:.3e} "
+                f"(tolerance {self.max_emulated_rel:.0e})"
             )
         return s + f"; tokenization: {self.tokenization}"
 
@@ -88,14 +90,15 @@ def rel_error(runtime: np.ndarray, ours: np.ndarray) -> float:
 
 
 def compare(
-    fmt: str, runtime: np.ndarray, ours: np.ndarray, tokenization: str = "not checked", ours_fp_act: np.ndarray | None = None
+    fmt: str, runtime: np.ndarray, ours: np.ndarray, tokenization: str = "not checked",
+    ours_emulated: np.ndarray | None = None,
 ) -> Agreement:
-    """``ours``: the trainer's forward; ``ours_fp_act``: the same ternary weights with unquantized
-    activations (needed for the formats that have a weights tolerance)."""
+    """``ours``: the trainer's forward; ``ours_emulated``: :func:`our_logits` with ``emulate=fmt``
+    (needed for the formats that have an emulation tolerance)."""
     rel = rel_error(runtime, ours)
     top1 = float(np.mean(np.asarray(runtime).argmax(-1) == np.asarray(ours).argmax(-1)))
     max_rel, min_top1, max_w = TOLERANCES[fmt]
-    w = rel_error(runtime, ours_fp_act) if ours_fp_act is not None else None
+    w = rel_error(runtime, ours_emulated) if ours_emulated is not None else None
     return Agreement(fmt, rel, top1, int(np.asarray(ours).shape[0]), max_rel, min_top1, tokenization, w,
                      max_w)
 
@@ -108,11 +111,16 @@ def probe_ids(tokenizer, text: str, max_tokens: int = 128) -> list[int]:
     return [int(i) for i in ids]
 
 
-def our_logits(checkpoint: str | Path, ids: list[int], act_quant: bool = True) -> np.ndarray:
+def our_logits(checkpoint: str | Path, ids: list[int], emulate: str | None = None) -> np.ndarray:
     """Logits of the trainer's forward (BitLinear, torch backend, fp32).
 
-    ``act_quant=False``: the same ternary weights (``codes * scale``) with full-precision
-    activations — what llama.cpp computes with F32/F16 weights, which quantizes no activations."""
+    ``emulate``: the same model and ternary weights (``codes * scale``) with llama.cpp's
+    arithmetic for that GGUF format instead of our per-token int8 activations — ``f32``: no
+    activation quantization; ``f16``: activations and ``token_embd`` rounded to fp16. The
+    difference to the runtime is then float summation order (and the fp16 KV cache), so a small
+    tolerance catches any error in the exported weights. TQ formats are not emulated: quantizing
+    activations in 256-wide int8 blocks (Q8_K) here left a 2e-2 residual on a random-initialised
+    model, so the arithmetic of llama.cpp's TQ path is not reproduced exactly."""
     import torch
 
     from ..bitlinear import bitlinear_modules
@@ -120,13 +128,30 @@ def our_logits(checkpoint: str | Path, ids: list[int], act_quant: bool = True) -
     from ..quant import weight_fake_quant_values
 
     model = load_checkpoint(checkpoint, backend="torch", dtype=torch.float32).eval()
-    if not act_quant:
+    hooks = []
+    if emulate is not None:
+        if emulate not in ("f32", "f16"):
+            raise ValueError(f"no emulation of llama.cpp for {emulate!r}")
+
+        def f16(x):
+            return x.half().float()
+
+        act = {"f32": None, "f16": f16}[emulate]
         with torch.no_grad():
             for _, m in bitlinear_modules(model):
                 m.weight.copy_(weight_fake_quant_values(m.weight))
                 m.quant_lambda = 0.0  # plain F.linear on the already ternary weights
+                if act is not None:
+                    hooks.append(m.register_forward_pre_hook(lambda _m, a, act=act: (act(a[0]),) + a[1:]))
+            if emulate != "f32":
+                emb = model.get_input_embeddings()
+                emb.weight.copy_(f16(emb.weight))  # token_embd is stored F16 (tied: also the head)
+                head = model.get_output_embeddings()
+                hooks.append(head.register_forward_pre_hook(lambda _m, a: (f16(a[0]),) + a[1:]))
     with torch.no_grad():
         out = model(torch.tensor([ids])).logits[0].float().numpy()
+    for h in hooks:
+        h.remove()
     del model
     return out
 
