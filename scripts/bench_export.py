@@ -87,6 +87,7 @@ def decode_speed(paths: dict, threads: int, tokens: int, rounds: int) -> dict:
                 llm.eval([tok])
             times[q].append(tokens / (time.perf_counter() - t))
             llm.close()
+            print(f"  {q}: {times[q][-1]:.2f} tokens/s", flush=True)
     return {q: statistics.median(v) for q, v in times.items()}
 
 
@@ -98,6 +99,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per timing")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--decode-only", action="store_true", help="reuse the GGUF files of an earlier run")
     args = ap.parse_args()
 
     repo = Path(__file__).resolve().parents[1]
@@ -111,13 +113,17 @@ def main() -> int:
     ck_bytes = sum(f.stat().st_size for f in ck.glob("*.safetensors"))
     print(f"checkpoint {ck}: {ck_bytes / 2**30:.2f} GiB of safetensors (fp32 latent weights)")
 
-    base = run_child(ck, "baseline", work / "none", args.threads)
-    print(f"baseline process (imports, tensor index, tokenizer): peak RSS {base['peak_rss'] / 2**30:.2f} GiB")
     paths, sizes = {}, {}
-    print("| format | file size | export time | peak RSS | peak RSS - baseline | / checkpoint size |")
-    print("|---|---|---|---|---|---|")
+    if not args.decode_only:
+        base = run_child(ck, "baseline", work / "none", args.threads)
+        print(f"baseline process (imports, tensor index, tokenizer): peak RSS {base['peak_rss'] / 2**30:.2f} GiB")
+        print("| format | file size | export time | peak RSS | peak RSS - baseline | / checkpoint size |")
+        print("|---|---|---|---|---|---|")
     for q in QUANTS:
         p = work / f"{args.preset}-{q}.gguf"
+        if args.decode_only:
+            paths[q], sizes[q] = p, p.stat().st_size
+            continue
         r = run_child(ck, q, p, args.threads)
         paths[q], sizes[q] = p, p.stat().st_size
         extra = r["peak_rss"] - base["peak_rss"]
