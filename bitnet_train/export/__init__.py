@@ -1,0 +1,205 @@
+"""``bitnet-train export``: a checkpoint to a packed model a real runtime loads, verified.
+
+Formats: ``hf`` (transformers' packed BitNet layout, :mod:`.hf`) and ``gguf`` with
+``--quant tq2_0|tq1_0|f16|f32`` (llama.cpp, :mod:`.gguf`) (``i2_s``, bitnet.cpp's layout, is refused as not implemented).
+The file is written under a temporary name, loaded in its runtime and compared with our model on
+a probe text (:mod:`.verify`), and only then renamed to ``--out``: a failed or interrupted export
+leaves nothing at ``--out`` (a ``.NAME.tmp-*`` leftover is removed by the next export to it).
+"""
+
+from __future__ import annotations
+
+
+import time
+from pathlib import Path
+
+from .source import CheckpointSource, ExportError
+
+GGUF_QUANTS = ("tq2_0", "tq1_0", "f16", "f32", "i2_s")
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to a packed inference format (hf, gguf), verified in its runtime",
+        description=(
+            "Convert a checkpoint into a packed model and verify it: the result is loaded in its runtime "
+            "(stock transformers for hf, llama.cpp via llama-cpp-python for gguf), run on a probe text "
+            "together with our model, and the export fails when the logits disagree beyond the format's "
+            "tolerance. The output appears at --out only after it passed."
+        ),
+    )
+    p.add_argument("checkpoint", help="checkpoint directory (bitnet-train pretrain/init output)")
+    p.add_argument("--format", required=True, choices=("hf", "gguf"))
+    p.add_argument(
+        "--quant", choices=GGUF_QUANTS, help="GGUF weight format (default tq2_0; i2_s is not implemented); not used by hf"
+    )
+    p.add_argument("--out", required=True, help="output file (gguf) or directory (hf)")
+    p.add_argument("--tokenizer", help="tokenizer directory or name when the checkpoint holds none")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write a GGUF although llama.cpp's bitnet graph computes something else for this model "
+        "(ReLU² FFN, untied head); the file is kept even when verification then fails",
+    )
+    p.add_argument(
+        "--tq-fallback",
+        choices=("f16", "f32"),
+        help="store ternary tensors whose rows are not multiples of 256 as F16/F32 codes instead of failing",
+    )
+    p.add_argument("--no-verify", action="store_true", help="skip loading the result in its runtime")
+    p.add_argument("--probe-text", help="text to compare logits on (default: a built-in paragraph)")
+    p.add_argument("--probe-file", help="file whose start is the probe text")
+    p.add_argument("--probe-tokens", type=int, default=128, help="probe length in tokens (default 128)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    probe = args.probe_text
+    if args.probe_file:
+        try:
+            probe = Path(args.probe_file).read_text(encoding="utf-8")[:20000]
+        except (OSError, UnicodeDecodeError) as e:
+            raise ExportError(f"--probe-file {args.probe_file}: {e}") from None
+    result = export(
+        args.checkpoint,
+        fmt=args.format,
+        out=args.out,
+        quant=args.quant,
+        tokenizer=args.tokenizer,
+        force=args.force,
+        tq_fallback=args.tq_fallback,
+        verify=not args.no_verify,
+        probe_text=probe,
+        probe_tokens=args.probe_tokens,
+    )
+    return 0 if result["ok"] else 1
+
+
+def export(
+    checkpoint,
+    fmt: str,
+    out,
+    quant: str | None = None,
+    tokenizer: str | None = None,
+    force: bool = False,
+    tq_fallback: str | None = None,
+    verify: bool = True,
+    probe_text: str | None = None,
+    probe_tokens: int = 128,
+    log=print,
+) -> dict:
+    """Export ``checkpoint`` to ``out``; returns ``{"ok", "path", "agreement", ...}``.
+
+    Raises :class:`ExportError` for an export that cannot be made or that fails verification
+    (then nothing is left at ``out``); with ``force`` a mismatched GGUF is kept and ``ok`` is
+    False."""
+    from ..fsutil import atomic_dir, atomic_path
+    from .source import load_tokenizer_for
+    from .verify import DEFAULT_PROBE
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    src = CheckpointSource(checkpoint)
+    tok = load_tokenizer_for(src, tokenizer)
+    _clean_leftovers(out)
+    result: dict = {"path": str(out), "format": fmt, "ok": True, "agreement": None}
+    text = probe_text or DEFAULT_PROBE
+
+    if fmt == "hf":
+        if quant is not None:
+            raise ExportError("--quant applies to --format gguf only (hf stores 2-bit packed weights)")
+        from .hf import write_hf
+
+        with atomic_dir(out) as tmp:
+            result.update(write_hf(src, tmp, tok))
+            log(f"wrote {fmt} to temporary {tmp.name} in {time.perf_counter() - t0:.1f} s")
+            if verify:
+                result["agreement"] = _verify(src, tok, text, probe_tokens, fmt, tmp, log)
+                if not result["agreement"].ok:
+                    raise ExportError(f"verification failed, nothing written to {out}: {result['agreement']}")
+        log(f"exported {checkpoint} -> {out} ({_size(out)})")
+        return result
+
+    if fmt != "gguf":
+        raise ExportError(f"--format {fmt!r}: choose hf or gguf")
+    quant = quant or "tq2_0"
+    if tq_fallback and not quant.startswith("tq"):
+        raise ExportError("--tq-fallback applies to --quant tq2_0/tq1_0 only")
+    from .gguf import llama_cpp_mismatches
+
+    mismatches = llama_cpp_mismatches(src)
+    if mismatches and not force:
+        raise ExportError(
+            "llama.cpp's bitnet graph would run this model wrong (finite but wrong logits): "
+            + "; ".join(mismatches)
+            + ". The *-silu presets (SiLU FFN, tied embeddings) are the ones today's llama.cpp runs; "
+            "pass --force to write the file anyway"
+        )
+    for m in mismatches:
+        log(f"warning (--force): {m}")
+    if quant == "i2_s":
+        raise ExportError(
+            "--quant i2_s (bitnet.cpp) is not implemented: its layout depends on bitnet.cpp's build target "
+            "(blocks of 128 values on x86, 64 on ARM), its GGML type 36 is unknown to the gguf package and to "
+            "llama.cpp, and nothing here could load the result to verify it. Use tq2_0 (llama.cpp's 2-bit "
+            "ternary type) or tq1_0"
+        )
+    from .gguf import write_gguf
+
+    with atomic_path(out) as tmp:
+        result.update(write_gguf(src, tmp, quant, tok, tq_fallback=tq_fallback, force=force))
+        log(f"wrote gguf/{quant} to temporary {tmp.name} in {time.perf_counter() - t0:.1f} s ({_size(tmp)})")
+        if verify:
+            ag = _verify(src, tok, text, probe_tokens, quant, tmp, log)
+            result["agreement"] = ag
+            if ag is not None and not ag.ok:
+                if not force:
+                    raise ExportError(f"verification failed, nothing written to {out}: {ag}")
+                result["ok"] = False
+                log(f"warning: kept {out} although verification failed (--force)")
+    log(f"exported {checkpoint} -> {out} ({_size(out)})")
+    return result
+
+
+def _verify(src, tok, text, probe_tokens, fmt, path, log):
+    from . import verify as V
+
+    ids = V.probe_ids(tok, text, probe_tokens)
+    if fmt == "hf":
+        theirs, tokenization = V.hf_logits(path, ids), "same tokenizer files"
+    else:
+        if not V.llama_available():
+            log("verify: llama-cpp-python is not installed; the GGUF was NOT checked in llama.cpp "
+                "(pip install 'bitnet-train[llama]')")
+            return None
+        theirs, tokenization = V.gguf_logits(path, ids, text=text[:2000], tokenizer=tok)
+    ours = V.our_logits(src.path, ids)
+    emulated = V.our_logits(src.path, ids, emulate=fmt) if V.TOLERANCES[fmt][2] is not None else None
+    ag = V.compare(fmt, theirs, ours, tokenization, ours_emulated=emulated)
+    log(str(ag))
+    return ag
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove what a killed export to this same ``out`` left (only its own temporaries: other
+    writers' in the same directory, e.g. a running trainer's, are not touched)."""
+    import shutil
+
+    from ..fsutil import TMP_MARK
+
+    if not out.parent.is_dir():
+        return
+    for pattern in (f".{out.name}{TMP_MARK}*", f".{out.name}.old{TMP_MARK}*"):
+        for p in out.parent.glob(pattern):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _size(p: Path) -> str:
+    p = Path(p)
+    n = sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else p.stat().st_size
+    return f"{n / 2**20:.1f} MiB"
+
+
+__all__ = ["ExportError", "export", "register"]
+

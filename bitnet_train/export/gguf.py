@@ -1,0 +1,347 @@
+"""GGUF export for llama.cpp's ``bitnet`` architecture (TQ2_0, TQ1_0, F16, F32).
+
+Written with the ``gguf`` package: its ``GGUFWriter`` (tensor infos first, then the data one
+tensor at a time, so memory stays near one tensor) and its TQ1_0/TQ2_0 quantizers.
+
+Layout. Every ternary weight is stored as its codes ({-1, 0, 1}, exact in every format: a TQ
+block's fp16 scale is its absmax, 1) plus a one-element F32 ``<name>.scale`` tensor holding the
+absmean scale ``s``; llama.cpp's ``bitnet`` graph multiplies each projection's output by it.
+Norms are F32; ``token_embd`` (which llama.cpp also uses as the output matrix) is F32 for
+``f32`` and F16 otherwise.
+
+llama.cpp's graph hardcodes a SiLU gated FFN and the tied output matrix, so a ReLU² model or an
+untied head is refused unless forced (see :func:`llama_cpp_mismatches`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .source import CheckpointSource, ExportError
+
+ARCH = "bitnet"
+QUANTS = ("tq2_0", "tq1_0", "f16", "f32")
+TQ_BLOCK = 256
+
+# checkpoint key (after model.layers.N.) -> GGUF name (after blk.N.)
+_BLOCK_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.attn_sub_norm.weight": "attn_sub_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.ffn_sub_norm.weight": "ffn_sub_norm.weight",
+}
+_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def gguf_name(key: str) -> str:
+    if key in _TOP_NAMES:
+        return _TOP_NAMES[key]
+    m = _LAYER_RE.match(key)
+    if m and m.group(2) in _BLOCK_NAMES:
+        return f"blk.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
+    raise ExportError(f"tensor {key!r} has no place in llama.cpp's '{ARCH}' architecture")
+
+
+def _qtype(quant: str):
+    from gguf import GGMLQuantizationType as Q
+
+    return {"tq2_0": Q.TQ2_0, "tq1_0": Q.TQ1_0, "f16": Q.F16, "f32": Q.F32}[quant]
+
+
+def _file_type(quant: str):
+    from gguf import LlamaFileType as F
+
+    return {"tq2_0": F.MOSTLY_TQ2_0, "tq1_0": F.MOSTLY_TQ1_0, "f16": F.MOSTLY_F16, "f32": F.ALL_F32}[quant]
+
+
+# ----------------------------------------------------------------------------------------------
+# what llama.cpp computes vs what the model is
+# ----------------------------------------------------------------------------------------------
+
+
+def llama_cpp_mismatches(src: CheckpointSource) -> list[str]:
+    """Ways llama.cpp's ``bitnet`` graph would compute something other than this model."""
+    c = src.config
+    out = []
+    if c.get("model_type") != "bitnet":
+        out.append(f"model_type is {c.get('model_type')!r}; llama.cpp's '{ARCH}' graph is BitNet's")
+    if src.hidden_act != "silu":
+        out.append(
+            f"hidden_act is {src.hidden_act!r}; llama.cpp's '{ARCH}' graph hardcodes a SiLU gated FFN "
+            "(use a *-silu preset, e.g. configs/tiny-silu.yaml)"
+        )
+    if not src.head_is_embedding():
+        out.append(
+            "the output head (lm_head) is untied from the token embedding; llama.cpp's "
+            f"'{ARCH}' graph uses token_embd as the output matrix (train with tie_word_embeddings: true)"
+        )
+    if src.qc.get("use_rms_norm"):
+        out.append("the BitLinear layers have an input RMSNorm (use_rms_norm), which llama.cpp's graph lacks")
+    if c.get("attention_bias") or c.get("mlp_bias"):
+        out.append("the model has biases, which llama.cpp's bitnet graph lacks")
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default":
+        out.append(f"rope_type is {rope.get('rope_type')!r}; only default RoPE is exported")
+    mods = {m.rsplit(".", 1)[-1] for m in src.ternary_modules}
+    want = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    if mods != want:
+        out.append(
+            f"the ternary layers are {sorted(mods)}; llama.cpp's '{ARCH}' graph expects exactly {sorted(want)} ternary"
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# tokenizer metadata
+# ----------------------------------------------------------------------------------------------
+
+# the byte-level pre-tokenizer regexes llama.cpp knows by name (llama-vocab.cpp)
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _pre_tokenizer_name(tj: dict) -> str | None:
+    """llama.cpp's name for this tokenizer's pre-tokenization (None: not one llama.cpp knows)."""
+    pre = tj.get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers", [])
+        if (
+            len(parts) == 2
+            and parts[0].get("type") == "Split"
+            and parts[0].get("pattern", {}).get("Regex") == _LLAMA3_REGEX
+            and parts[1].get("type") == "ByteLevel"
+            and not parts[1].get("use_regex", True)
+        ):
+            return "llama-bpe"
+    return None
+
+
+def strip_generation_tags(template: str) -> str:
+    """transformers' ``{% generation %}`` markers (assistant masks for training) are not Jinja:
+    runtimes reject them. Without them the template renders the same text."""
+    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
+
+
+def add_tokenizer(writer, tok, vocab_size: int, force: bool = False) -> str:
+    """Write a byte-level BPE tokenizer (tokens, merges, types, special ids, chat template) into
+    the GGUF metadata. Returns llama.cpp's pre-tokenizer name."""
+    import gguf
+
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise ExportError(f"tokenizer {type(tok).__name__} is not a fast (tokenizers) tokenizer; GGUF export needs one")
+    tj = json.loads(backend.to_str())
+    model = tj.get("model", {})
+    if model.get("type") != "BPE":
+        raise ExportError(f"tokenizer model is {model.get('type')!r}; GGUF export writes byte-level BPE tokenizers only")
+    pre = _pre_tokenizer_name(tj)
+    if pre is None:
+        msg = (
+            "the tokenizer's pre-tokenizer is not one llama.cpp knows by name (gpt-2 or llama-bpe byte level), "
+            "so llama.cpp would split text differently"
+        )
+        if not force:
+            raise ExportError(msg + "; pass --force to write it as gpt-2 anyway")
+        print(f"warning: {msg}; writing it as gpt-2 (--force)")
+        pre = "gpt-2"
+    vocab = tok.get_vocab()
+    n = len(vocab)
+    if n > vocab_size:
+        raise ExportError(f"the tokenizer has {n} tokens but the model's embedding only {vocab_size} rows")
+    by_id = {i: t for t, i in vocab.items()}
+    added = {a.content: a for a in tok.added_tokens_decoder.values()}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif t in added:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL if added[t].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(gguf.TokenType.NORMAL)
+    merges = model.get("merges") or []
+    merges = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for attr, add in (("bos_token_id", writer.add_bos_token_id), ("eos_token_id", writer.add_eos_token_id),
+                      ("pad_token_id", writer.add_pad_token_id), ("unk_token_id", writer.add_unk_token_id)):
+        tid = getattr(tok, attr, None)
+        if tid is not None:
+            add(int(tid))
+    probe = tok("a")["input_ids"]
+    writer.add_add_bos_token(bool(tok.bos_token_id is not None and probe and probe[0] == tok.bos_token_id))
+    writer.add_add_eos_token(bool(tok.eos_token_id is not None and probe and probe[-1] == tok.eos_token_id))
+    template = getattr(tok, "chat_template", None)
+    if isinstance(template, str):
+        writer.add_chat_template(strip_generation_tags(template))
+    return pre
+
+
+# ----------------------------------------------------------------------------------------------
+# the writer
+# ----------------------------------------------------------------------------------------------
+
+
+def plan(src: CheckpointSource, quant: str, tq_fallback: str | None = None) -> list[tuple[str, str, str, str]]:
+    """(gguf name, checkpoint key, kind, storage) for every tensor, in file order.
+
+    kind: ``ternary`` (codes; a ``.scale`` tensor follows), ``scale``, ``embed`` or ``norm``.
+    storage: ``tq2_0`` / ``tq1_0`` / ``f16`` / ``f32``."""
+    rows = []
+    for key in src.keys():
+        if key == "lm_head.weight":
+            continue  # llama.cpp uses token_embd as the output matrix (llama_cpp_mismatches checks it)
+        name = gguf_name(key)
+        shape = src.shape(key)
+        if src.is_ternary(key):
+            storage = quant
+            if quant.startswith("tq") and shape[-1] % TQ_BLOCK:
+                if tq_fallback is None:
+                    raise ExportError(
+                        f"tensor {key!r} has rows of {shape[-1]} values, not a multiple of {TQ_BLOCK}: "
+                        f"{quant.upper()} cannot pack it (TQ formats quantize in blocks of {TQ_BLOCK}). "
+                        "Choose a shape whose input sizes (hidden_size, intermediate_size) are multiples of "
+                        f"{TQ_BLOCK}, export --quant f16, or pass --tq-fallback f16 to store such tensors as F16 codes"
+                    )
+                storage = tq_fallback
+            rows.append((name, key, "ternary", storage))
+            rows.append((name[: -len(".weight")] + ".scale", key, "scale", "f32"))
+        elif key == "model.embed_tokens.weight":
+            rows.append((name, key, "embed", "f32" if quant == "f32" else "f16"))
+        elif len(shape) == 1:
+            rows.append((name, key, "norm", "f32"))
+        else:
+            raise ExportError(f"tensor {key!r} of shape {list(shape)} is neither ternary, a norm nor the embedding")
+    rows.sort(key=_order)
+    return rows
+
+
+def _order(row):
+    name = row[0]
+    if name.startswith("token_embd"):
+        return (0, 0)
+    if name.startswith("blk."):
+        return (1, int(name.split(".")[1]))  # stable sort: each .scale stays right after its weight
+    return (2, 0)
+
+
+def _encode(src: CheckpointSource, key: str, kind: str, storage: str, scales: dict) -> np.ndarray:
+    """The bytes (or float array) GGUF stores for one tensor; reads only that tensor."""
+    import gguf
+
+    if kind == "scale":
+        s = scales.pop(key, None)
+        if s is None:
+            _codes, s = src.ternary(key)
+        return np.array([float(s)], dtype=np.float32)
+    if kind == "ternary":
+        codes, s = src.ternary(key)
+        scales[key] = float(s)
+        arr = codes.numpy().astype(np.float32)
+        del codes
+    else:
+        arr = src.tensor(key).float().numpy()
+    if storage == "f32":
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if storage == "f16":
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(arr, _qtype(storage))
+
+
+def _info(src: CheckpointSource, key: str, kind: str, storage: str) -> tuple[tuple[int, ...], np.dtype, int, object]:
+    import gguf
+
+    shape = (1,) if kind == "scale" else src.shape(key)
+    n = int(np.prod(shape))
+    if storage == "f32":
+        return shape, np.dtype(np.float32), 4 * n, None
+    if storage == "f16":
+        return shape, np.dtype(np.float16), 2 * n, None
+    q = _qtype(storage)
+    bshape = gguf.quants.quant_shape_to_byte_shape(shape, q)
+    return bshape, np.dtype(np.uint8), int(np.prod(bshape)), q
+
+
+def write_gguf(
+    src: CheckpointSource,
+    out: Path,
+    quant: str,
+    tokenizer,
+    tq_fallback: str | None = None,
+    force: bool = False,
+    name: str | None = None,
+    progress=None,
+) -> dict:
+    """Write ``src`` as a GGUF file at ``out`` (the caller makes it atomic). Returns a summary."""
+    import gguf
+
+    if quant not in QUANTS:
+        raise ExportError(f"--quant {quant!r}: GGUF quantizations are {', '.join(QUANTS)}")
+    c = src.config
+    rows = plan(src, quant, tq_fallback)
+    embed_rows = src.shape("model.embed_tokens.weight")[0]
+    heads = int(c["num_attention_heads"])
+    head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
+    rope = c.get("rope_parameters") or {}
+    theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+
+    w = gguf.GGUFWriter(str(out), ARCH)
+    w.add_name(name or src.path.name)
+    w.add_file_type(_file_type(quant))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_context_length(int(c.get("max_position_embeddings", 2048)))
+    w.add_embedding_length(int(c["hidden_size"]))
+    w.add_block_count(int(c["num_hidden_layers"]))
+    w.add_feed_forward_length(int(c["intermediate_size"]))
+    w.add_head_count(heads)
+    w.add_head_count_kv(int(c.get("num_key_value_heads") or heads))
+    w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-5)))
+    w.add_rope_freq_base(theta)
+    w.add_rope_dimension_count(head_dim)
+    w.add_vocab_size(embed_rows)
+    # not read by today's llama.cpp (its graph hardcodes SiLU); written so a runtime that reads it
+    # can compute the right FFN, and so anyone can see what the model needs
+    w.add_string(f"{ARCH}.hidden_activation", src.hidden_act)
+    w.add_bool(f"{ARCH}.tie_word_embeddings", src.head_is_embedding())
+    w.add_string("bitnet_train.weight_layout", "ternary codes + per-tensor F32 .scale (absmean)")
+    pre = add_tokenizer(w, tokenizer, embed_rows, force=force)
+
+    counts: dict[str, int] = {}
+    for gname, key, kind, storage in rows:
+        shape, dtype, nbytes, raw = _info(src, key, kind, storage)
+        w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=raw)
+        if kind == "ternary":
+            counts[storage] = counts.get(storage, 0) + 1
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    scales: dict[str, float] = {}
+    for i, (gname, key, kind, storage) in enumerate(rows):
+        data = _encode(src, key, kind, storage, scales)
+        w.write_tensor_data(data)
+        del data
+        if progress:
+            progress(i + 1, len(rows), gname)
+    w.close()
+    return {"tensors": len(rows), "ternary_storage": counts, "pre_tokenizer": pre}

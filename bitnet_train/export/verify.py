@@ -1,0 +1,213 @@
+"""Verification of an export: the runtime's logits against our model's, on a probe text.
+
+Our side: the checkpoint loaded by :func:`bitnet_train.checkpoint.load_checkpoint` (BitLinear,
+``torch`` backend, fp32) — the forward the trainer ran. Runtime side: stock transformers for
+``hf`` (no bitnet_train code involved), llama.cpp through ``llama-cpp-python`` for GGUF, fed the
+same token ids (``eval(ids)``, so a tokenizer difference cannot hide a weight error; tokenization
+agreement is checked separately).
+
+Metrics over all probe positions: relative error ``||runtime - ours|| / ||ours||`` of the logits
+and top-1 agreement (share of positions whose argmax token is the same).
+
+Tolerances (:data:`TOLERANCES`) were set from measurements on trained tiny models (README,
+"Export"), with margin; a ReLU² model in llama.cpp or a ternary export with its scales dropped
+is far outside them (tested).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# format -> (max relative logit error vs the trainer's forward, min top-1 agreement,
+#            max relative error vs our model with the runtime's arithmetic emulated, or None)
+# Measured (README, "Export") on a tiny model trained 40 steps: hf 1e-7 to 1.5e-5; F32/F16
+# 1.8e-3, TQ2_0/TQ1_0 1.3e-3, top-1 100%; on a random-initialised one, whose activations suffer
+# more from int8 quantization, F32 2.8e-2 and TQ2_0 2.8e-2-3.0e-2 with top-1 92-95%. F32/F16
+# quantize no activations in llama.cpp, so they get a second, tight check against exactly that
+# computation (measured 1.7e-5 F32 and 2.8e-5 F16 trained, 3.6e-4 F32 random). A ReLU² model
+# forced through llama.cpp measured 1.1e-1 after 40 training steps (the gap grows with training).
+TOLERANCES = {
+    # stock transformers unpacks the same codes and quantizes activations the same way (per
+    # token int8); only float summation order differs
+    "hf": (1e-3, 0.99, None),
+    "f32": (5e-2, 0.90, 2e-3),
+    "f16": (5e-2, 0.90, 2e-3),
+    # llama.cpp quantizes activations to int8 in 256-wide blocks (Q8_K), not per token
+    "tq2_0": (5e-2, 0.90, None),
+    "tq1_0": (5e-2, 0.90, None),
+}
+
+DEFAULT_PROBE = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n\n"
+    "First Citizen:\nFirst, you know Caius Marcius is chief enemy to the people.\n"
+)
+
+
+@dataclass
+class Agreement:
+    fmt: str
+    rel_error: float
+    top1: float
+    positions: int
+    max_rel: float
+    min_top1: float
+    tokenization: str = "not checked"
+    emulated_rel: float | None = None
+    max_emulated_rel: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        good = bool(np.isfinite(self.rel_error)) and self.rel_error <= self.max_rel and self.top1 >= self.min_top1
+        if self.max_emulated_rel is not None:
+            good = good and self.emulated_rel is not None and self.emulated_rel <= self.max_emulated_rel
+        return good and not self.tokenization.startswith("DIFFERS")
+
+    def __str__(self) -> str:
+        verdict = "OK" if self.ok else "FAILED"
+        s = (
+            f"verify [{self.fmt}] {verdict}: relative logit error {self.rel_error:.3e} (tolerance {self.max_rel:.0e}), "
+            f"top-1 agreement {self.top1:.1%} (tolerance {self.min_top1:.0%}) over {self.positions} positions"
+        )
+        if self.max_emulated_rel is not None:
+            s += (
+                f"; vs our model with {self.fmt}'s arithmetic emulated {self.emulated_rel:.3e} "
+                f"(tolerance {self.max_emulated_rel:.0e})"
+            )
+        return s + f"; tokenization: {self.tokenization}"
+
+
+def rel_error(runtime: np.ndarray, ours: np.ndarray) -> float:
+    runtime = np.asarray(runtime, dtype=np.float64)
+    ours = np.asarray(ours, dtype=np.float64)
+    if runtime.shape != ours.shape:
+        raise ValueError(f"logit shapes differ: runtime {runtime.shape} vs ours {ours.shape}")
+    return float(np.linalg.norm(runtime - ours) / max(np.linalg.norm(ours), 1e-30))
+
+
+def compare(
+    fmt: str, runtime: np.ndarray, ours: np.ndarray, tokenization: str = "not checked",
+    ours_emulated: np.ndarray | None = None,
+) -> Agreement:
+    """``ours``: the trainer's forward; ``ours_emulated``: :func:`our_logits` with ``emulate=fmt``
+    (needed for the formats that have an emulation tolerance)."""
+    rel = rel_error(runtime, ours)
+    top1 = float(np.mean(np.asarray(runtime).argmax(-1) == np.asarray(ours).argmax(-1)))
+    max_rel, min_top1, max_w = TOLERANCES[fmt]
+    w = rel_error(runtime, ours_emulated) if ours_emulated is not None else None
+    return Agreement(fmt, rel, top1, int(np.asarray(ours).shape[0]), max_rel, min_top1, tokenization, w,
+                     max_w)
+
+
+def probe_ids(tokenizer, text: str, max_tokens: int = 128) -> list[int]:
+    """The probe as the tokenizer encodes it for the model (its own BOS/EOS policy)."""
+    ids = tokenizer(text)["input_ids"][:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("the probe text is too short: it gives fewer than 2 tokens")
+    return [int(i) for i in ids]
+
+
+def our_logits(checkpoint: str | Path, ids: list[int], emulate: str | None = None) -> np.ndarray:
+    """Logits of the trainer's forward (BitLinear, torch backend, fp32).
+
+    ``emulate``: the same model and ternary weights (``codes * scale``) with llama.cpp's
+    arithmetic for that GGUF format instead of our per-token int8 activations — ``f32``: no
+    activation quantization; ``f16``: activations and ``token_embd`` rounded to fp16. The
+    difference to the runtime is then float summation order (and the fp16 KV cache), so a small
+    tolerance catches any error in the exported weights. TQ formats are not emulated: quantizing
+    activations in 256-wide int8 blocks (Q8_K) here left a 2e-2 residual on a random-initialised
+    model, so the arithmetic of llama.cpp's TQ path is not reproduced exactly."""
+    import torch
+
+    from ..bitlinear import bitlinear_modules
+    from ..checkpoint import load_checkpoint
+    from ..quant import weight_fake_quant_values
+
+    model = load_checkpoint(checkpoint, backend="torch", dtype=torch.float32).eval()
+    hooks = []
+    if emulate is not None:
+        if emulate not in ("f32", "f16"):
+            raise ValueError(f"no emulation of llama.cpp for {emulate!r}")
+
+        def f16(x):
+            return x.half().float()
+
+        act = {"f32": None, "f16": f16}[emulate]
+        with torch.no_grad():
+            for _, m in bitlinear_modules(model):
+                m.weight.copy_(weight_fake_quant_values(m.weight))
+                m.quant_lambda = 0.0  # plain F.linear on the already ternary weights
+                if act is not None:
+                    hooks.append(m.register_forward_pre_hook(lambda _m, a, act=act: (act(a[0]),) + a[1:]))
+            if emulate != "f32":
+                emb = model.get_input_embeddings()
+                emb.weight.copy_(f16(emb.weight))  # token_embd is stored F16 (tied: also the head)
+                head = model.get_output_embeddings()
+                hooks.append(head.register_forward_pre_hook(lambda _m, a: (f16(a[0]),) + a[1:]))
+    with torch.no_grad():
+        out = model(torch.tensor([ids])).logits[0].float().numpy()
+    for h in hooks:
+        h.remove()
+    del model
+    return out
+
+
+def hf_logits(path: str | Path, ids: list[int]) -> np.ndarray:
+    """Logits of stock transformers on an exported ``hf`` directory. transformers runs its BitNet
+    quantizers under ``torch.compile``; the eager path computes the same function without the
+    compiler (and without a C toolchain), so dynamo is disabled for the call."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch._dynamo.config.patch(disable=True):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        with torch.no_grad():
+            out = model(torch.tensor([ids])).logits[0].float().numpy()
+    del model
+    return out
+
+
+def llama_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def open_llama(path: str | Path, n_ctx: int = 512, logits_all: bool = False):
+    import llama_cpp
+
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        logits_all=logits_all,
+        n_threads=max(1, min(os.cpu_count() or 1, 8)),
+        n_batch=min(n_ctx, 512),
+        verbose=False,
+    )
+
+
+def gguf_logits(path: str | Path, ids: list[int], text: str | None = None, tokenizer=None) -> tuple[np.ndarray, str]:
+    """llama.cpp's logits for ``ids`` and whether it tokenizes ``text`` as ``tokenizer`` does."""
+    llm = open_llama(path, n_ctx=max(64, len(ids) + 8), logits_all=True)
+    try:
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
+        tokenization = "not checked"
+        if text is not None and tokenizer is not None:
+            # both with their special-token policy: llama.cpp adds BOS only when the GGUF says so
+            ours = tokenizer(text)["input_ids"]
+            theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+            if list(ours) == list(theirs):
+                tokenization = f"identical ({len(ours)} tokens)"
+            else:
+                n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+                tokenization = f"DIFFERS at token {n} ({len(ours)} vs {len(theirs)} tokens)"
+    finally:
+        llm.close()
+    return logits, tokenization

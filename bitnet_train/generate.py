@@ -1,0 +1,118 @@
+"""``bitnet-train generate MODEL --prompt TEXT``: run an exported model on the CPU.
+
+A ``.gguf`` file runs in llama.cpp (``llama-cpp-python``); a directory (an ``export --format hf``
+output, or a checkpoint) runs in stock transformers. Greedy decoding by default; prints the text
+and the decode speed (new tokens per second, prompt processing excluded).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="run an exported model (GGUF in llama.cpp, hf dir in transformers) on the CPU")
+    p.add_argument("model", help="a .gguf file or a model directory")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    r = generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.threads)
+    print(r["text"])
+    print(
+        f"[{r['runtime']}] {r['new_tokens']} new tokens in {r['decode_s']:.2f} s: {r['tokens_per_s']:.1f} tokens/s "
+        f"(prompt {r['prompt_tokens']} tokens in {r['prompt_s']:.2f} s)"
+    )
+    return 0
+
+
+def generate(model, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, threads: int | None = None) -> dict:
+    from .cli import UserError
+
+    p = Path(model)
+    if max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    if p.is_file() and p.suffix == ".gguf":
+        return _llama(p, prompt, max_new_tokens, temperature, threads)
+    if p.is_dir():
+        return _transformers(p, prompt, max_new_tokens, temperature, threads)
+    raise UserError(f"{model}: not a .gguf file or a model directory")
+
+
+def _llama(path: Path, prompt: str, n: int, temperature: float, threads: int | None) -> dict:
+    from .cli import UserError
+
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError("running a GGUF needs llama-cpp-python: pip install 'bitnet-train[llama]'") from None
+    import os
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=threads or os.cpu_count(), verbose=False)
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)  # BOS only if the GGUF asks
+    if not ids:
+        raise UserError("the prompt is empty")
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t1 = time.perf_counter()
+    out: list[int] = []
+    eos = llm.token_eos()
+    for _ in range(n):
+        tok = llm.sample(temp=temperature, top_k=0 if temperature > 0 else 1, top_p=1.0, min_p=0.0)
+        if tok == eos:
+            break
+        out.append(tok)
+        llm.eval([tok])
+    t2 = time.perf_counter()
+    text = prompt + llm.detokenize(out).decode("utf-8", errors="replace")
+    llm.close()
+    return _result("llama.cpp", text, len(ids), len(out), t1 - t0, t2 - t1)
+
+
+def _transformers(path: Path, prompt: str, n: int, temperature: float, threads: int | None) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if threads:
+        torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    with torch._dynamo.config.patch(disable=True):  # transformers' BitNet kernels are torch.compile'd
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        enc = tok(prompt, return_tensors="pt")
+        ids = enc["input_ids"]  # the tokenizer's own BOS policy, as llama.cpp follows the GGUF's
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            outp = model(ids, use_cache=True)
+            past = outp.past_key_values
+            t1 = time.perf_counter()
+            logits = outp.logits[0, -1]
+            new = []
+            for _ in range(n):
+                if temperature > 0:
+                    nxt = int(torch.multinomial(torch.softmax(logits / temperature, -1), 1))
+                else:
+                    nxt = int(logits.argmax())
+                if nxt == tok.eos_token_id:
+                    break
+                new.append(nxt)
+                outp = model(torch.tensor([[nxt]]), past_key_values=past, use_cache=True)
+                past, logits = outp.past_key_values, outp.logits[0, -1]
+            t2 = time.perf_counter()
+    return _result("transformers", prompt + tok.decode(new), ids.shape[1], len(new), t1 - t0, t2 - t1)
+
+
+def _result(runtime, text, n_prompt, n_new, prompt_s, decode_s) -> dict:
+    return {
+        "runtime": runtime,
+        "text": text,
+        "prompt_tokens": n_prompt,
+        "new_tokens": n_new,
+        "prompt_s": prompt_s,
+        "decode_s": decode_s,
+        "tokens_per_s": n_new / decode_s if decode_s > 0 else float("nan"),
+    }

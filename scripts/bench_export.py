@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Export memory and llama.cpp speed, measured on this machine.
+
+1. Builds a randomly initialised checkpoint of a preset (default ``700m-silu``) with a byte-level
+   BPE trained on ``--text`` (random weights: this measures memory and speed, not quality).
+2. Exports it to GGUF F16, TQ2_0 and TQ1_0 (``--no-verify``), each in a fresh subprocess, and
+   reports the subprocess's peak RSS against the checkpoint size, and against the peak RSS of
+   the same subprocess doing everything but the export (imports, reading the checkpoint's
+   tensor index) — the baseline.
+3. Loads each GGUF in llama.cpp (llama-cpp-python) and times greedy decoding: the TQ formats'
+   file size and decode tokens/s are printed as ratios to F16 of the same model, measured in this
+   one process, formats alternated over ``--rounds`` rounds (median).
+
+    python scripts/bench_export.py [--preset 700m-silu] [--work DIR] [--threads N] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QUANTS = ("f16", "tq2_0", "tq1_0")
+
+# Peak RSS is the child's VmHWM (/proc/self/status): getrusage's ru_maxrss survives exec on
+# Linux, so a child forked from this (large) process would report this process's peak.
+CHILD = r"""
+import json, sys, time
+from bitnet_train.export import export
+from bitnet_train.export.source import CheckpointSource, load_tokenizer_for
+ck, quant, out = sys.argv[1:4]
+t = time.perf_counter()
+if quant == "baseline":
+    src = CheckpointSource(ck)
+    load_tokenizer_for(src)
+else:
+    export(ck, "gguf", out, quant=quant, verify=False, log=lambda *a: None)
+dt = time.perf_counter() - t
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024, "seconds": dt}))
+"""
+
+
+def make_checkpoint(preset: str, out: Path, text: Path) -> None:
+    import torch
+
+    from bitnet_train.checkpoint import save_checkpoint
+    from bitnet_train.model import build_model, load_preset
+    from bitnet_train.tokenizer import train_bpe
+
+    data = text.read_text(encoding="utf-8")
+    vocab = load_preset(preset)["vocab_size"]
+    tok = train_bpe([data[i : i + 50_000] for i in range(0, len(data), 50_000)], vocab_size=vocab)
+    # the preset's vocabulary size: tokens the BPE did not fill are padding rows of the embedding
+    with torch.no_grad():
+        model = build_model(preset, seed=0)
+    save_checkpoint(model, out, tokenizer=tok)
+
+
+def run_child(ck: Path, quant: str, out: Path, threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    r = subprocess.run([sys.executable, "-c", CHILD, str(ck), quant, str(out)], capture_output=True, text=True, env=env)
+    if r.returncode:
+        raise SystemExit(f"export {quant} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def decode_speed(paths: dict, threads: int, tokens: int, rounds: int) -> dict:
+    import llama_cpp
+
+    times: dict[str, list[float]] = {q: [] for q in paths}
+    prompt_ids = None
+    for _ in range(rounds):
+        for q, p in paths.items():
+            llm = llama_cpp.Llama(model_path=str(p), n_ctx=512, n_threads=threads, n_batch=64, verbose=False)
+            if prompt_ids is None:
+                prompt_ids = llm.tokenize(b"First Citizen:\nBefore we proceed any further, hear me speak.", add_bos=True)
+            llm.eval(prompt_ids)
+            t = time.perf_counter()
+            for _ in range(tokens):
+                tok = llm.sample(temp=0.0, top_k=1)
+                llm.eval([tok])
+            times[q].append(tokens / (time.perf_counter() - t))
+            llm.close()
+            print(f"  {q}: {times[q][-1]:.2f} tokens/s", flush=True)
+    return {q: statistics.median(v) for q, v in times.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="700m-silu")
+    ap.add_argument("--work", default="out/bench-export", help="where the checkpoint and GGUF files go")
+    ap.add_argument("--text", default=None, help="text for the tokenizer (default: tinyshakespeare next to the repo)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per timing")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--decode-only", action="store_true", help="reuse the GGUF files of an earlier run")
+    args = ap.parse_args()
+
+    repo = Path(__file__).resolve().parents[1]
+    text = Path(args.text) if args.text else repo.parent / "shared" / "data" / "tinyshakespeare.txt"
+    work = Path(args.work)
+    ck = work / f"{args.preset}-ckpt"
+    if not (ck / "config.json").is_file():
+        t = time.perf_counter()
+        make_checkpoint(args.preset, ck, text)
+        print(f"built {ck} in {time.perf_counter() - t:.0f} s")
+    ck_bytes = sum(f.stat().st_size for f in ck.glob("*.safetensors"))
+    print(f"checkpoint {ck}: {ck_bytes / 2**30:.2f} GiB of safetensors (fp32 latent weights)")
+
+    paths, sizes = {}, {}
+    if not args.decode_only:
+        base = run_child(ck, "baseline", work / "none", args.threads)
+        print(f"baseline process (imports, tensor index, tokenizer): peak RSS {base['peak_rss'] / 2**30:.2f} GiB")
+        print("| format | file size | export time | peak RSS | peak RSS - baseline | / checkpoint size |")
+        print("|---|---|---|---|---|---|")
+    for q in QUANTS:
+        p = work / f"{args.preset}-{q}.gguf"
+        if args.decode_only:
+            paths[q], sizes[q] = p, p.stat().st_size
+            continue
+        r = run_child(ck, q, p, args.threads)
+        paths[q], sizes[q] = p, p.stat().st_size
+        extra = r["peak_rss"] - base["peak_rss"]
+        print(
+            f"| {q} | {sizes[q] / 2**20:.0f} MiB | {r['seconds']:.0f} s | {r['peak_rss'] / 2**30:.2f} GiB | "
+            f"{extra / 2**20:.0f} MiB | {r['peak_rss'] / ck_bytes:.2f}x |"
+        )
+    try:
+        speed = decode_speed(paths, args.threads, args.tokens, args.rounds)
+    except ImportError:
+        print("llama-cpp-python is not installed: no decode speed")
+        return 0
+    print(f"\nllama.cpp decode, {args.threads} threads, {args.tokens} tokens, median of {args.rounds} rounds:")
+    print("| format | file size vs F16 | decode tokens/s | vs F16 |")
+    print("|---|---|---|---|")
+    for q in QUANTS:
+        print(f"| {q} | {sizes[q] / sizes['f16']:.3f}x | {speed[q]:.2f} | {speed[q] / speed['f16']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
