@@ -392,7 +392,10 @@ def _accelerator(t: TrainConfig):
     mp = t.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(mixed_precision=mp, dynamo_backend="inductor" if t.compile else None)
+    # cpu=True without CUDA: several launched processes then form a gloo group (MULTI_CPU) instead
+    # of each training alone
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(),
+                       dynamo_backend="inductor" if t.compile else None)
 
 
 def _reset_accelerate(acc) -> None:
@@ -483,7 +486,7 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
 
     opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
     if start is not None and not fsdp:
-        opt.load_state_dict(torch.load(start[1] / "optimizer.pt", weights_only=False, map_location=acc.device))
+        opt.load_state_dict(torch.load(start[1] / "optimizer.pt", weights_only=False, map_location="cpu"))
     model, opt = acc.prepare(model, opt)
     if start is not None:
         if fsdp:
