@@ -480,7 +480,10 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
         tokens_seen = int(state["tokens"])
         pos = DataPosition.from_dict(state["data_position"])
     if t.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     model.to(acc.device).train()
 
