@@ -376,3 +376,60 @@ def test_activation_checkpointing_same_losses(tmp_path, shakespeare_path):
     a = [m["loss"] for m in read_metrics(tmp_path / "plain") if "loss" in m]
     b = [m["loss"] for m in read_metrics(tmp_path / "ckpt") if "loss" in m]
     assert len(a) == 3 and b == pytest.approx(a, rel=1e-5)
+
+
+KILL_WORKER = """\
+import os, sys, time
+from pathlib import Path
+import bitnet_train.checkpoint as ck
+from bitnet_train.cli import main
+
+real = ck.save_checkpoint
+hang_at = os.environ["HANG_SAVE_AT"]
+
+def save_checkpoint(model, path, *a, write_extra=None, **k):
+    if Path(path).name != hang_at:
+        return real(model, path, *a, write_extra=write_extra, **k)
+
+    def extra(tmp):
+        write_extra(tmp)  # the checkpoint is fully written into its temporary directory...
+        (Path(path).parent.parent / "saving").write_text(str(tmp))
+        time.sleep(600)  # ...and the process is killed before it is moved into place
+
+    return real(model, path, *a, write_extra=extra, **k)
+
+ck.save_checkpoint = save_checkpoint
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_while_saving_keeps_previous_checkpoint(tmp_path, shakespeare_path):
+    import os
+    import signal
+    import time
+
+    p = write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path), max_steps=6, save_every=2, eval_every=0)
+    worker = tmp_path / "worker.py"
+    worker.write_text(KILL_WORKER)
+    env = {**os.environ, "HANG_SAVE_AT": "step-000004"}
+    proc = subprocess.Popen([sys.executable, str(worker), "pretrain", str(p), "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "run" / "saving"
+    deadline = time.time() + 240
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    ckdir = tmp_path / "run" / "checkpoints"
+    partial = Path(marker.read_text())
+    assert partial.parent == ckdir and partial.is_dir() and (partial / "trainer_state.json").is_file()
+    assert [c.name for c in ckdir.iterdir() if not c.name.startswith(".")] == ["step-000002"]
+    # --resume takes step 2 (the killed save of step 4 never became a checkpoint) and cleans up
+    exe = str(Path(sys.executable).with_name("bitnet-train"))
+    r = subprocess.run([exe, "pretrain", str(p), "--resume", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not partial.exists()
+    assert sorted(c.name for c in ckdir.iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    steps = [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]
