@@ -433,3 +433,22 @@ def test_kill_while_saving_keeps_previous_checkpoint(tmp_path, shakespeare_path)
     assert sorted(c.name for c in ckdir.iterdir()) == ["step-000002", "step-000004", "step-000006"]
     steps = [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("name", ["tiny", "125m", "2b4t"])
+def test_shipped_recipes_validate_offline(name):
+    from bitnet_train.model import load_preset
+    from bitnet_train.train import lr_at, stage2_step, weight_decay_at
+
+    r = load_pretrain_recipe(REPO / "recipes" / f"{name}.yaml")
+    spec = load_preset(r.model)  # the preset exists and is valid (no weights built, nothing fetched)
+    assert r.data.seq_len <= spec["max_position_embeddings"]
+    if name == "2b4t":
+        t = r.train
+        assert r.data.seq_len == 4096 and r.data.tokenizer.endswith("Meta-Llama-3-8B")
+        assert t.batch_size * t.grad_accum * 64 * r.data.seq_len == 4_194_304  # on 64 GPUs
+        s2 = stage2_step(t)
+        assert lr_at(s2 - 1, t) > 2 * lr_at(s2, t)  # the sharp drop
+        assert weight_decay_at(0, t) == 0.1 and weight_decay_at(s2, t) == 0.0
+    if name == "125m":
+        assert r.data.path.startswith("hf:") and r.data.text_field == "text"
