@@ -1,18 +1,24 @@
 """``bitnet-train pretrain RECIPE.yaml [--set key=value ...] [--resume]``: the pretraining loop.
 
-Single process (CPU, or one GPU when there is one). AdamW (betas 0.9/0.95), linear warm-up then
-cosine decay to ``min_lr``, gradient clipping and accumulation, the quantization warm-up.
+On ``accelerate``: one process (CPU, or one GPU), or several started by ``accelerate launch``
+(DDP; FSDP when the accelerate config selects it). bf16 autocast on GPUs, fp32 on the CPU
+(``train.mixed_precision``). AdamW (betas 0.9/0.95), a warm-up + cosine or the 2B4T two-stage LR
+schedule with an optional weight-decay schedule, gradient clipping and accumulation, the
+quantization warm-up, optional ``torch.compile`` and activation checkpointing. Every process
+trains on its own blocks of the one data stream (``open_training_data(rank=, world_size=)``):
+the global batch is ``batch_size * grad_accum * processes`` sequences.
 
-Output directory::
+Output directory (written by the main process only)::
 
     OUTPUT_DIR/metrics.jsonl            one line per optimizer step, one per evaluation
     OUTPUT_DIR/checkpoints/step-NNNNNN/ every train.save_every steps (the last keep_last kept):
-                                        a model checkpoint plus optimizer.pt, scheduler.pt,
-                                        rng.pt and trainer_state.json, written atomically
+                                        a model checkpoint plus optimizer.pt, rng.pt and
+                                        trainer_state.json (step, tokens, data position), atomic
     OUTPUT_DIR/final/                   the model and tokenizer at the end
 
-``--resume`` continues from the newest checkpoint, bit for bit on the CPU: the same losses as a
-run that was never interrupted. SIGINT/SIGTERM save a checkpoint and exit.
+``--resume`` continues from the newest checkpoint, bit for bit on the CPU in one process: the
+same losses as a run that was never interrupted. The LR and weight decay are functions of the
+step, so the step restores the schedule. SIGINT/SIGTERM save a checkpoint and exit.
 """
 
 from __future__ import annotations
