@@ -7,7 +7,8 @@
    (goal: >= 0.8x).
 2. Quality: ``recipes/tiny.yaml`` trained on tinyshakespeare twice through ``pretrain()``, with
    ``quant: bitnet`` and ``quant: none`` (same data, tokens, schedule); validation loss of both
-   and the gap.
+   and the gap. ``--quality-model micro`` (the default; a 2-layer, hidden-128 model) keeps this
+   to minutes on a shared 2-core machine; ``--quality-model tiny`` uses the recipe's own preset.
 
     python scripts/bench_pretrain.py                      # both parts
     python scripts/bench_pretrain.py --skip-quality --speed-steps 3
@@ -73,14 +74,31 @@ def throughput(preset: str, batch: int, seq_len: int, steps: int, warmup: int) -
             "ratio": med["none"] / med["bitnet"], "steps": steps}
 
 
-def quality(steps: int, data: Path) -> dict:
+MICRO = """\
+description: micro model for the CPU quality benchmark (2B4T block)
+hidden_size: 128
+intermediate_size: 352
+num_hidden_layers: 2
+num_attention_heads: 4
+num_key_value_heads: 2
+hidden_act: relu2
+max_position_embeddings: 512
+rope_theta: 10000.0
+tie_word_embeddings: true
+"""
+
+
+def quality(steps: int, data: Path, model: str) -> dict:
     from bitnet_train.train import load_pretrain_recipe, pretrain
 
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
+        if model == "micro":
+            model = f"{tmp}/micro.yaml"
+            Path(model).write_text(MICRO)
         for quant in ("bitnet", "none"):
             r = load_pretrain_recipe(REPO / "recipes" / "tiny.yaml", [
-                f"output_dir={tmp}/{quant}", f"quant={quant}", f"data.path={data}",
+                f"output_dir={tmp}/{quant}", f"quant={quant}", f"data.path={data}", f"model={model}",
                 f"train.max_steps={steps}", f"train.save_every={steps}", f"train.eval_every={steps}",
                 f"train.warmup_steps={max(1, steps // 10)}"])
             t0 = time.perf_counter()
@@ -90,11 +108,27 @@ def quality(steps: int, data: Path) -> dict:
     return res
 
 
+
+def run_quality(args) -> None:
+    q = quality(args.quality_steps, args.data, args.quality_model)
+    b, f = q["bitnet"], q["none"]
+    print(f"\nquality: recipes/tiny.yaml with model {args.quality_model} on {args.data.name}, "
+          f"{args.quality_steps} steps, {b['tokens']:,} tokens")
+    print("| quant | val loss at step 0 | val loss at the end | wall s |")
+    print("|---|---|---|---|")
+    for name, v in (("bitnet", b), ("none (fp)", f)):
+        print(f"| {name} | {v['first_val_loss']:.4f} | {v['val_loss']:.4f} | {v['seconds']:.0f} |")
+    print(f"gap (BitNet - fp): {b['val_loss'] - f['val_loss']:+.4f} nats/token")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--speed-steps", type=int, default=5, help="timed steps per model (after warm-up)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     ap.add_argument("--quality-steps", type=int, default=200, help="optimizer steps of each tinyshakespeare run")
+    ap.add_argument("--quality-model", default="micro", help="micro (built in) or a preset name/YAML")
+    ap.add_argument("--speed-models", default="tiny:16x128,125m:1x256",
+                    help="preset:BATCHxSEQ,... timed for throughput")
     ap.add_argument("--data", type=Path, default=SHAKESPEARE, help="text for the quality runs")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
@@ -105,22 +139,17 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
+    if not args.skip_quality:
+        run_quality(args)
     if not args.skip_speed:
         print("\n| model | parameters (BitNet) | tokens/step | BitNet tok/s | fp tok/s | BitNet / fp |")
         print("|---|---|---|---|---|---|")
-        for preset, batch, seq in (("tiny", 16, 128), ("125m", 4, 256)):
+        for item in args.speed_models.split(","):
+            preset, shape = item.split(":")
+            batch, seq = map(int, shape.split("x"))
             r = throughput(preset, batch, seq, args.speed_steps, args.warmup)
             print(f"| {preset} | {r['params'] / 1e6:.1f}M | {r['tokens_per_step']} | {r['bitnet_tok_s']:,.0f} | "
                   f"{r['fp_tok_s']:,.0f} | {r['ratio']:.2f}x |", flush=True)
-    if not args.skip_quality:
-        q = quality(args.quality_steps, args.data)
-        b, f = q["bitnet"], q["none"]
-        print(f"\nquality: recipes/tiny.yaml on {args.data.name}, {args.quality_steps} steps, {b['tokens']:,} tokens")
-        print("| quant | val loss at step 0 | val loss at the end | wall s |")
-        print("|---|---|---|---|")
-        for name, v in (("bitnet", b), ("none (fp)", f)):
-            print(f"| {name} | {v['first_val_loss']:.4f} | {v['val_loss']:.4f} | {v['seconds']:.0f} |")
-        print(f"gap (BitNet - fp): {b['val_loss'] - f['val_loss']:+.4f} nats/token")
 
 
 if __name__ == "__main__":

@@ -300,14 +300,19 @@ def test_two_stage_recipe_errors(tmp_path, shakespeare_path):
         load_pretrain_recipe(p, ["train.non_finite=ignore"])
 
 
-def test_two_stage_run_logs_the_schedule(tmp_path, shakespeare_path):
+def test_two_stage_run_logs_the_schedule(tmp_path, shakespeare_path, capfd):
+    import re
+
     from bitnet_train.train import lr_at, weight_decay_at
 
     r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)), [
         "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=6",
         "train.schedule=two_stage", "train.stage2_start=0.5", "train.stage2_lr=0.0005",
         "train.weight_decay_schedule=cosine"])
-    pretrain(r, progress=False)
+    pretrain(r, progress=True)
+    # the bar: step/total, elapsed<ETA, loss, LR and tokens/s
+    err = capfd.readouterr().err
+    assert re.search(r"\b6/6 \[\d\d:\d\d<\d\d:\d\d, .*loss=\d+\.\d+, lr=[-+.e\d]+, tok/s=[\d,]+\]", err), err[-500:]
     rows = [m for m in read_metrics(r.output_dir) if "loss" in m]
     assert [m["lr"] for m in rows] == [lr_at(s, r.train) for s in range(6)]
     assert [m["weight_decay"] for m in rows] == [weight_decay_at(s, r.train) for s in range(6)]
