@@ -88,7 +88,7 @@ tie_word_embeddings: true
 """
 
 
-def quality(steps: int, data: Path, model: str) -> dict:
+def quality(steps: int, data: Path, model: str, batch: int, seq: int) -> dict:
     from bitnet_train.train import load_pretrain_recipe, pretrain
 
     res = {}
@@ -100,7 +100,7 @@ def quality(steps: int, data: Path, model: str) -> dict:
             r = load_pretrain_recipe(REPO / "recipes" / "tiny.yaml", [
                 f"output_dir={tmp}/{quant}", f"quant={quant}", f"data.path={data}", f"model={model}",
                 f"train.max_steps={steps}", f"train.save_every={steps}", f"train.eval_every={steps}",
-                f"train.warmup_steps={max(1, steps // 10)}"])
+                f"train.warmup_steps={max(1, steps // 10)}", f"train.batch_size={batch}", f"data.seq_len={seq}"])
             t0 = time.perf_counter()
             s = pretrain(r, progress=False)
             res[quant] = {"val_loss": s["val_loss"], "first_val_loss": s["first_val_loss"], "tokens": s["tokens"],
@@ -108,12 +108,11 @@ def quality(steps: int, data: Path, model: str) -> dict:
     return res
 
 
-
 def run_quality(args) -> None:
-    q = quality(args.quality_steps, args.data, args.quality_model)
+    q = quality(args.quality_steps, args.data, args.quality_model, args.quality_batch, args.quality_seq)
     b, f = q["bitnet"], q["none"]
     print(f"\nquality: recipes/tiny.yaml with model {args.quality_model} on {args.data.name}, "
-          f"{args.quality_steps} steps, {b['tokens']:,} tokens")
+          f"batch {args.quality_batch} x {args.quality_seq} tokens, {args.quality_steps} steps, {b['tokens']:,} tokens")
     print("| quant | val loss at step 0 | val loss at the end | wall s |")
     print("|---|---|---|---|")
     for name, v in (("bitnet", b), ("none (fp)", f)):
@@ -126,6 +125,8 @@ def main() -> None:
     ap.add_argument("--speed-steps", type=int, default=5, help="timed steps per model (after warm-up)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     ap.add_argument("--quality-steps", type=int, default=200, help="optimizer steps of each tinyshakespeare run")
+    ap.add_argument("--quality-batch", type=int, default=16, help="sequences per step of the quality runs")
+    ap.add_argument("--quality-seq", type=int, default=128, help="tokens per sequence of the quality runs")
     ap.add_argument("--quality-model", default="micro", help="micro (built in) or a preset name/YAML")
     ap.add_argument("--speed-models", default="tiny:16x128,125m:1x256",
                     help="preset:BATCHxSEQ,... timed for throughput")
