@@ -58,11 +58,13 @@ def save_checkpoint(
     tokenizer=None,
     extra: dict | None = None,
     write_extra=None,
+    state_dict: dict | None = None,
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) as a checkpoint directory at ``path``, atomically.
 
     ``extra`` is a JSON-able dict saved as ``bitnet_train.json``; ``write_extra(tmpdir)`` may add
     more files (optimizer state, ...) into the directory before it is moved into place.
+    ``state_dict`` (e.g. the full state gathered from FSDP shards) is written instead of ``model``'s.
     """
     path = Path(path)
     qc = quantization_config_for(model)
@@ -79,7 +81,7 @@ def save_checkpoint(
             elif had_qc is not None:
                 del cfg.quantization_config
             cfg.bitnet_train = meta
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         finally:
             if had_qc is not None:
                 cfg.quantization_config = had_qc

@@ -1,22 +1,29 @@
 """``bitnet-train pretrain RECIPE.yaml [--set key=value ...] [--resume]``: the pretraining loop.
 
-Single process (CPU, or one GPU when there is one). AdamW (betas 0.9/0.95), linear warm-up then
-cosine decay to ``min_lr``, gradient clipping and accumulation, the quantization warm-up.
+On ``accelerate``: one process (CPU, or one GPU), or several started by ``accelerate launch``
+(DDP; FSDP when the accelerate config selects it). bf16 autocast on GPUs, fp32 on the CPU
+(``train.mixed_precision``). AdamW (betas 0.9/0.95), a warm-up + cosine or the 2B4T two-stage LR
+schedule with an optional weight-decay schedule, gradient clipping and accumulation, the
+quantization warm-up, optional ``torch.compile`` and activation checkpointing. Every process
+trains on its own blocks of the one data stream (``open_training_data(rank=, world_size=)``):
+the global batch is ``batch_size * grad_accum * processes`` sequences.
 
-Output directory::
+Output directory (written by the main process only)::
 
     OUTPUT_DIR/metrics.jsonl            one line per optimizer step, one per evaluation
     OUTPUT_DIR/checkpoints/step-NNNNNN/ every train.save_every steps (the last keep_last kept):
-                                        a model checkpoint plus optimizer.pt, scheduler.pt,
-                                        rng.pt and trainer_state.json, written atomically
+                                        a model checkpoint plus optimizer.pt, rng.pt and
+                                        trainer_state.json (step, tokens, data position), atomic
     OUTPUT_DIR/final/                   the model and tokenizer at the end
 
-``--resume`` continues from the newest checkpoint, bit for bit on the CPU: the same losses as a
-run that was never interrupted. SIGINT/SIGTERM save a checkpoint and exit.
+``--resume`` continues from the newest checkpoint, bit for bit on the CPU in one process: the
+same losses as a run that was never interrupted. The LR and weight decay are functions of the
+step, so the step restores the schedule. SIGINT/SIGTERM save a checkpoint and exit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -42,13 +49,40 @@ from .convert import ConvertConfig
 class TrainConfig:
     max_steps: int = field(metadata={"min": 1, "help": "optimizer steps"})
     save_every: int = field(metadata={"min": 1, "help": "checkpoint every N optimizer steps"})
-    batch_size: int = field(default=8, metadata={"min": 1, "help": "sequences per micro-batch"})
+    batch_size: int = field(default=8, metadata={"min": 1, "help": "sequences per micro-batch (per process)"})
     grad_accum: int = field(default=1, metadata={"min": 1, "help": "micro-batches per optimizer step"})
     lr: float = field(default=1.5e-3, metadata={"min": 0.0, "help": "peak learning rate"})
     warmup_steps: int = field(default=100, metadata={"min": 0, "help": "linear LR warm-up steps"})
-    min_lr: float = field(default=1.5e-4, metadata={"min": 0.0, "help": "LR at the end of the cosine decay"})
-    weight_decay: float = field(default=0.1, metadata={"min": 0.0, "help": "AdamW decay of matrices"})
+    min_lr: float = field(default=1.5e-4, metadata={"min": 0.0, "help": "LR at the end of the (stage-one) cosine decay"})
+    schedule: str = field(
+        default="cosine",
+        metadata={"choices": ("cosine", "two_stage"),
+                  "help": "cosine: warm-up, cosine lr -> min_lr; two_stage: that cosine until stage2_start, "
+                          "then a drop to a stage2_lr -> stage2_min_lr cosine cooldown (BitNet b1.58 2B4T)"},
+    )
+    stage2_start: float = field(
+        default=0.5, metadata={"min": 0.0, "max": 1.0, "help": "two_stage: where stage two begins, as a fraction of max_steps"})
+    stage2_lr: float | None = field(default=None, metadata={"min": 0.0, "help": "two_stage: peak LR of the cooldown"})
+    stage2_min_lr: float = field(default=0.0, metadata={"min": 0.0, "help": "two_stage: LR at the last step"})
+    weight_decay: float = field(default=0.1, metadata={"min": 0.0, "help": "AdamW decay of matrices (the peak, for a cosine)"})
+    weight_decay_schedule: str = field(
+        default="constant",
+        metadata={"choices": ("constant", "cosine"),
+                  "help": "cosine: weight_decay -> 0 along a cosine over the run (over stage one for two_stage)"},
+    )
+    stage2_weight_decay: float = field(default=0.0, metadata={"min": 0.0, "help": "two_stage: weight decay in stage two"})
     clip: float = field(default=1.0, metadata={"min": 0.0, "help": "gradient-norm clip; 0 = off"})
+    non_finite: str = field(
+        default="stop",
+        metadata={"choices": ("stop", "skip"),
+                  "help": "a non-finite loss or gradient norm: stop the run (exit 1), or skip that step's update"},
+    )
+    mixed_precision: str = field(
+        default="auto",
+        metadata={"choices": ("auto", "no", "bf16"), "help": "auto: bf16 autocast on a GPU, fp32 on the CPU"},
+    )
+    compile: bool = field(default=False, metadata={"help": "torch.compile the model (inductor)"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     eval_every: int = field(default=100, metadata={"min": 0, "help": "validate every N steps; 0 = only at the end"})
     eval_batches: int = field(default=8, metadata={"min": 0, "help": "validation micro-batches per evaluation"})
     keep_last: int = field(default=3, metadata={"min": 1, "help": "checkpoints kept"})
@@ -56,6 +90,18 @@ class TrainConfig:
     def validate(self):
         if self.min_lr > self.lr:
             raise RecipeError(f"train.min_lr {self.min_lr} is above train.lr {self.lr}")
+        if self.schedule == "two_stage":
+            if self.stage2_lr is None:
+                raise RecipeError("train.schedule is two_stage but train.stage2_lr is not set")
+            if self.stage2_lr > self.lr:
+                raise RecipeError(f"train.stage2_lr {self.stage2_lr} is above train.lr {self.lr}")
+            if self.stage2_min_lr > self.stage2_lr:
+                raise RecipeError(f"train.stage2_min_lr {self.stage2_min_lr} is above train.stage2_lr {self.stage2_lr}")
+            if stage2_step(self) <= self.warmup_steps:
+                raise RecipeError(
+                    f"train.stage2_start {self.stage2_start} puts stage two (step {stage2_step(self)}) inside the "
+                    f"{self.warmup_steps}-step warm-up"
+                )
 
 
 @dataclass
@@ -94,13 +140,47 @@ class TrainingError(RuntimeError):
 # ----------------------------------------------------------------------------- helpers
 
 
+def _cosine(hi: float, lo: float, progress: float) -> float:
+    progress = min(1.0, max(0.0, progress))
+    return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))
+
+
+def stage2_step(t: TrainConfig) -> int:
+    """First optimizer step (0-based) of stage two of a two_stage schedule."""
+    return int(round(t.stage2_start * t.max_steps))
+
+
 def lr_at(step: int, t: TrainConfig) -> float:
-    """LR of optimizer step ``step`` (0-based): linear warm-up, then cosine to min_lr."""
+    """LR of optimizer step ``step`` (0-based).
+
+    ``cosine``: linear warm-up to ``lr``, then a cosine to ``min_lr`` at ``max_steps``.
+    ``two_stage``: the same curve until ``stage2_step`` (cut there, before it reaches ``min_lr``),
+    then an abrupt drop to ``stage2_lr`` and a cosine from it to ``stage2_min_lr`` at the last step.
+    """
     if t.warmup_steps and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "two_stage":
+        s2 = stage2_step(t)
+        if step >= s2:
+            return _cosine(t.stage2_lr, t.stage2_min_lr, (step - s2) / max(1, t.max_steps - 1 - s2))
     span = max(1, t.max_steps - t.warmup_steps)
-    progress = min(1.0, (step - t.warmup_steps) / span)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1.0 + math.cos(math.pi * progress))
+    return _cosine(t.lr, t.min_lr, (step - t.warmup_steps) / span)
+
+
+def weight_decay_at(step: int, t: TrainConfig) -> float:
+    """AdamW weight decay (of the matrices) at optimizer step ``step`` (0-based).
+
+    ``constant``: ``weight_decay``. ``cosine``: from ``weight_decay`` down to 0 along a cosine over
+    the run, or, with the two_stage LR schedule, over stage one. In stage two of a two_stage
+    schedule it is ``stage2_weight_decay`` (0 by default, as in the 2B4T report)."""
+    end = t.max_steps
+    if t.schedule == "two_stage":
+        end = stage2_step(t)
+        if step >= end:
+            return t.stage2_weight_decay
+    if t.weight_decay_schedule == "constant":
+        return t.weight_decay
+    return _cosine(t.weight_decay, 0.0, step / max(1, end))
 
 
 CKPT_RE = re.compile(r"^step-(\d{6,})$")
@@ -237,7 +317,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
     from .fsutil import atomic_path
 
     recs = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
-    train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
     val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
@@ -336,9 +416,61 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | Non
             hf_logging.enable_progress_bar()
 
 
+def _accelerator(t: TrainConfig):
+    import torch
+    from accelerate import Accelerator
+
+    mp = t.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() else "no"
+    # cpu=True without CUDA: several launched processes then form a gloo group (MULTI_CPU) instead
+    # of each training alone
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(),
+                       dynamo_backend="inductor" if t.compile else None)
+
+
+def _reset_accelerate(acc) -> None:
+    """Forget the Accelerator's process-wide settings (mixed precision, dynamo) after a
+    single-process run, so that the next pretrain() in this process may choose others."""
+    from accelerate.state import AcceleratorState
+
+    if acc.num_processes == 1:
+        AcceleratorState._reset_state()
+
+
+def _get_tokenizer(recipe: PretrainRecipe, acc, out: Path):
+    """The tokenizer of a fresh run. With several processes the main one makes it (a BPE trained
+    on the data, or a download) and the others read its copy, so every rank has the same one."""
+    if acc.num_processes == 1:
+        return _make_tokenizer(recipe)
+    from transformers import AutoTokenizer
+
+    from .fsutil import atomic_dir
+    from .tokenizer import ensure_special_tokens
+
+    shared = out / "tokenizer"
+    if acc.is_main_process:
+        tok = _make_tokenizer(recipe)
+        with atomic_dir(shared) as tmp:
+            tok.save_pretrained(tmp)
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        tok = ensure_special_tokens(AutoTokenizer.from_pretrained(shared))
+    return tok
+
+
 def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress: bool) -> dict:
+    acc = _accelerator(recipe.train)
+    try:
+        return _run(recipe, resume, stop_after, progress, acc)
+    finally:
+        _reset_accelerate(acc)
+
+
+def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress: bool, acc) -> dict:
     import torch
     import torch.nn.functional as F
+    from accelerate.utils import DistributedType, gather_object
     from tqdm.auto import tqdm
 
     from .checkpoint import load_checkpoint, save_checkpoint
@@ -348,20 +480,23 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
 
     out = Path(recipe.output_dir)
     t = recipe.train
+    world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
+    fsdp = acc.distributed_type == DistributedType.FSDP
     ckpts = list_checkpoints(out)
     if ckpts and not resume:
         raise RecipeError(
             f"output_dir {str(out)!r} already holds checkpoints; pass --resume to continue, or choose another output_dir"
         )
     out.mkdir(parents=True, exist_ok=True)
-    clean_stale(out / "checkpoints")
+    if main:
+        clean_stale(out / "checkpoints")  # directories a process killed while saving left behind
     start = ckpts[-1] if (resume and ckpts) else None
-    if resume and start is None:
+    if resume and start is None and main:
         print(f"pretrain: no checkpoint in {out}/checkpoints; starting from scratch", file=sys.stderr)
 
     if start is None:
         _seed_all(recipe.seed)
-        tok = _make_tokenizer(recipe)
+        tok = _get_tokenizer(recipe, acc, out)
         model = _make_model(recipe, tok)
         step, tokens_seen, pos = 0, 0, DataPosition()
     else:
@@ -375,23 +510,47 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
         model = load_checkpoint(ck)
         tokens_seen = int(state["tokens"])
         pos = DataPosition.from_dict(state["data_position"])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).train()
+    if t.activation_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.to(acc.device).train()
 
     opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, t) / t.lr if t.lr > 0 else 0.0)
+    if start is not None and not fsdp:
+        opt.load_state_dict(torch.load(start[1] / "optimizer.pt", weights_only=False, map_location="cpu"))
+    model, opt = acc.prepare(model, opt)
     if start is not None:
-        ck = start[1]
-        opt.load_state_dict(torch.load(ck / "optimizer.pt", weights_only=False))
-        sched.load_state_dict(torch.load(ck / "scheduler.pt", weights_only=False))
-        _set_rng_state(torch.load(ck / "rng.pt", weights_only=False))
+        if fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    data = open_training_data(recipe.data, tok, recipe.seed)
-    val = data.validation(t.eval_batches * t.batch_size)
+            full = torch.load(start[1] / "optimizer.pt", weights_only=False, map_location="cpu")
+            set_optimizer_state_dict(model, opt.optimizer, full, options=StateDictOptions(full_state_dict=True))
+        rng = torch.load(start[1] / "rng.pt", weights_only=False)
+        if "per_rank" in rng:
+            rng = rng["per_rank"][rank] if rank < len(rng["per_rank"]) else rng["per_rank"][0]
+        _set_rng_state(rng)
+
+    data = open_training_data(recipe.data, tok, recipe.seed, rank=rank, world_size=world)
+    # the same validation blocks at any world size: eval_batches global batches, one share per rank
+    val = data.validation(t.eval_batches * t.batch_size * world)
+    val = val[: len(val) // world * world][rank::world]
     blocks = data.train_blocks(pos)
     recipe_dict = to_dict(recipe)
-    wandb_run = _WandbLogger(recipe.wandb, out, recipe_dict, None if start is None else step)
-    metrics = _Metrics(out / "metrics.jsonl", keep_upto=None if start is None else step, sink=wandb_run)
+    if main:
+        wandb_run = _WandbLogger(recipe.wandb, out, recipe_dict, None if start is None else step)
+        metrics = _Metrics(out / "metrics.jsonl", keep_upto=None if start is None else step, sink=wandb_run)
+
+    def log(rec: dict) -> None:
+        if main:
+            metrics.write(rec)
+
+    def global_mean(v: float) -> float:
+        if world == 1:
+            return v
+        return acc.reduce(torch.tensor([v], dtype=torch.float64, device=acc.device), "mean").item()
 
     def evaluate() -> float | None:
         if not val:
@@ -400,34 +559,65 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
         total, n = 0.0, 0
         with torch.no_grad():
             for i in range(0, len(val), t.batch_size):
-                x = torch.tensor(val[i : i + t.batch_size], dtype=torch.long, device=device)
+                x = torch.tensor(val[i : i + t.batch_size], dtype=torch.long, device=acc.device)
                 logits = model(input_ids=x[:, :-1]).logits
                 loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum")
                 total += loss.item()
                 n += x[:, 1:].numel()
         model.train()
+        if world > 1:
+            total, n = acc.reduce(torch.tensor([total, n], dtype=torch.float64, device=acc.device), "sum").tolist()
         return total / n
 
-    def save(step_: int) -> Path:
-        ck_dir = out / "checkpoints" / f"step-{step_:06d}"
-        state = {"step": step_, "tokens": tokens_seen, "data_position": pos.to_dict(), "recipe": recipe_dict}
+    def save(step_: int, final: bool = False) -> Path:
+        """Every rank calls this (gathers are collective); the main process writes."""
+        ck_dir = out / "final" if final else out / "checkpoints" / f"step-{step_:06d}"
+        # ranks stop at different blocks of a round; the furthest position has consumed them all
+        positions = gather_object([pos.to_dict()]) if world > 1 else [pos.to_dict()]
+        position = max(positions, key=lambda d: (d["epoch"], d["taken"]))
+        rngs = gather_object([_rng_state()]) if world > 1 else None
+        state_dict = acc.get_state_dict(model) if fsdp else None
+        if final:
+            opt_state = None
+        elif fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        def extra(tmp: Path):
-            torch.save(opt.state_dict(), tmp / "optimizer.pt")
-            torch.save(sched.state_dict(), tmp / "scheduler.pt")
-            torch.save(_rng_state(), tmp / "rng.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            opt_state = get_optimizer_state_dict(
+                model, opt.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            opt_state = opt.state_dict()
+        if main:
+            state = {"step": step_, "tokens": tokens_seen, "data_position": position, "world_size": world,
+                     "skipped_steps": skipped, "recipe": recipe_dict}
 
-        save_checkpoint(model, ck_dir, tokenizer=tok, extra={"stage": "pretrain", "step": step_}, write_extra=extra)
-        plot_loss(out / "metrics.jsonl", out / "loss.png")
-        for _, old in list_checkpoints(out)[: -t.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            def extra(tmp: Path):
+                torch.save(opt_state, tmp / "optimizer.pt")
+                torch.save(_rng_state() if rngs is None else {"per_rank": rngs}, tmp / "rng.pt")
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+
+            unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
+            if final:
+                save_checkpoint(unwrapped, ck_dir, tokenizer=tok, state_dict=state_dict,
+                                extra={"stage": "pretrain", "step": step_, "recipe": recipe_dict})
+            else:
+                save_checkpoint(unwrapped, ck_dir, tokenizer=tok, state_dict=state_dict,
+                                extra={"stage": "pretrain", "step": step_}, write_extra=extra)
+                for _, old in list_checkpoints(out)[: -t.keep_last]:
+                    shutil.rmtree(old, ignore_errors=True)
+            plot_loss(out / "metrics.jsonl", out / "loss.png")
+        acc.wait_for_everyone()
         return ck_dir
 
     stop = {"sig": None}
 
     def on_signal(signum, _frame):
         stop["sig"] = signum
+
+    def should_stop() -> bool:
+        flag = stop["sig"] is not None or (stop_after is not None and step >= stop_after)
+        if world > 1:  # every rank must leave the loop at the same step
+            flag = bool(acc.reduce(torch.tensor([int(flag)], device=acc.device), "sum").item())
+        return flag
 
     old_handlers = {}
     for s in (signal.SIGINT, signal.SIGTERM):
@@ -436,13 +626,15 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
         except ValueError:  # not the main thread
             pass
 
-    tokens_per_step = t.batch_size * t.grad_accum * recipe.data.seq_len
+    tokens_per_step = t.batch_size * t.grad_accum * recipe.data.seq_len * world
+    skipped = int(state.get("skipped_steps", 0)) if start is not None else 0
     first_val = last_val = None
     if start is None and t.eval_every:
         first_val = evaluate()
         if first_val is not None:
-            metrics.write({"step": 0, "val_loss": first_val})
-    bar = tqdm(total=t.max_steps, initial=step, desc="pretrain", disable=not progress, dynamic_ncols=True)
+            log({"step": 0, "val_loss": first_val})
+    bar = tqdm(total=t.max_steps, initial=step, desc="pretrain", unit="step", disable=not (progress and main),
+               dynamic_ncols=True)
     interrupted = False
     last_loss = None
     try:
@@ -450,56 +642,81 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
             t0 = time.perf_counter()
             if recipe.quant == "bitnet":
                 apply_warmup(model, step, recipe.quant_warmup)
+            lr, wd = lr_at(step, t), weight_decay_at(step, t)
+            opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = lr
+            opt.param_groups[0]["weight_decay"] = wd  # group 1 (vectors) is never decayed
             opt.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            for _ in range(t.grad_accum):
-                x = torch.tensor([next(blocks) for _ in range(t.batch_size)], dtype=torch.long, device=device)
-                logits = model(input_ids=x[:, :-1]).logits
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-                (loss / t.grad_accum).backward()
+            for i in range(t.grad_accum):
+                x = torch.tensor([next(blocks) for _ in range(t.batch_size)], dtype=torch.long, device=acc.device)
+                # gradients are all-reduced across ranks only on the last micro-batch
+                with acc.no_sync(model) if i < t.grad_accum - 1 else contextlib.nullcontext():
+                    logits = model(input_ids=x[:, :-1]).logits
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+                    acc.backward(loss / t.grad_accum)
                 loss_sum += loss.item()
-            loss_val = loss_sum / t.grad_accum
-            if not math.isfinite(loss_val):
-                raise TrainingError(f"non-finite loss {loss_val} at step {step + 1}; lower train.lr or check the data")
-            lr = opt.param_groups[0]["lr"]
-            if t.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip)
-            opt.step()
-            sched.step()
+            loss_val = global_mean(loss_sum / t.grad_accum)
+            problem = None if math.isfinite(loss_val) else f"non-finite loss {loss_val}"
+            grad_norm = None
+            if problem is None and t.clip > 0:
+                grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.clip))
+                if not math.isfinite(grad_norm):
+                    problem = f"non-finite gradient norm {grad_norm}"
+            if problem is not None and t.non_finite == "stop":
+                raise TrainingError(f"{problem} at step {step + 1}; lower train.lr or check the data "
+                                    f"(train.non_finite: skip drops such steps instead)")
+            if problem is None:
+                opt.step()
+            else:
+                opt.zero_grad(set_to_none=True)
+                skipped += 1
             step += 1
             tokens_seen += tokens_per_step
             dt = time.perf_counter() - t0
             tps = tokens_per_step / dt if dt > 0 else 0.0
-            last_loss = loss_val
-            metrics.write({"step": step, "loss": loss_val, "lr": lr, "tokens": tokens_seen, "tokens_per_s": round(tps, 1)})
+            rec = {"step": step, "loss": loss_val if problem is None else None, "lr": lr, "weight_decay": wd,
+                   "tokens": tokens_seen, "tokens_per_s": round(tps, 1)}
+            if grad_norm is not None:
+                rec["grad_norm"] = grad_norm
+            if problem is not None:
+                rec.update(skipped=problem, skipped_steps=skipped)
+                bar.write(f"step {step}: {problem}; update skipped ({skipped} so far)")
+            else:
+                last_loss = loss_val
+            log(rec)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_val:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}")
+            post = {"loss": f"{loss_val:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
+            if skipped:
+                post["skipped"] = skipped
+            bar.set_postfix(post)
             if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
                 last_val = evaluate()
                 if last_val is not None:
-                    metrics.write({"step": step, "val_loss": last_val})
+                    log({"step": step, "val_loss": last_val})
                     bar.write(f"step {step}: val_loss {last_val:.4f}")
             if step % t.save_every == 0 or step == t.max_steps:
                 save(step)
-            if stop["sig"] is not None or (stop_after is not None and step >= stop_after):
+            if should_stop():
                 interrupted = True
                 if step % t.save_every and step != t.max_steps:
                     save(step)
                 break
     finally:
         bar.close()
-        metrics.close()
-        wandb_run.finish()
+        if main:
+            metrics.close()
+            wandb_run.finish()
         for s, h in old_handlers.items():
             signal.signal(s, h)
 
-    summary = {"step": step, "tokens": tokens_seen, "loss": last_loss, "first_val_loss": first_val, "val_loss": last_val}
+    summary = {"step": step, "tokens": tokens_seen, "loss": last_loss, "first_val_loss": first_val,
+               "val_loss": last_val, "skipped_steps": skipped, "world_size": world}
     if interrupted:
         summary["interrupted"] = True
-        print(f"pretrain: stopped at step {step}; checkpoint saved, continue with --resume", file=sys.stderr)
+        if main:
+            print(f"pretrain: stopped at step {step}; checkpoint saved, continue with --resume", file=sys.stderr)
         return summary
-    save_checkpoint(model, out / "final", tokenizer=tok, extra={"stage": "pretrain", "step": step, "recipe": recipe_dict})
-    plot_loss(out / "metrics.jsonl", out / "loss.png")
+    save(step, final=True)
     summary["final"] = str(out / "final")
     return summary
 

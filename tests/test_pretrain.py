@@ -228,3 +228,232 @@ def test_sigterm_saves_and_resume_continues(tmp_path, shakespeare_path):
     assert r.returncode == 0, r.stderr
     steps = [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m]
     assert steps == list(range(1, step + 3))
+
+
+def _small_text(tmp: Path, shakespeare: Path) -> Path:
+    """The first 150 KB of Shakespeare: enough for a few steps, quicker to tokenize."""
+    p = tmp / "small.txt"
+    p.write_text(shakespeare.read_text()[:150_000])
+    return p
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def _train_cfg(**kw):
+    from bitnet_train.train import TrainConfig
+
+    base = {"max_steps": 100, "save_every": 10, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_cosine_schedule():
+    from bitnet_train.train import lr_at, weight_decay_at
+
+    t = _train_cfg()
+    assert lr_at(0, t) == pytest.approx(1e-4) and lr_at(9, t) == pytest.approx(1e-3)
+    assert lr_at(10, t) == pytest.approx(1e-3)
+    assert lr_at(55, t) == pytest.approx(0.5 * (1e-3 + 1e-4))  # half way through the cosine
+    assert lr_at(100, t) == pytest.approx(1e-4)
+    lrs = [lr_at(s, t) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert {weight_decay_at(s, t) for s in range(100)} == {0.1}
+    tc = _train_cfg(weight_decay_schedule="cosine", weight_decay=0.2)
+    assert weight_decay_at(0, tc) == pytest.approx(0.2)
+    assert weight_decay_at(50, tc) == pytest.approx(0.1)
+    assert weight_decay_at(99, tc) < 1e-3
+
+
+def test_two_stage_schedule():
+    from bitnet_train.train import lr_at, stage2_step, weight_decay_at
+
+    t = _train_cfg(schedule="two_stage", stage2_start=0.6, stage2_lr=2e-4, stage2_min_lr=1e-5,
+                   weight_decay_schedule="cosine", weight_decay=0.1)
+    t.validate()
+    s2 = stage2_step(t)
+    assert s2 == 60
+    cosine = _train_cfg()
+    # stage one is the plain warm-up + cosine curve, cut at the boundary
+    assert [lr_at(s, t) for s in range(s2)] == [lr_at(s, cosine) for s in range(s2)]
+    assert lr_at(s2 - 1, t) > 4e-4  # still high just before the drop
+    assert lr_at(s2, t) == pytest.approx(2e-4)  # the sharp drop to the low peak
+    assert lr_at(99, t) == pytest.approx(1e-5)  # the cooldown ends at stage2_min_lr
+    stage2 = [lr_at(s, t) for s in range(s2, 100)]
+    assert all(a >= b for a, b in zip(stage2, stage2[1:]))
+    # weight decay: a cosine from 0.1 over stage one, 0 in stage two
+    assert weight_decay_at(0, t) == pytest.approx(0.1)
+    assert weight_decay_at(30, t) == pytest.approx(0.05)
+    assert 0 < weight_decay_at(s2 - 1, t) < 1e-3
+    assert {weight_decay_at(s, t) for s in range(s2, 100)} == {0.0}
+
+
+def test_two_stage_recipe_errors(tmp_path, shakespeare_path):
+    p = write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path))
+    with pytest.raises(RecipeError, match="stage2_lr is not set"):
+        load_pretrain_recipe(p, ["train.schedule=two_stage"])
+    with pytest.raises(RecipeError, match=r"train\.stage2_lr .* is above train\.lr"):
+        load_pretrain_recipe(p, ["train.schedule=two_stage", "train.stage2_lr=1.0"])
+    with pytest.raises(RecipeError, match="inside the 5-step warm-up"):
+        load_pretrain_recipe(p, ["train.schedule=two_stage", "train.stage2_lr=0.001", "train.stage2_start=0.1"])
+    with pytest.raises(RecipeError, match=r"train\.non_finite: 'ignore' is not allowed"):
+        load_pretrain_recipe(p, ["train.non_finite=ignore"])
+
+
+def test_two_stage_run_logs_the_schedule(tmp_path, shakespeare_path, capfd):
+    import re
+
+    from bitnet_train.train import lr_at, weight_decay_at
+
+    r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)), [
+        "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=6",
+        "train.schedule=two_stage", "train.stage2_start=0.5", "train.stage2_lr=0.0005",
+        "train.weight_decay_schedule=cosine"])
+    pretrain(r, progress=True)
+    # the bar: step/total, elapsed<ETA, loss, LR and tokens/s
+    err = capfd.readouterr().err
+    assert re.search(r"\b6/6 \[\d\d:\d\d<\d\d:\d\d, .*loss=\d+\.\d+, lr=[-+.e\d]+, tok/s=[\d,]+\]", err), err[-500:]
+    rows = [m for m in read_metrics(r.output_dir) if "loss" in m]
+    assert [m["lr"] for m in rows] == [lr_at(s, r.train) for s in range(6)]
+    assert [m["weight_decay"] for m in rows] == [weight_decay_at(s, r.train) for s in range(6)]
+    assert rows[3]["lr"] == 0.0005 and rows[3]["weight_decay"] == 0.0
+
+
+# ----------------------------------------------------------------------------- non-finite, checkpointing
+
+
+def _nan_on_steps(monkeypatch, steps):
+    """Make the training loss NaN on the given 1-based optimizer steps (1 micro-batch per step)."""
+    import torch
+    import torch.nn.functional as F
+
+    real = F.cross_entropy
+    calls = {"n": 0}
+
+    def ce(*a, **k):
+        out = real(*a, **k)
+        if k.get("reduction", "mean") == "mean":  # training, not validation
+            calls["n"] += 1
+            if calls["n"] in steps:
+                out = out * torch.tensor(float("nan"))
+        return out
+
+    monkeypatch.setattr(F, "cross_entropy", ce)
+
+
+def test_non_finite_skip_drops_the_update(tmp_path, shakespeare_path, monkeypatch):
+    _nan_on_steps(monkeypatch, {2, 4})
+    r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)),
+                             ["train.max_steps=5", "train.save_every=5", "train.eval_every=0", "train.non_finite=skip"])
+    s = pretrain(r, progress=False)
+    assert s["skipped_steps"] == 2 and s["step"] == 5
+    rows = [m for m in read_metrics(r.output_dir) if "lr" in m]
+    assert [m["step"] for m in rows] == [1, 2, 3, 4, 5]
+    assert [m["loss"] is None for m in rows] == [False, True, False, True, False]
+    assert rows[1]["skipped"] == "non-finite loss nan" and rows[3]["skipped_steps"] == 2
+    assert all(m["loss"] is not None and m["loss"] == m["loss"] for m in (rows[0], rows[2], rows[4]))
+    # the weights stayed finite: the NaN step's gradients never reached them
+    import torch
+
+    from bitnet_train import load_checkpoint
+
+    model = load_checkpoint(Path(r.output_dir) / "final")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    state = json.loads((Path(r.output_dir) / "checkpoints" / "step-000005" / "trainer_state.json").read_text())
+    assert state["skipped_steps"] == 2
+
+
+def test_non_finite_stop_names_a_later_step(tmp_path, shakespeare_path, monkeypatch):
+    from bitnet_train.train import TrainingError
+
+    _nan_on_steps(monkeypatch, {3})
+    r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)), ["train.eval_every=0", "train.non_finite=stop"])
+    with pytest.raises(TrainingError, match="non-finite loss nan at step 3"):
+        pretrain(r, progress=False)
+
+
+def test_activation_checkpointing_same_losses(tmp_path, shakespeare_path):
+    common = ["train.max_steps=3", "train.save_every=3", "train.eval_every=0"]
+    p = write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path))
+    pretrain(load_pretrain_recipe(p, common + [f"output_dir={tmp_path}/plain"]), progress=False)
+    pretrain(load_pretrain_recipe(p, common + [f"output_dir={tmp_path}/ckpt", "train.activation_checkpointing=true"]),
+             progress=False)
+    a = [m["loss"] for m in read_metrics(tmp_path / "plain") if "loss" in m]
+    b = [m["loss"] for m in read_metrics(tmp_path / "ckpt") if "loss" in m]
+    assert len(a) == 3 and b == pytest.approx(a, rel=1e-5)
+
+
+KILL_WORKER = """\
+import os, sys, time
+from pathlib import Path
+import bitnet_train.checkpoint as ck
+from bitnet_train.cli import main
+
+real = ck.save_checkpoint
+hang_at = os.environ["HANG_SAVE_AT"]
+
+def save_checkpoint(model, path, *a, write_extra=None, **k):
+    if Path(path).name != hang_at:
+        return real(model, path, *a, write_extra=write_extra, **k)
+
+    def extra(tmp):
+        write_extra(tmp)  # the checkpoint is fully written into its temporary directory...
+        (Path(path).parent.parent / "saving").write_text(str(tmp))
+        time.sleep(600)  # ...and the process is killed before it is moved into place
+
+    return real(model, path, *a, write_extra=extra, **k)
+
+ck.save_checkpoint = save_checkpoint
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_while_saving_keeps_previous_checkpoint(tmp_path, shakespeare_path):
+    import os
+    import signal
+    import time
+
+    p = write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path), max_steps=6, save_every=2, eval_every=0)
+    worker = tmp_path / "worker.py"
+    worker.write_text(KILL_WORKER)
+    env = {**os.environ, "HANG_SAVE_AT": "step-000004"}
+    proc = subprocess.Popen([sys.executable, str(worker), "pretrain", str(p), "--no-progress"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "run" / "saving"
+    deadline = time.time() + 240
+    while time.time() < deadline and not marker.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    assert marker.exists(), proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    ckdir = tmp_path / "run" / "checkpoints"
+    partial = Path(marker.read_text())
+    assert partial.parent == ckdir and partial.is_dir() and (partial / "trainer_state.json").is_file()
+    assert [c.name for c in ckdir.iterdir() if not c.name.startswith(".")] == ["step-000002"]
+    # --resume takes step 2 (the killed save of step 4 never became a checkpoint) and cleans up
+    exe = str(Path(sys.executable).with_name("bitnet-train"))
+    r = subprocess.run([exe, "pretrain", str(p), "--resume", "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert not partial.exists()
+    assert sorted(c.name for c in ckdir.iterdir()) == ["step-000002", "step-000004", "step-000006"]
+    steps = [m["step"] for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("name", ["tiny", "125m", "2b4t"])
+def test_shipped_recipes_validate_offline(name):
+    from bitnet_train.model import load_preset
+    from bitnet_train.train import lr_at, stage2_step, weight_decay_at
+
+    r = load_pretrain_recipe(REPO / "recipes" / f"{name}.yaml")
+    spec = load_preset(r.model)  # the preset exists and is valid (no weights built, nothing fetched)
+    assert r.data.seq_len <= spec["max_position_embeddings"]
+    if name == "2b4t":
+        t = r.train
+        assert r.data.seq_len == 4096 and r.data.tokenizer.endswith("Meta-Llama-3-8B")
+        assert t.batch_size * t.grad_accum * 64 * r.data.seq_len == 4_194_304  # on 64 GPUs
+        s2 = stage2_step(t)
+        assert lr_at(s2 - 1, t) > 2 * lr_at(s2, t)  # the sharp drop
+        assert weight_decay_at(0, t) == 0.1 and weight_decay_at(s2, t) == 0.0
+    if name == "125m":
+        assert r.data.path.startswith("hf:") and r.data.text_field == "text"
