@@ -84,6 +84,12 @@ def _coerce(value: Any, tp, where: str, file: str = "recipe") -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 (PyYAML) reads `1e-3` (no dot) as a string; take it as the number it means
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise RecipeError(f"{where}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, str):

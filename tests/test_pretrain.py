@@ -138,6 +138,10 @@ def test_recipe_bad_type_and_missing(tmp_path, shakespeare_path):
         load_pretrain_recipe(p, ["train.max_steps=lots"])
     with pytest.raises(RecipeError, match=r"quant: 'ternary' is not allowed"):
         load_pretrain_recipe(p, ["quant=ternary"])
+    with pytest.raises(RecipeError, match=r"train\.lr: expected a number, got 'fast'"):
+        load_pretrain_recipe(p, ["train.lr=fast"])
+    # YAML 1.1 reads 1e-3 (no dot) as a string: it still means the number
+    assert load_pretrain_recipe(p, ["train.lr=1e-3"]).train.lr == 1e-3
     data = json.loads(p.read_text())
     del data["data"]["path"]
     p.write_text(json.dumps(data))
