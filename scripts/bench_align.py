@@ -85,7 +85,7 @@ def main() -> int:
     print(f"SFT  ({r.train.max_steps} steps, lr {r.train.lr:g}): exact match {em_pre:.3f} -> {em_sft:.3f}; "
           f"{s['tokens']:,} tokens in {sft_wall:.0f} s, {s['tokens_per_s']:,.0f} tokens/s")
     print(f"DPO  ({dr.train.max_steps} steps, lr {dr.train.lr:g}, beta {dr.train.beta:g}): preference accuracy "
-          f"{pref_sft:.3f} -> {pref_dpo:.3f} (exact match on first: prompts {em_sft:.3f} -> {em_dpo:.3f}); "
+          f"{pref_sft:.3f} -> {pref_dpo:.3f} (exact match on the SFT task {em_sft:.3f} -> {em_dpo:.3f}); "
           f"{d['tokens']:,} tokens in {dpo_wall:.0f} s, {d['tokens_per_s']:,.0f} tokens/s")
     if a.dpo_lr_2b4t:
         d2, w2, _, pref2, dr2 = run_dpo("dpo-2e-7", ["train.lr=2e-7"])

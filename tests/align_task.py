@@ -1,8 +1,8 @@
 """A small verifiable alignment task for tests and scripts/bench_align.py (no downloads).
 
-Prompts list three words separated by commas: ``first:list,value,name``. SFT teaches the answer
-``list`` (the first word); DPO then teaches ``last:...`` prompts to prefer the last word (chosen)
-over the first one (rejected), which the SFT model tends to copy.
+Prompts list three words separated by commas: ``last:list,value,name``. SFT teaches the answer
+``name`` (the last word); DPO then teaches ``first:...`` prompts to prefer the first word (chosen)
+over the last one (rejected), which the SFT model tends to copy.
 """
 
 from __future__ import annotations
@@ -40,10 +40,16 @@ def triples(words, seed: int = 0) -> list[tuple[str, str, str]]:
     return ts
 
 
-def sft_rows(ts, conversational: bool = True) -> list[dict]:
+# SFT asks for one end of the list, DPO for the other one
+SFT_ASK, DPO_ASK = "last", "first"
+_POS = {"first": 0, "last": 2}
+
+
+def sft_rows(ts, conversational: bool = True, ask: str | None = None) -> list[dict]:
+    ask = ask or SFT_ASK
     rows = []
     for t in ts:
-        prompt, answer = "first:" + ",".join(t), t[0]
+        prompt, answer = f"{ask}:" + ",".join(t), t[_POS[ask]]
         if conversational:
             rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
         else:
@@ -51,10 +57,13 @@ def sft_rows(ts, conversational: bool = True) -> list[dict]:
     return rows
 
 
-def dpo_rows(ts) -> list[dict]:
-    return [{"prompt": [{"role": "user", "content": "last:" + ",".join(t)}],
-             "chosen": [{"role": "assistant", "content": t[2]}],
-             "rejected": [{"role": "assistant", "content": t[0]}]} for t in ts]
+def dpo_rows(ts, ask: str | None = None) -> list[dict]:
+    """chosen: the word asked for; rejected: the word at the other end (what SFT taught to copy)."""
+    ask = ask or DPO_ASK
+    i = _POS[ask]
+    return [{"prompt": [{"role": "user", "content": f"{ask}:" + ",".join(t)}],
+             "chosen": [{"role": "assistant", "content": t[i]}],
+             "rejected": [{"role": "assistant", "content": t[2 - i]}]} for t in ts]
 
 
 def write_jsonl(rows, path: Path) -> Path:
@@ -62,20 +71,21 @@ def write_jsonl(rows, path: Path) -> Path:
     return path
 
 
-def exact_match(model, tok, ts, max_new_tokens: int = 4) -> float:
-    """Share of ``first:`` prompts whose greedy answer is exactly the first word."""
+def exact_match(model, tok, ts, max_new_tokens: int = 4, ask: str | None = None) -> float:
+    """Share of SFT-task prompts whose greedy answer is exactly the word asked for."""
+    ask = ask or SFT_ASK
     import torch
 
     model.eval()
     hits = 0
     with torch.no_grad():
         for t in ts:
-            ids = tok.apply_chat_template([{"role": "user", "content": "first:" + ",".join(t)}],
+            ids = tok.apply_chat_template([{"role": "user", "content": f"{ask}:" + ",".join(t)}],
                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
             out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
             text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-            hits += text.strip() == t[0]
+            hits += text.strip() == t[_POS[ask]]
     return hits / len(ts)
 
 
@@ -96,12 +106,14 @@ def completion_logp(model, tok, prompt_msgs, answer: str) -> float:
     return float(lp[len(p_ids) - 1:].sum())
 
 
-def preference_accuracy(model, tok, ts) -> float:
-    """Share of ``last:`` pairs where the model gives the last word (chosen) a higher log-probability
-    than the first word (rejected)."""
+def preference_accuracy(model, tok, ts, ask: str | None = None) -> float:
+    """Share of DPO-task pairs where the model gives the word asked for (chosen) a higher
+    log-probability than the word at the other end (rejected)."""
+    ask = ask or DPO_ASK
+    i = _POS[ask]
     model.eval()
     wins = 0
     for t in ts:
-        msgs = [{"role": "user", "content": "last:" + ",".join(t)}]
-        wins += completion_logp(model, tok, msgs, t[2]) > completion_logp(model, tok, msgs, t[0])
+        msgs = [{"role": "user", "content": f"{ask}:" + ",".join(t)}]
+        wins += completion_logp(model, tok, msgs, t[i]) > completion_logp(model, tok, msgs, t[2 - i])
     return wins / len(ts)

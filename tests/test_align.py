@@ -21,16 +21,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 MICRO = """\
 inherit: tiny
-hidden_size: 64
-intermediate_size: 192
+hidden_size: 128
+intermediate_size: 256
 num_hidden_layers: 2
 num_attention_heads: 4
 num_key_value_heads: 2
 max_position_embeddings: 128
 """
 
-SFT_STEPS, SFT_LR = 80, 5e-3
-DPO_STEPS, DPO_LR = 30, 1e-3
+# measured on this task: with a cosine decay, or asking for the first word, SFT often stays on the
+# plateau "any listed word" (loss ~37) for 150 steps; a constant 3e-3 left it for "last" by step 60
+SFT_STEPS, SFT_LR = 100, 3e-3
+DPO_STEPS, DPO_LR = 20, 5e-4
 
 
 def _cli(*argv) -> int:
@@ -48,7 +50,7 @@ def pretrained(tmp_path_factory):
     r = load_recipe(PretrainRecipe, data={
         "output_dir": str(d / "pre"), "seed": 0, "model": str(d / "micro.yaml"),
         "data": {"path": "builtin:pydoc", "tokenizer": "bpe:1024", "seq_len": 64, "val_fraction": 0.05},
-        "train": {"max_steps": 30, "save_every": 1000, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5,
+        "train": {"max_steps": 40, "save_every": 1000, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5,
                   "min_lr": 3e-4, "eval_every": 0, "eval_batches": 1}})
     pretrain(r, progress=False)
     return d, d / "pre" / "final"
@@ -72,7 +74,8 @@ def pipeline(pretrained):
     res["em_pre"] = T.exact_match(m, tok, held)
     rc = _cli("sft", str(REPO / "recipes/sft-tiny.yaml"), "--no-progress",
               "--set", f"model={pre}", "--set", f"output_dir={d / 'sft'}", "--set", f"data.path={d / 'sft.jsonl'}",
-              "--set", f"train.max_steps={SFT_STEPS}", "--set", f"train.lr={SFT_LR}", "--set", "train.eval_every=0",
+              "--set", f"train.max_steps={SFT_STEPS}", "--set", f"train.lr={SFT_LR}",
+              "--set", "train.lr_scheduler=constant_with_warmup", "--set", "train.eval_every=0",
               "--set", "train.save_every=1000", "--set", "data.eval_rows=0", "--set", "train.log_every=10")
     assert rc == 0
     sft_model = load_model(d / "sft" / "final")
@@ -90,14 +93,20 @@ def pipeline(pretrained):
     return res
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_sft_raises_heldout_exact_match(pipeline):
     assert pipeline["em_sft"] >= pipeline["em_pre"] + 0.3, pipeline
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_dpo_raises_heldout_preference_accuracy(pipeline):
     assert pipeline["pref_dpo"] >= pipeline["pref_sft"] + 0.2, pipeline
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_outputs_metrics_and_chat_template(pipeline):
     d = pipeline["dir"]
     for stage in ("sft", "dpo"):
@@ -114,6 +123,8 @@ def test_outputs_metrics_and_chat_template(pipeline):
                (json.loads(x) for x in (d / "dpo" / "metrics.jsonl").read_text().splitlines()))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_chain_result_loads_in_stock_transformers_ternary(pipeline):
     """pretrain -> sft -> dpo: stock transformers (no bitnet_train import) loads final/, every
     linear layer but lm_head is an AutoBitLinear quantizing to ternary codes, logits match ours."""
