@@ -1,0 +1,119 @@
+"""A small verifiable alignment task for tests and scripts/bench_align.py (no downloads).
+
+Prompts list three words separated by commas: ``last:list,value,name``. SFT teaches the answer
+``name`` (the last word); DPO then teaches ``first:...`` prompts to prefer the first word (chosen)
+over the last one (rejected), which the SFT model tends to copy.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+CANDIDATES = ("the list value name object type class string key code self int str dict set file "
+              "line data path error none true false return default method number args").split()
+
+
+# the word list of recipes/data/*-tiny.jsonl (one token each in the tiny recipe's BPE)
+TINY_WORDS = ["the", "list", "value", "name", "object", "type", "class", "string", "key", "code"]
+HELD_OUT = 40  # the first HELD_OUT shuffled triples are never trained on
+
+
+def split(ts):
+    """(held-out, training) triples."""
+    return ts[:HELD_OUT], ts[HELD_OUT:]
+
+
+def task_words(tok, n: int = 10) -> list[str]:
+    """Words that the tokenizer writes as one token (so every answer is one token plus EOS)."""
+    words = [w for w in CANDIDATES if len(tok.tokenize(w)) == 1 and len(tok.tokenize("," + w)) == 2]
+    if len(words) < 6:
+        raise RuntimeError(f"only {len(words)} single-token task words in this tokenizer: {words}")
+    return words[:n]
+
+
+def triples(words, seed: int = 0) -> list[tuple[str, str, str]]:
+    ts = list(itertools.permutations(words, 3))
+    random.Random(seed).shuffle(ts)
+    return ts
+
+
+# SFT asks for one end of the list, DPO for the other one
+SFT_ASK, DPO_ASK = "last", "first"
+_POS = {"first": 0, "last": 2}
+
+
+def sft_rows(ts, conversational: bool = True, ask: str | None = None) -> list[dict]:
+    ask = ask or SFT_ASK
+    rows = []
+    for t in ts:
+        prompt, answer = f"{ask}:" + ",".join(t), t[_POS[ask]]
+        if conversational:
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+        else:
+            rows.append({"prompt": prompt, "completion": answer})
+    return rows
+
+
+def dpo_rows(ts, ask: str | None = None) -> list[dict]:
+    """chosen: the word asked for; rejected: the word at the other end (what SFT taught to copy)."""
+    ask = ask or DPO_ASK
+    i = _POS[ask]
+    return [{"prompt": [{"role": "user", "content": f"{ask}:" + ",".join(t)}],
+             "chosen": [{"role": "assistant", "content": t[i]}],
+             "rejected": [{"role": "assistant", "content": t[2 - i]}]} for t in ts]
+
+
+def write_jsonl(rows, path: Path) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def exact_match(model, tok, ts, max_new_tokens: int = 4, ask: str | None = None) -> float:
+    """Share of SFT-task prompts whose greedy answer is exactly the word asked for."""
+    ask = ask or SFT_ASK
+    import torch
+
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for t in ts:
+            ids = tok.apply_chat_template([{"role": "user", "content": f"{ask}:" + ",".join(t)}],
+                                          add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            text = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+            hits += text.strip() == t[_POS[ask]]
+    return hits / len(ts)
+
+
+def completion_logp(model, tok, prompt_msgs, answer: str) -> float:
+    """log p(answer + EOS | chat-formatted prompt) under ``model``."""
+    import torch
+
+    p = tok.apply_chat_template(prompt_msgs, add_generation_prompt=True, tokenize=False)
+    full = tok.apply_chat_template(prompt_msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+    assert full.startswith(p)
+    p_ids = tok(p, add_special_tokens=False)["input_ids"]
+    f_ids = tok(full, add_special_tokens=False)["input_ids"]
+    x = torch.tensor([f_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].float(), -1)
+    tgt = x[0, 1:]
+    lp = logp.gather(-1, tgt[:, None])[:, 0]
+    return float(lp[len(p_ids) - 1:].sum())
+
+
+def preference_accuracy(model, tok, ts, ask: str | None = None) -> float:
+    """Share of DPO-task pairs where the model gives the word asked for (chosen) a higher
+    log-probability than the word at the other end (rejected)."""
+    ask = ask or DPO_ASK
+    i = _POS[ask]
+    model.eval()
+    wins = 0
+    for t in ts:
+        msgs = [{"role": "user", "content": f"{ask}:" + ",".join(t)}]
+        wins += completion_logp(model, tok, msgs, t[i]) > completion_logp(model, tok, msgs, t[2 - i])
+    return wins / len(ts)
