@@ -589,6 +589,21 @@ def _quiet_hf():
 # ----------------------------------------------------------------------------- the stages
 
 
+def _train(trainer, recipe, out: Path, stage: str, tok, last, resume_step, stop_after: int | None) -> dict:
+    """The part both stages share: count tokens, add our callbacks, train (or resume), save final/."""
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
+    for cb in _callbacks(recipe, out, resume_step, counter):
+        trainer.add_callback(cb)
+    if stop_after is not None:
+        trainer.add_callback(_StopAfter(stop_after))
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
+    if stop_after is not None and trainer.state.global_step < (recipe.train.max_steps or 10**12):
+        return {"step": trainer.state.global_step, "interrupted": True}
+    return _finish(trainer, tok, recipe, out, stage, counter, t0, result)
+
+
 def sft(recipe: SFTRecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) an SFT recipe with TRL's SFTTrainer. Returns a summary dict."""
     import torch
@@ -619,17 +634,7 @@ def sft(recipe: SFTRecipe, resume: bool = False, progress: bool = True, stop_aft
     except (ValueError, RuntimeError) as e:
         raise RecipeError(f"sft: TRL rejected the setup: {str(e).splitlines()[0]}") from None
     trainer.sum_loss = t.loss_reduction == "sum"
-    counter = TokenCounter(trainer.data_collator)
-    trainer.data_collator = counter
-    for cb in _callbacks(recipe, out, resume_step, counter):
-        trainer.add_callback(cb)
-    if stop_after is not None:
-        trainer.add_callback(_StopAfter(stop_after))
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
-    if stop_after is not None and trainer.state.global_step < (t.max_steps or 10**12):
-        return {"step": trainer.state.global_step, "interrupted": True}
-    return _finish(trainer, tok, recipe, out, "sft", counter, t0, result)
+    return _train(trainer, recipe, out, "sft", tok, last, resume_step, stop_after)
 
 
 def load_reference(spec: str):
@@ -670,17 +675,7 @@ def dpo(recipe: DPORecipe, resume: bool = False, progress: bool = True, stop_aft
                       processing_class=tok)
     except (ValueError, RuntimeError) as e:
         raise RecipeError(f"dpo: TRL rejected the setup: {str(e).splitlines()[0]}") from None
-    counter = TokenCounter(trainer.data_collator)
-    trainer.data_collator = counter
-    for cb in _callbacks(recipe, out, resume_step, counter):
-        trainer.add_callback(cb)
-    if stop_after is not None:
-        trainer.add_callback(_StopAfter(stop_after))
-    t0 = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(last) if last is not None else None)
-    if stop_after is not None and trainer.state.global_step < (t.max_steps or 10**12):
-        return {"step": trainer.state.global_step, "interrupted": True}
-    return _finish(trainer, tok, recipe, out, "dpo", counter, t0, result)
+    return _train(trainer, recipe, out, "dpo", tok, last, resume_step, stop_after)
 
 
 # ----------------------------------------------------------------------------- CLI
