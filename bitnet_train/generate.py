@@ -38,10 +38,44 @@ def generate(model, prompt: str, max_new_tokens: int = 64, temperature: float = 
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if p.is_file() and p.suffix == ".gguf":
+        if gguf_file_type(p) == I2S_FILE_TYPE:
+            raise UserError(
+                f"{model} is an I2_S GGUF, which only bitnet.cpp runs (llama.cpp has no I2_S type): "
+                f"build/bin/llama-cli -m {model} -p PROMPT in a bitnet.cpp checkout"
+            )
         return _llama(p, prompt, max_new_tokens, temperature, threads)
     if p.is_dir():
         return _transformers(p, prompt, max_new_tokens, temperature, threads)
     raise UserError(f"{model}: not a .gguf file or a model directory")
+
+
+I2S_FILE_TYPE = 40  # LLAMA_FTYPE_MOSTLY_I2_S (bitnet.cpp)
+
+
+def gguf_file_type(path: Path) -> int | None:
+    """``general.file_type`` of a GGUF, read from its metadata (the ``gguf`` package's reader also
+    parses the tensor infos, and stops at I2_S's type id, which it does not know)."""
+    import gguf
+    import numpy as np
+
+    try:
+        r = gguf.GGUFReader(str(path))
+    except ValueError:
+        pass  # an unknown tensor type: read the one key by hand below
+    else:
+        f = r.fields.get("general.file_type")
+        return int(f.parts[f.data[0]][0]) if f is not None else None
+    # GGUF v2/v3: magic, version u32, n_tensors u64, n_kv u64, then key (u64 length + bytes),
+    # value type u32, value. general.file_type is a UINT32 (type 4) written before the tokenizer.
+    head = np.fromfile(path, dtype=np.uint8, count=1 << 16).tobytes()
+    key = b"general.file_type"
+    i = head.find(len(key).to_bytes(8, "little") + key)
+    if i < 0:
+        return None
+    j = i + 8 + len(key)
+    if int.from_bytes(head[j : j + 4], "little") != 4:
+        return None
+    return int.from_bytes(head[j + 4 : j + 8], "little")
 
 
 def _llama(path: Path, prompt: str, n: int, temperature: float, threads: int | None) -> dict:

@@ -197,8 +197,8 @@ def test_dropped_scales_fail_verification(silu_ckpt, probe, tmp_path, monkeypatc
     """The check must catch a wrong export: scales written as 1.0 fail and leave no file."""
     real = G._encode
 
-    def no_scales(src, key, kind, storage, scales):
-        arr = real(src, key, kind, storage, scales)
+    def no_scales(src, key, kind, storage, scales, *rest):
+        arr = real(src, key, kind, storage, scales, *rest)
         return np.ones_like(arr) if kind == "scale" else arr
 
     monkeypatch.setattr(G, "_encode", no_scales)
@@ -293,6 +293,165 @@ def test_cli_errors(silu_ckpt, tmp_path, capsys):
     assert "not a checkpoint directory" in capsys.readouterr().err
     assert main(["export", str(silu_ckpt), "--format", "hf", "--quant", "tq2_0", "--out", str(tmp_path / "h")]) == 2
     assert "--quant applies to --format gguf" in capsys.readouterr().err
-    assert main(["export", str(silu_ckpt), "--format", "gguf", "--quant", "i2_s", "--out", str(tmp_path / "i.gguf")]) == 2
-    assert "i2_s (bitnet.cpp) is not implemented" in capsys.readouterr().err
+    assert main(["export", str(silu_ckpt), "--format", "gguf", "--quant", "f16", "--tq-fallback", "f16",
+                 "--out", str(tmp_path / "i.gguf")]) == 2
+    assert "--tq-fallback applies to --quant tq2_0/tq1_0/i2_s only" in capsys.readouterr().err
     assert not (tmp_path / "i.gguf").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# gguf i2_s: bitnet.cpp
+# ---------------------------------------------------------------------------------------------
+
+
+def _bitnet_cpp_quantize_i2_s(q: np.ndarray, block: int) -> bytes:
+    """bitnet.cpp's quantize_i2_s packing loop (src/ggml-bitnet-mad.cpp), transcribed as it is:
+    ``q`` holds the codes + 1 of the flattened tensor."""
+    group = block // 4
+    out = bytearray(q.size // 4)
+    for i in range(q.size // block):
+        for j in range(block):
+            out[i * group + j % group] |= int(q[i * block + j]) << (6 - 2 * (j // group))
+    return bytes(out)
+
+
+@pytest.mark.parametrize("layout", ["x86", "arm"])
+def test_i2s_packing_is_bitnet_cpps(layout):
+    block = G.I2S_LAYOUTS[layout]
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-1, 2, size=(6, 2 * block)).astype(np.int8)
+    data = G.pack_i2s(codes, 0.0421, block)
+    n = codes.size
+    assert data.dtype == np.uint8 and data.size == n // 4 + 32
+    assert data[: n // 4].tobytes() == _bitnet_cpp_quantize_i2_s(codes.reshape(-1) + 1, block)
+    assert np.frombuffer(data[n // 4 : n // 4 + 4].tobytes(), np.float32)[0] == np.float32(0.0421)
+    assert not data[n // 4 + 4 :].any()
+    back, scale = G.unpack_i2s(data, codes.shape, block)
+    assert np.array_equal(back, codes) and scale == pytest.approx(0.0421, rel=1e-7)
+    # worked by hand from the loop: all zeros (code 1 = 0b01) but value 0 = +1 (0b10, top bits of
+    # byte 0) and value group+1 = -1 (0b00, second bit pair of byte 1)
+    one = np.zeros((1, block), np.int8)
+    one[0, 0], one[0, block // 4 + 1] = 1, -1
+    packed = G.pack_i2s(one, 1.0, block)
+    assert packed[0] == 0b10_01_01_01 and packed[1] == 0b01_00_01_01 and set(packed[2 : block // 4]) == {0x55}
+
+
+def _read_gguf(path: Path) -> tuple[dict, dict, int]:
+    """A minimal GGUF v3 reader for the test (the gguf package's reader stops at type 36):
+    (metadata, {name: (dims, type, offset)}, data start)."""
+    import struct
+
+    buf = path.read_bytes()
+    pos = 0
+
+    def take(fmt):
+        nonlocal pos
+        v = struct.unpack_from("<" + fmt, buf, pos)
+        pos += struct.calcsize("<" + fmt)
+        return v[0]
+
+    def string():
+        nonlocal pos
+        n = take("Q")
+        pos += n
+        return buf[pos - n : pos].decode("utf-8")
+
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            et, n = take("I"), take("Q")
+            return [value(et) for _ in range(n)]
+        return take(scalar[t])
+
+    assert buf[:4] == b"GGUF" and take("4s") and take("I") == 3
+    n_tensors, n_kv = take("Q"), take("Q")
+    meta = {}
+    for _ in range(n_kv):
+        k = string()
+        meta[k] = value(take("I"))
+    infos = {}
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("Q") for _ in range(take("I"))]
+        infos[name] = (dims, take("I"), take("Q"))
+    align = meta.get("general.alignment", 32)
+    return meta, infos, (pos + align - 1) // align * align
+
+
+def test_i2s_export_layout(silu_ckpt, tmp_path, monkeypatch):
+    """The file bitnet.cpp reads: type 36 tensors of n/4 + 32 bytes holding our exact codes and
+    scale (no .scale tensors), F16 token_embd, file type 40. Without a bitnet.cpp build the
+    export says it was not checked there."""
+    from bitnet_train.export.source import CheckpointSource
+    from bitnet_train.generate import gguf_file_type
+
+    monkeypatch.delenv("BITNET_CPP_DIR", raising=False)
+    out = tmp_path / "m.gguf"
+    logs = []
+    r = export(silu_ckpt, "gguf", out, quant="i2_s", log=logs.append)
+    assert r["agreement"] is None and any("NOT checked in bitnet.cpp" in line for line in logs)
+    meta, infos, start = _read_gguf(out)
+    assert meta["general.architecture"] == "bitnet" and meta["general.file_type"] == 40
+    assert gguf_file_type(out) == 40
+    assert "tokenizer.ggml.merges" in meta and meta["bitnet.hidden_activation"] == "silu"
+    assert not [n for n in infos if n.endswith(".scale")]
+    assert infos["token_embd.weight"][1] == 1  # F16
+    src = CheckpointSource(silu_ckpt)
+    buf = out.read_bytes()
+    ends = []
+    for key in src.ternary_modules:
+        name = G.gguf_name(key + ".weight")
+        dims, typ, off = infos[name]
+        codes, s = src.ternary(key + ".weight")
+        assert typ == G.I2S_TYPE and dims == [codes.shape[1], codes.shape[0]] and off % 32 == 0, name
+        n = codes.numel()
+        data = np.frombuffer(buf, np.uint8, count=n // 4 + 32, offset=start + off)
+        got, scale = G.unpack_i2s(data, tuple(codes.shape))
+        assert np.array_equal(got, codes.numpy()), name
+        assert scale == pytest.approx(float(s), rel=1e-7)
+        ends.append((off, off + n // 4 + 32))
+    ends.sort()
+    assert all(a[1] <= b[0] for a, b in zip(ends, ends[1:]))  # no tensor overlaps the next
+
+
+def test_i2s_block_not_packable(tmp_path):
+    ck = make_checkpoint(tmp_path / "ck", "ab " * 5000, steps=0, intermediate_size=704)
+    with pytest.raises(ExportError, match=r"mlp\.down_proj\.weight.*704.*multiple of 128.*I2_S"):
+        export(ck, "gguf", tmp_path / "i.gguf", quant="i2_s", verify=False, log=_quiet)
+    rows = G.plan(G.CheckpointSource(ck), "i2_s", tq_fallback="f16")
+    storage = {name: st for name, _k, kind, st in rows if kind == "ternary"}
+    scales = {name for name, _k, kind, _st in rows if kind == "scale"}
+    assert storage["blk.0.ffn_down.weight"] == "f16" and storage["blk.0.ffn_up.weight"] == "i2_s"
+    assert scales == {"blk.0.ffn_down.scale", "blk.1.ffn_down.scale"}  # only the F16 fallback needs one
+
+
+def test_i2s_generate_points_to_bitnet_cpp(silu_ckpt, tmp_path, capsys):
+    from bitnet_train.cli import main
+
+    out = tmp_path / "g.gguf"
+    export(silu_ckpt, "gguf", out, quant="i2_s", verify=False, log=_quiet)
+    assert main(["generate", str(out), "--prompt", "ROMEO:"]) == 2
+    assert "I2_S GGUF, which only bitnet.cpp runs" in capsys.readouterr().err
+
+
+BITNET_CPP = os.environ.get("BITNET_CPP_DIR")
+
+
+@pytest.mark.skipif(not BITNET_CPP, reason="no bitnet.cpp build (set BITNET_CPP_DIR to a built checkout)")
+def test_i2s_into_bitnet_cpp(silu_ckpt, probe, tmp_path, monkeypatch):
+    """The real round trip, when a bitnet.cpp build is at hand: logits agree, and a wrong packing
+    or a dropped scale fails verification and leaves nothing."""
+    out = tmp_path / "m.gguf"
+    r = export(silu_ckpt, "gguf", out, quant="i2_s", probe_text=probe, bitnet_cpp=BITNET_CPP, log=_quiet)
+    ag = r["agreement"]
+    assert ag is not None and ag.ok and ag.rel_error < 5e-3 and ag.top1 >= 0.99, str(ag)
+    real = G.pack_i2s
+    for wrong in (lambda c, s, b: real(c, 1.0, b), lambda c, s, b: real(c, s, b // 2)):
+        monkeypatch.setattr(G, "pack_i2s", wrong)
+        bad = tmp_path / "bad.gguf"
+        with pytest.raises(ExportError, match="verification failed"):
+            export(silu_ckpt, "gguf", bad, quant="i2_s", probe_text=probe, bitnet_cpp=BITNET_CPP, log=_quiet)
+        assert not bad.exists()

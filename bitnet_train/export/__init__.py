@@ -1,7 +1,7 @@
 """``bitnet-train export``: a checkpoint to a packed model a real runtime loads, verified.
 
 Formats: ``hf`` (transformers' packed BitNet layout, :mod:`.hf`) and ``gguf`` with
-``--quant tq2_0|tq1_0|f16|f32`` (llama.cpp, :mod:`.gguf`) (``i2_s``, bitnet.cpp's layout, is refused as not implemented).
+``--quant tq2_0|tq1_0|f16|f32`` (llama.cpp) or ``i2_s`` (bitnet.cpp), both in :mod:`.gguf`.
 The file is written under a temporary name, loaded in its runtime and compared with our model on
 a probe text (:mod:`.verify`), and only then renamed to ``--out``: a failed or interrupted export
 leaves nothing at ``--out`` (a ``.NAME.tmp-*`` leftover is removed by the next export to it).
@@ -24,7 +24,8 @@ def register(sub) -> None:
         help="export a checkpoint to a packed inference format (hf, gguf), verified in its runtime",
         description=(
             "Convert a checkpoint into a packed model and verify it: the result is loaded in its runtime "
-            "(stock transformers for hf, llama.cpp via llama-cpp-python for gguf), run on a probe text "
+            "(stock transformers for hf, llama.cpp via llama-cpp-python for gguf, a bitnet.cpp build for "
+            "gguf i2_s), run on a probe text "
             "together with our model, and the export fails when the logits disagree beyond the format's "
             "tolerance. The output appears at --out only after it passed."
         ),
@@ -32,7 +33,20 @@ def register(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint directory (bitnet-train pretrain/init output)")
     p.add_argument("--format", required=True, choices=("hf", "gguf"))
     p.add_argument(
-        "--quant", choices=GGUF_QUANTS, help="GGUF weight format (default tq2_0; i2_s is not implemented); not used by hf"
+        "--quant", choices=GGUF_QUANTS,
+        help="GGUF weight format (default tq2_0; i2_s is bitnet.cpp's, see --bitnet-cpp); not used by hf",
+    )
+    p.add_argument(
+        "--i2s-layout",
+        choices=("x86", "arm"),
+        default="x86",
+        help="I2_S block layout: x86 (blocks of 128: bitnet.cpp on x86, and every build before its 2025 "
+        "ARM kernels; the one verified here) or arm (blocks of 64: today's bitnet.cpp on ARM)",
+    )
+    p.add_argument(
+        "--bitnet-cpp",
+        metavar="DIR",
+        help="a built bitnet.cpp checkout to verify an i2_s export in (default: $BITNET_CPP_DIR)",
     )
     p.add_argument("--out", required=True, help="output file (gguf) or directory (hf)")
     p.add_argument("--tokenizer", help="tokenizer directory or name when the checkpoint holds none")
@@ -45,7 +59,8 @@ def register(sub) -> None:
     p.add_argument(
         "--tq-fallback",
         choices=("f16", "f32"),
-        help="store ternary tensors whose rows are not multiples of 256 as F16/F32 codes instead of failing",
+        help="store ternary tensors whose rows TQ/I2_S cannot pack (not multiples of 256, or of I2_S's block) "
+        "as F16/F32 codes instead of failing",
     )
     p.add_argument("--no-verify", action="store_true", help="skip loading the result in its runtime")
     p.add_argument("--probe-text", help="text to compare logits on (default: a built-in paragraph)")
@@ -72,6 +87,8 @@ def cmd_export(args) -> int:
         verify=not args.no_verify,
         probe_text=probe,
         probe_tokens=args.probe_tokens,
+        i2s_layout=args.i2s_layout,
+        bitnet_cpp=args.bitnet_cpp,
     )
     return 0 if result["ok"] else 1
 
@@ -88,6 +105,8 @@ def export(
     probe_text: str | None = None,
     probe_tokens: int = 128,
     log=print,
+    i2s_layout: str = "x86",
+    bitnet_cpp: str | None = None,
 ) -> dict:
     """Export ``checkpoint`` to ``out``; returns ``{"ok", "path", "agreement", ...}``.
 
@@ -124,8 +143,8 @@ def export(
     if fmt != "gguf":
         raise ExportError(f"--format {fmt!r}: choose hf or gguf")
     quant = quant or "tq2_0"
-    if tq_fallback and not quant.startswith("tq"):
-        raise ExportError("--tq-fallback applies to --quant tq2_0/tq1_0 only")
+    if tq_fallback and not (quant.startswith("tq") or quant == "i2_s"):
+        raise ExportError("--tq-fallback applies to --quant tq2_0/tq1_0/i2_s only")
     from .gguf import llama_cpp_mismatches
 
     mismatches = llama_cpp_mismatches(src)
@@ -138,20 +157,15 @@ def export(
         )
     for m in mismatches:
         log(f"warning (--force): {m}")
-    if quant == "i2_s":
-        raise ExportError(
-            "--quant i2_s (bitnet.cpp) is not implemented: its layout depends on bitnet.cpp's build target "
-            "(blocks of 128 values on x86, 64 on ARM), its GGML type 36 is unknown to the gguf package and to "
-            "llama.cpp, and nothing here could load the result to verify it. Use tq2_0 (llama.cpp's 2-bit "
-            "ternary type) or tq1_0"
-        )
     from .gguf import write_gguf
 
     with atomic_path(out) as tmp:
-        result.update(write_gguf(src, tmp, quant, tok, tq_fallback=tq_fallback, force=force))
+        result.update(
+            write_gguf(src, tmp, quant, tok, tq_fallback=tq_fallback, force=force, i2s_layout=i2s_layout)
+        )
         log(f"wrote gguf/{quant} to temporary {tmp.name} in {time.perf_counter() - t0:.1f} s ({_size(tmp)})")
         if verify:
-            ag = _verify(src, tok, text, probe_tokens, quant, tmp, log)
+            ag = _verify(src, tok, text, probe_tokens, quant, tmp, log, bitnet_cpp=bitnet_cpp, i2s_layout=i2s_layout)
             result["agreement"] = ag
             if ag is not None and not ag.ok:
                 if not force:
@@ -162,12 +176,30 @@ def export(
     return result
 
 
-def _verify(src, tok, text, probe_tokens, fmt, path, log):
+def _verify(src, tok, text, probe_tokens, fmt, path, log, bitnet_cpp=None, i2s_layout="x86"):
+    import platform
+
     from . import verify as V
 
     ids = V.probe_ids(tok, text, probe_tokens)
     if fmt == "hf":
         theirs, tokenization = V.hf_logits(path, ids), "same tokenizer files"
+    elif fmt == "i2_s":
+        root = V.bitnet_cpp_dir(bitnet_cpp)
+        if root is None:
+            log("verify: no bitnet.cpp build given (--bitnet-cpp DIR or BITNET_CPP_DIR); the I2_S file was NOT "
+                "checked in bitnet.cpp (llama.cpp cannot load I2_S)")
+            return None
+        host = "arm" if platform.machine().lower() in ("arm64", "aarch64") else "x86"
+        if i2s_layout != host:
+            log(f"verify: the {i2s_layout} I2_S layout cannot be run on this {host} machine; the file was NOT "
+                "checked in bitnet.cpp")
+            return None
+        try:
+            theirs = V.bitnet_cpp_logits(root, path, ids)
+        except (OSError, RuntimeError) as e:
+            raise ExportError(f"verify: {e}") from None
+        tokenization = "not checked (bitnet.cpp is fed the token ids)"
     else:
         if not V.llama_available():
             log("verify: llama-cpp-python is not installed; the GGUF was NOT checked in llama.cpp "

@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp's ``bitnet`` architecture (TQ2_0, TQ1_0, F16, F32).
+"""GGUF export for llama.cpp's ``bitnet`` architecture (TQ2_0, TQ1_0, F16, F32) and bitnet.cpp's I2_S.
 
 Written with the ``gguf`` package: its ``GGUFWriter`` (tensor infos first, then the data one
 tensor at a time, so memory stays near one tensor) and its TQ1_0/TQ2_0 quantizers.
@@ -8,6 +8,16 @@ block's fp16 scale is its absmax, 1) plus a one-element F32 ``<name>.scale`` ten
 absmean scale ``s``; llama.cpp's ``bitnet`` graph multiplies each projection's output by it.
 Norms are F32; ``token_embd`` (which llama.cpp also uses as the output matrix) is F32 for
 ``f32`` and F16 otherwise.
+
+I2_S (bitnet.cpp's GGML type 36, unknown to the ``gguf`` package and to llama.cpp) is written
+through the same ``GGUFWriter`` with the type id given as a raw number. Layout, from bitnet.cpp's
+``quantize_i2_s`` (src/ggml-bitnet-mad.cpp): each code + 1 (-1→0, 0→1, +1→2) in 2 bits; the
+row-major ``[out, in]`` tensor is cut into blocks of ``B`` values (128 for x86 builds, and for
+every build before its 2025 ARM kernels; 64 in today's ARM builds), and value ``j`` of a block
+goes to byte ``j % (B/4)`` of the block's ``B/4`` bytes at bit shift ``6 - 2*(j // (B/4))``. After
+the ``n/4`` code bytes comes the tensor's F32 scale, then padding to ``n/4 + 32`` bytes (the size
+bitnet.cpp's ``ggml_nbytes`` gives). bitnet.cpp multiplies each I2_S matmul by that embedded
+scale, so I2_S tensors get no ``.scale`` tensor.
 
 llama.cpp's graph hardcodes a SiLU gated FFN and the tied output matrix, so a ReLU² model or an
 untied head is refused unless forced (see :func:`llama_cpp_mismatches`).
@@ -24,8 +34,12 @@ import numpy as np
 from .source import CheckpointSource, ExportError
 
 ARCH = "bitnet"
-QUANTS = ("tq2_0", "tq1_0", "f16", "f32")
+QUANTS = ("tq2_0", "tq1_0", "f16", "f32", "i2_s")
 TQ_BLOCK = 256
+I2S_TYPE = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml.h
+I2S_FILE_TYPE = 40  # LLAMA_FTYPE_MOSTLY_I2_S in bitnet.cpp's llama.h
+I2S_TAIL = 32  # the scale (4 bytes) and padding after the codes
+I2S_LAYOUTS = {"x86": 128, "arm": 64}  # values per block (bitnet.cpp's QK_I2_S)
 
 # checkpoint key (after model.layers.N.) -> GGUF name (after blk.N.)
 _BLOCK_NAMES = {
@@ -54,6 +68,42 @@ def gguf_name(key: str) -> str:
     raise ExportError(f"tensor {key!r} has no place in llama.cpp's '{ARCH}' architecture")
 
 
+def _block(storage: str, i2s_layout: str = "x86") -> int | None:
+    """Values per quantization block along a row (None: any row length)."""
+    if storage.startswith("tq"):
+        return TQ_BLOCK
+    if storage == "i2_s":
+        return I2S_LAYOUTS[i2s_layout]
+    return None
+
+
+def pack_i2s(codes: np.ndarray, scale: float, block: int = 128) -> np.ndarray:
+    """bitnet.cpp's I2_S bytes for ternary ``codes`` ([out, in], values -1/0/1) and their scale."""
+    q = (np.asarray(codes).reshape(-1).astype(np.int16) + 1).astype(np.uint8)
+    n = q.size
+    if n % block:
+        raise ExportError(f"I2_S packs blocks of {block} values; this tensor has {n}")
+    group = block // 4
+    q = q.reshape(n // block, 4, group)  # [block, j // group, j % group]
+    packed = (q[:, 0] << 6) | (q[:, 1] << 4) | (q[:, 2] << 2) | q[:, 3]
+    out = np.zeros(n // 4 + I2S_TAIL, dtype=np.uint8)
+    out[: n // 4] = packed.reshape(-1)
+    out[n // 4 : n // 4 + 4] = np.frombuffer(np.float32(scale).tobytes(), dtype=np.uint8)
+    return out
+
+
+def unpack_i2s(data: np.ndarray, shape: tuple[int, int], block: int = 128) -> tuple[np.ndarray, float]:
+    """Inverse of :func:`pack_i2s`: (codes as int8 ``shape``, scale)."""
+    data = np.asarray(data, dtype=np.uint8)
+    n = int(np.prod(shape))
+    group = block // 4
+    b = data[: n // 4].reshape(n // block, 1, group)
+    q = (b >> np.array([6, 4, 2, 0], dtype=np.uint8).reshape(1, 4, 1)) & 3
+    codes = q.reshape(shape).astype(np.int8) - 1
+    scale = float(np.frombuffer(data[n // 4 : n // 4 + 4].tobytes(), dtype=np.float32)[0])
+    return codes, scale
+
+
 def _qtype(quant: str):
     from gguf import GGMLQuantizationType as Q
 
@@ -63,6 +113,8 @@ def _qtype(quant: str):
 def _file_type(quant: str):
     from gguf import LlamaFileType as F
 
+    if quant == "i2_s":
+        return I2S_FILE_TYPE
     return {"tq2_0": F.MOSTLY_TQ2_0, "tq1_0": F.MOSTLY_TQ1_0, "f16": F.MOSTLY_F16, "f32": F.ALL_F32}[quant]
 
 
@@ -203,11 +255,14 @@ def add_tokenizer(writer, tok, vocab_size: int, force: bool = False) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def plan(src: CheckpointSource, quant: str, tq_fallback: str | None = None) -> list[tuple[str, str, str, str]]:
+def plan(
+    src: CheckpointSource, quant: str, tq_fallback: str | None = None, i2s_layout: str = "x86"
+) -> list[tuple[str, str, str, str]]:
     """(gguf name, checkpoint key, kind, storage) for every tensor, in file order.
 
-    kind: ``ternary`` (codes; a ``.scale`` tensor follows), ``scale``, ``embed`` or ``norm``.
-    storage: ``tq2_0`` / ``tq1_0`` / ``f16`` / ``f32``."""
+    kind: ``ternary`` (codes; a ``.scale`` tensor follows unless the storage embeds it, as I2_S
+    does), ``scale``, ``embed`` or ``norm``. storage: ``tq2_0`` / ``tq1_0`` / ``i2_s`` / ``f16`` /
+    ``f32``."""
     rows = []
     for key in src.keys():
         if key == "lm_head.weight":
@@ -216,17 +271,19 @@ def plan(src: CheckpointSource, quant: str, tq_fallback: str | None = None) -> l
         shape = src.shape(key)
         if src.is_ternary(key):
             storage = quant
-            if quant.startswith("tq") and shape[-1] % TQ_BLOCK:
+            block = _block(quant, i2s_layout)
+            if block and shape[-1] % block:
                 if tq_fallback is None:
                     raise ExportError(
-                        f"tensor {key!r} has rows of {shape[-1]} values, not a multiple of {TQ_BLOCK}: "
-                        f"{quant.upper()} cannot pack it (TQ formats quantize in blocks of {TQ_BLOCK}). "
+                        f"tensor {key!r} has rows of {shape[-1]} values, not a multiple of {block}: "
+                        f"{quant.upper()} cannot pack it ({quant.upper()} quantizes in blocks of {block}). "
                         "Choose a shape whose input sizes (hidden_size, intermediate_size) are multiples of "
-                        f"{TQ_BLOCK}, export --quant f16, or pass --tq-fallback f16 to store such tensors as F16 codes"
+                        f"{block}, export --quant f16, or pass --tq-fallback f16 to store such tensors as F16 codes"
                     )
                 storage = tq_fallback
             rows.append((name, key, "ternary", storage))
-            rows.append((name[: -len(".weight")] + ".scale", key, "scale", "f32"))
+            if storage != "i2_s":
+                rows.append((name[: -len(".weight")] + ".scale", key, "scale", "f32"))
         elif key == "model.embed_tokens.weight":
             rows.append((name, key, "embed", "f32" if quant == "f32" else "f16"))
         elif len(shape) == 1:
@@ -246,7 +303,9 @@ def _order(row):
     return (2, 0)
 
 
-def _encode(src: CheckpointSource, key: str, kind: str, storage: str, scales: dict) -> np.ndarray:
+def _encode(
+    src: CheckpointSource, key: str, kind: str, storage: str, scales: dict, i2s_layout: str = "x86"
+) -> np.ndarray:
     """The bytes (or float array) GGUF stores for one tensor; reads only that tensor."""
     import gguf
 
@@ -255,6 +314,9 @@ def _encode(src: CheckpointSource, key: str, kind: str, storage: str, scales: di
         if s is None:
             _codes, s = src.ternary(key)
         return np.array([float(s)], dtype=np.float32)
+    if kind == "ternary" and storage == "i2_s":
+        codes, s = src.ternary(key)
+        return pack_i2s(codes.numpy(), float(s), I2S_LAYOUTS[i2s_layout])
     if kind == "ternary":
         codes, s = src.ternary(key)
         scales[key] = float(s)
@@ -278,6 +340,10 @@ def _info(src: CheckpointSource, key: str, kind: str, storage: str) -> tuple[tup
         return shape, np.dtype(np.float32), 4 * n, None
     if storage == "f16":
         return shape, np.dtype(np.float16), 2 * n, None
+    if storage == "i2_s":
+        # the gguf package has no I2_S: the type id goes in raw, the shape as it is (int8 keeps
+        # the writer from reading the byte count as a shape), the size as bitnet.cpp computes it
+        return shape, np.dtype(np.int8), n // 4 + I2S_TAIL, I2S_TYPE
     q = _qtype(storage)
     bshape = gguf.quants.quant_shape_to_byte_shape(shape, q)
     return bshape, np.dtype(np.uint8), int(np.prod(bshape)), q
@@ -292,14 +358,17 @@ def write_gguf(
     force: bool = False,
     name: str | None = None,
     progress=None,
+    i2s_layout: str = "x86",
 ) -> dict:
     """Write ``src`` as a GGUF file at ``out`` (the caller makes it atomic). Returns a summary."""
     import gguf
 
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant!r}: GGUF quantizations are {', '.join(QUANTS)}")
+    if i2s_layout not in I2S_LAYOUTS:
+        raise ExportError(f"--i2s-layout {i2s_layout!r}: choose one of {', '.join(I2S_LAYOUTS)}")
     c = src.config
-    rows = plan(src, quant, tq_fallback)
+    rows = plan(src, quant, tq_fallback, i2s_layout)
     embed_rows = src.shape("model.embed_tokens.weight")[0]
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
@@ -324,7 +393,13 @@ def write_gguf(
     # can compute the right FFN, and so anyone can see what the model needs
     w.add_string(f"{ARCH}.hidden_activation", src.hidden_act)
     w.add_bool(f"{ARCH}.tie_word_embeddings", src.head_is_embedding())
-    w.add_string("bitnet_train.weight_layout", "ternary codes + per-tensor F32 .scale (absmean)")
+    if quant == "i2_s":
+        w.add_string(
+            "bitnet_train.weight_layout",
+            f"I2_S codes, blocks of {I2S_LAYOUTS[i2s_layout]} ({i2s_layout} bitnet.cpp), embedded F32 scale (absmean)",
+        )
+    else:
+        w.add_string("bitnet_train.weight_layout", "ternary codes + per-tensor F32 .scale (absmean)")
     pre = add_tokenizer(w, tokenizer, embed_rows, force=force)
 
     counts: dict[str, int] = {}
@@ -338,10 +413,10 @@ def write_gguf(
     w.write_ti_data_to_file()
     scales: dict[str, float] = {}
     for i, (gname, key, kind, storage) in enumerate(rows):
-        data = _encode(src, key, kind, storage, scales)
+        data = _encode(src, key, kind, storage, scales, i2s_layout)
         w.write_tensor_data(data)
         del data
         if progress:
             progress(i + 1, len(rows), gname)
     w.close()
-    return {"tensors": len(rows), "ternary_storage": counts, "pre_tokenizer": pre}
+    return {"tensors": len(rows), "ternary_storage": counts, "pre_tokenizer": pre, "i2s_layout": i2s_layout}

@@ -2,7 +2,9 @@
 
 Our side: the checkpoint loaded by :func:`bitnet_train.checkpoint.load_checkpoint` (BitLinear,
 ``torch`` backend, fp32) — the forward the trainer ran. Runtime side: stock transformers for
-``hf`` (no bitnet_train code involved), llama.cpp through ``llama-cpp-python`` for GGUF, fed the
+``hf`` (no bitnet_train code involved), llama.cpp through ``llama-cpp-python`` for GGUF, and for
+I2_S a bitnet.cpp build (``--bitnet-cpp DIR`` or ``BITNET_CPP_DIR``) through a small C program
+compiled against that build's ``llama.h`` and ``libllama`` (:func:`bitnet_cpp_logits`), fed the
 same token ids (``eval(ids)``, so a tokenizer difference cannot hide a weight error; tokenization
 agreement is checked separately).
 
@@ -39,6 +41,11 @@ TOLERANCES = {
     # llama.cpp quantizes activations to int8 in 256-wide blocks (Q8_K), not per token
     "tq2_0": (5e-2, 0.90, None),
     "tq1_0": (5e-2, 0.90, None),
+    # bitnet.cpp's I2_S path quantizes activations per token to int8 as we do and multiplies the
+    # codes exactly; token_embd and the KV cache are F16. Measured 2.8e-4 to 9.3e-4 trained, 2.8e-2
+    # random-init (int8 rounding flips amplify the F16 differences); a wrong block layout, a
+    # transposed or shifted packing, or a dropped scale measured 1.6e-1 to 1.3e+0
+    "i2_s": (5e-2, 0.90, None),
 }
 
 DEFAULT_PROBE = (
@@ -211,3 +218,80 @@ def gguf_logits(path: str | Path, ids: list[int], text: str | None = None, token
     finally:
         llm.close()
     return logits, tokenization
+
+
+# ----------------------------------------------------------------------------------------------
+# bitnet.cpp (I2_S)
+# ----------------------------------------------------------------------------------------------
+
+PROBE_SOURCE = Path(__file__).with_name("bitnet_cpp_probe.c")
+
+
+def bitnet_cpp_dir(explicit: str | Path | None = None) -> Path | None:
+    """The bitnet.cpp checkout to verify I2_S in: ``explicit``, else ``$BITNET_CPP_DIR``."""
+    d = explicit or os.environ.get("BITNET_CPP_DIR")
+    return Path(d).expanduser().resolve() if d else None
+
+
+def _find_one(root: Path, names: tuple[str, ...], what: str) -> Path:
+    for name in names:
+        found = sorted(root.rglob(name), key=lambda p: len(p.parts))
+        if found:
+            return found[0]
+    raise FileNotFoundError(f"bitnet.cpp at {root}: no {what} ({' or '.join(names)}) found; build it first "
+                            "(python setup_env.py ..., or cmake -B build && cmake --build build)")
+
+
+def build_probe(root: Path) -> Path:
+    """Compile :data:`PROBE_SOURCE` against the bitnet.cpp build at ``root`` (cached by build)."""
+    import hashlib
+    import shutil
+    import subprocess
+
+    if not root.is_dir():
+        raise FileNotFoundError(f"bitnet.cpp directory {root} does not exist")
+    header = _find_one(root, ("llama.h",), "llama.h")
+    ggml_h = _find_one(root, ("ggml.h",), "ggml.h")
+    lib = _find_one(root, ("libllama.so", "libllama.dylib", "libllama.a"), "built libllama")
+    key = hashlib.sha256(
+        f"{root}|{lib}|{lib.stat().st_mtime_ns}|{PROBE_SOURCE.read_bytes().hex()}".encode()
+    ).hexdigest()[:16]
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bitnet_train"
+    exe = cache / f"bitnet_cpp_probe-{key}"
+    if exe.exists():
+        return exe
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise FileNotFoundError("no C compiler (cc, gcc or clang) to build the bitnet.cpp probe")
+    cache.mkdir(parents=True, exist_ok=True)
+    libdirs = {lib.parent}
+    if lib.suffix == ".a":
+        extra = [str(lib)] + [str(p) for p in root.rglob("libggml*.a")] + ["-lstdc++", "-lm", "-lpthread", "-fopenmp"]
+    else:
+        libdirs |= {p.parent for p in root.rglob("libggml*.so")} | {p.parent for p in root.rglob("libggml*.dylib")}
+        extra = ["-lllama"]
+    cmd = [cc, "-O1", "-o", str(exe) + ".tmp", str(PROBE_SOURCE), "-I", str(header.parent), "-I", str(ggml_h.parent)]
+    for d in sorted(libdirs):
+        cmd += ["-L", str(d), f"-Wl,-rpath,{d}"]
+    r = subprocess.run(cmd + extra, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"building the bitnet.cpp probe against {root} failed:\n{' '.join(cmd + extra)}\n{r.stderr[-3000:]}")
+    os.replace(str(exe) + ".tmp", exe)
+    return exe
+
+
+def bitnet_cpp_logits(root: Path, path: str | Path, ids: list[int], threads: int | None = None) -> np.ndarray:
+    """bitnet.cpp's logits for ``ids`` (all positions, one batch) from the GGUF at ``path``."""
+    import subprocess
+    import tempfile
+
+    exe = build_probe(root)
+    threads = threads or max(1, min(os.cpu_count() or 1, 8))
+    with tempfile.TemporaryDirectory() as d:
+        idf, outf = Path(d) / "ids.bin", Path(d) / "logits.bin"
+        np.asarray(ids, dtype=np.int32).tofile(idf)
+        r = subprocess.run([str(exe), str(path), str(idf), str(outf), str(threads)], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"bitnet.cpp failed on {path} (exit {r.returncode}): {r.stderr[-2000:]}")
+        logits = np.fromfile(outf, dtype=np.float32)
+    return logits.reshape(len(ids), -1)
