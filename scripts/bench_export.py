@@ -10,8 +10,12 @@
 3. Loads each GGUF in llama.cpp (llama-cpp-python) and times greedy decoding: the TQ formats'
    file size and decode tokens/s are printed as ratios to F16 of the same model, measured in this
    one process, formats alternated over ``--rounds`` rounds (median).
+4. With ``--bitnet-cpp DIR`` (or ``$BITNET_CPP_DIR``), a built bitnet.cpp checkout: also exports
+   I2_S and times decoding of F16, TQ2_0 and I2_S in bitnet.cpp with its ``llama-bench``
+   (``-p 0 -n TOKENS``), formats alternated over the rounds; ratios to F16 in that runtime.
 
     python scripts/bench_export.py [--preset 700m-silu] [--work DIR] [--threads N] [--tokens 64]
+                                   [--bitnet-cpp DIR]
 """
 
 from __future__ import annotations
@@ -91,6 +95,23 @@ def decode_speed(paths: dict, threads: int, tokens: int, rounds: int) -> dict:
     return {q: statistics.median(v) for q, v in times.items()}
 
 
+def bitnet_cpp_speed(root: Path, paths: dict, threads: int, tokens: int, rounds: int) -> dict:
+    """Decode tokens/s of each GGUF in bitnet.cpp's llama-bench (median over alternated rounds)."""
+    bench = next((p for p in sorted(root.rglob("llama-bench")) if p.is_file() and os.access(p, os.X_OK)), None)
+    if bench is None:
+        raise SystemExit(f"no llama-bench under {root}: cmake --build build --target llama-bench")
+    times: dict[str, list[float]] = {q: [] for q in paths}
+    for _ in range(rounds):
+        for q, p in paths.items():
+            cmd = [str(bench), "-m", str(p), "-p", "0", "-n", str(tokens), "-t", str(threads), "-r", "1", "-o", "json"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode:
+                raise SystemExit(f"llama-bench failed on {p}:\n{r.stderr[-2000:]}")
+            times[q].append(float(json.loads(r.stdout)[0]["avg_ts"]))
+            print(f"  bitnet.cpp {q}: {times[q][-1]:.2f} tokens/s", flush=True)
+    return {q: statistics.median(v) for q, v in times.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="700m-silu")
@@ -100,7 +121,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per timing")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--decode-only", action="store_true", help="reuse the GGUF files of an earlier run")
+    ap.add_argument("--bitnet-cpp", default=os.environ.get("BITNET_CPP_DIR"),
+                    help="a built bitnet.cpp checkout: also export I2_S and time F16/TQ2_0/I2_S there")
     args = ap.parse_args()
+    quants = QUANTS + (("i2_s",) if args.bitnet_cpp else ())
 
     repo = Path(__file__).resolve().parents[1]
     text = Path(args.text) if args.text else repo.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -119,7 +143,7 @@ def main() -> int:
         print(f"baseline process (imports, tensor index, tokenizer): peak RSS {base['peak_rss'] / 2**30:.2f} GiB")
         print("| format | file size | export time | peak RSS | peak RSS - baseline | / checkpoint size |")
         print("|---|---|---|---|---|---|")
-    for q in QUANTS:
+    for q in quants:
         p = work / f"{args.preset}-{q}.gguf"
         if args.decode_only:
             paths[q], sizes[q] = p, p.stat().st_size
@@ -132,15 +156,26 @@ def main() -> int:
             f"{extra / 2**20:.0f} MiB | {r['peak_rss'] / ck_bytes:.2f}x |"
         )
     try:
-        speed = decode_speed(paths, args.threads, args.tokens, args.rounds)
+        speed = decode_speed({q: paths[q] for q in QUANTS}, args.threads, args.tokens, args.rounds)
     except ImportError:
-        print("llama-cpp-python is not installed: no decode speed")
-        return 0
-    print(f"\nllama.cpp decode, {args.threads} threads, {args.tokens} tokens, median of {args.rounds} rounds:")
-    print("| format | file size vs F16 | decode tokens/s | vs F16 |")
-    print("|---|---|---|---|")
-    for q in QUANTS:
-        print(f"| {q} | {sizes[q] / sizes['f16']:.3f}x | {speed[q]:.2f} | {speed[q] / speed['f16']:.2f}x |")
+        print("llama-cpp-python is not installed: no llama.cpp decode speed")
+        speed = None
+    if speed:
+        print(f"\nllama.cpp decode, {args.threads} threads, {args.tokens} tokens, median of {args.rounds} rounds:")
+        print("| format | file size vs F16 | decode tokens/s | vs F16 |")
+        print("|---|---|---|---|")
+        for q in QUANTS:
+            print(f"| {q} | {sizes[q] / sizes['f16']:.3f}x | {speed[q]:.2f} | {speed[q] / speed['f16']:.2f}x |")
+    if args.bitnet_cpp:
+        bq = ("f16", "tq2_0", "i2_s")
+        bspeed = bitnet_cpp_speed(Path(args.bitnet_cpp), {q: paths[q] for q in bq}, args.threads, args.tokens,
+                                  args.rounds)
+        print(f"\nbitnet.cpp ({args.bitnet_cpp}) llama-bench decode, {args.threads} threads, {args.tokens} tokens, "
+              f"median of {args.rounds} rounds:")
+        print("| format | file size vs F16 | decode tokens/s | vs F16 |")
+        print("|---|---|---|---|")
+        for q in bq:
+            print(f"| {q} | {sizes[q] / sizes['f16']:.3f}x | {bspeed[q]:.2f} | {bspeed[q] / bspeed['f16']:.2f}x |")
     return 0
 
 
