@@ -239,6 +239,34 @@ def test_sft_resume_is_exact(pretrained, tmp_path):
     assert bitlinear_modules(load_model(tmp_path / "b" / "out" / "checkpoints" / "checkpoint-2"))
 
 
+def test_dpo_resume_is_exact(pretrained, tmp_path):
+    """DPO's resume (the same Trainer path as SFT's, plus the frozen reference model) continues
+    with the losses of an uninterrupted run."""
+    from bitnet_train.align import DPORecipe, dpo
+
+    _, pre = pretrained
+
+    def recipe(d):
+        return load_recipe(DPORecipe, data={
+            "output_dir": str(d / "out"), "model": str(pre), "data": {"path": str(d / "p.jsonl")},
+            "train": {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "lr_scheduler": "constant", "max_length": 48,
+                      "save_every": 2, "log_every": 1}})
+
+    for x in ("a", "b"):
+        (tmp_path / x).mkdir()
+        T.write_jsonl(T.dpo_rows(T.triples(T.TINY_WORDS)[:32]), tmp_path / x / "p.jsonl")
+    full = dpo(recipe(tmp_path / "a"), progress=False)
+    part = dpo(recipe(tmp_path / "b"), progress=False, stop_after=2)
+    assert part.get("interrupted") and part["step"] == 2
+    rest = dpo(recipe(tmp_path / "b"), resume=True, progress=False)
+    assert rest["step"] == full["step"] == 4
+
+    def losses(x):
+        return [r["loss"] for r in map(json.loads, (tmp_path / x / "out" / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+    assert losses("a") == losses("b") and len(losses("a")) == 4
+
+
 # ----------------------------------------------------------------------------- errors and recipes
 
 
