@@ -1,7 +1,8 @@
 """``bitnet-train generate MODEL --prompt TEXT``: run an exported model on the CPU.
 
-A ``.gguf`` file runs in llama.cpp (``llama-cpp-python``); a directory (an ``export --format hf``
-output, or a checkpoint) runs in stock transformers. Greedy decoding by default; prints the text
+A ``.gguf`` file runs in llama.cpp (``llama-cpp-python``), an I2_S ``.gguf`` in bitnet.cpp (its
+``llama-cli``, given ``--bitnet-cpp DIR`` or ``BITNET_CPP_DIR``); a directory (an ``export --format
+hf`` output, or a checkpoint) runs in stock transformers. Greedy decoding by default; prints the text
 and the decode speed (new tokens per second, prompt processing excluded).
 """
 
@@ -18,11 +19,13 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+    p.add_argument("--bitnet-cpp", metavar="DIR",
+                   help="a built bitnet.cpp checkout, to run I2_S files in (default: $BITNET_CPP_DIR)")
     p.set_defaults(func=cmd_generate)
 
 
 def cmd_generate(args) -> int:
-    r = generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.threads)
+    r = generate(args.model, args.prompt, args.max_new_tokens, args.temperature, args.threads, args.bitnet_cpp)
     print(r["text"])
     print(
         f"[{r['runtime']}] {r['new_tokens']} new tokens in {r['decode_s']:.2f} s: {r['tokens_per_s']:.1f} tokens/s "
@@ -31,18 +34,25 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def generate(model, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, threads: int | None = None) -> dict:
+def generate(
+    model, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, threads: int | None = None,
+    bitnet_cpp: str | None = None,
+) -> dict:
     from .cli import UserError
+    from .export.verify import bitnet_cpp_dir
 
     p = Path(model)
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if p.is_file() and p.suffix == ".gguf":
         if gguf_file_type(p) == I2S_FILE_TYPE:
-            raise UserError(
-                f"{model} is an I2_S GGUF, which only bitnet.cpp runs (llama.cpp has no I2_S type): "
-                f"build/bin/llama-cli -m {model} -p PROMPT in a bitnet.cpp checkout"
-            )
+            root = bitnet_cpp_dir(bitnet_cpp)
+            if root is None:
+                raise UserError(
+                    f"{model} is an I2_S GGUF, which only bitnet.cpp runs (llama.cpp has no I2_S type): "
+                    "pass --bitnet-cpp DIR (or set BITNET_CPP_DIR) to a built bitnet.cpp checkout"
+                )
+            return _bitnet_cpp(root, p, prompt, max_new_tokens, temperature, threads)
         return _llama(p, prompt, max_new_tokens, temperature, threads)
     if p.is_dir():
         return _transformers(p, prompt, max_new_tokens, temperature, threads)
@@ -106,6 +116,39 @@ def _llama(path: Path, prompt: str, n: int, temperature: float, threads: int | N
     text = prompt + llm.detokenize(out).decode("utf-8", errors="replace")
     llm.close()
     return _result("llama.cpp", text, len(ids), len(out), t1 - t0, t2 - t1)
+
+
+def _bitnet_cpp(root: Path, path: Path, prompt: str, n: int, temperature: float, threads: int | None) -> dict:
+    """bitnet.cpp's ``llama-cli`` on the file; speeds from its own timing report."""
+    import os
+    import re
+    import subprocess
+
+    from .cli import UserError
+
+    cli = next((c for c in sorted(Path(root).rglob("llama-cli")) if c.is_file() and os.access(c, os.X_OK)), None)
+    if cli is None:
+        raise UserError(f"bitnet.cpp at {root}: no built llama-cli (cmake --build build --target llama-cli)")
+    cmd = [str(cli), "-m", str(path), "-p", prompt, "-n", str(n), "--temp", str(temperature), "-s", "0",
+           "-t", str(threads or os.cpu_count() or 1), "--simple-io"]
+    if "-no-cnv" in subprocess.run([str(cli), "--help"], capture_output=True, text=True).stdout:
+        cmd.append("-no-cnv")  # newer builds chat by default when the file has a chat template
+    r = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if r.returncode != 0:
+        raise UserError(f"bitnet.cpp's llama-cli failed on {path} (exit {r.returncode}): {r.stderr.strip()[-1500:]}")
+
+    def timing(label):  # "<label> =  8.71 ms /  29 runs" (or "tokens")
+        m = re.search(rf"\b{label} time =\s*([\d.]+) ms /\s*(\d+) (?:runs|tokens)", r.stderr)
+        return (float(m.group(1)) / 1000, int(m.group(2))) if m else (float("nan"), 0)
+
+    prompt_s, n_prompt = timing("prompt eval")
+    decode_s, steps = timing("(?<!prompt )eval")
+    # llama-cli prints the prompt, the new text, " [end of text]" at EOS, then two newlines
+    text = r.stdout.removesuffix("\n\n").removesuffix(" [end of text]")
+    _, sampled = timing("sampling")  # the prompt's tokens and each new one pass the sampler
+    out = _result("bitnet.cpp", text, n_prompt, max(sampled - n_prompt, 0), prompt_s, decode_s)
+    out["tokens_per_s"] = steps / decode_s if steps and decode_s > 0 else float("nan")  # per decode step
+    return out
 
 
 def _transformers(path: Path, prompt: str, n: int, temperature: float, threads: int | None) -> dict:

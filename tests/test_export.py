@@ -428,13 +428,15 @@ def test_i2s_block_not_packable(tmp_path):
     assert scales == {"blk.0.ffn_down.scale", "blk.1.ffn_down.scale"}  # only the F16 fallback needs one
 
 
-def test_i2s_generate_points_to_bitnet_cpp(silu_ckpt, tmp_path, capsys):
+def test_i2s_generate_points_to_bitnet_cpp(silu_ckpt, tmp_path, capsys, monkeypatch):
     from bitnet_train.cli import main
 
+    monkeypatch.delenv("BITNET_CPP_DIR", raising=False)
     out = tmp_path / "g.gguf"
     export(silu_ckpt, "gguf", out, quant="i2_s", verify=False, log=_quiet)
     assert main(["generate", str(out), "--prompt", "ROMEO:"]) == 2
-    assert "I2_S GGUF, which only bitnet.cpp runs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "I2_S GGUF, which only bitnet.cpp runs" in err and "--bitnet-cpp DIR" in err
 
 
 BITNET_CPP = os.environ.get("BITNET_CPP_DIR")
@@ -454,6 +456,13 @@ def test_i2s_into_bitnet_cpp(silu_ckpt, probe, tmp_path, monkeypatch):
     ag = export(wide, "gguf", tmp_path / "w.gguf", quant="i2_s", probe_text=probe, bitnet_cpp=BITNET_CPP,
                 log=_quiet)["agreement"]
     assert ag is not None and ag.ok and ag.rel_error < 5e-3 and ag.top1 >= 0.99, str(ag)
+    # generate runs the file in bitnet.cpp's llama-cli: greedy, it continues as our model does
+    from bitnet_train.generate import generate
+
+    theirs = generate(out, "ROMEO:", 8, threads=2, bitnet_cpp=BITNET_CPP)
+    ours = generate(silu_ckpt, "ROMEO:", 8, threads=2)
+    assert theirs["runtime"] == "bitnet.cpp" and theirs["new_tokens"] == 8 and theirs["tokens_per_s"] > 0
+    assert theirs["text"] == ours["text"]
     real = G.pack_i2s
     for wrong in (lambda c, s, b: real(c, 1.0, b), lambda c, s, b: real(c, s, b // 2)):
         monkeypatch.setattr(G, "pack_i2s", wrong)
