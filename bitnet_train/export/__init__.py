@@ -164,6 +164,10 @@ def export(
             write_gguf(src, tmp, quant, tok, tq_fallback=tq_fallback, force=force, i2s_layout=i2s_layout)
         )
         log(f"wrote gguf/{quant} to temporary {tmp.name} in {time.perf_counter() - t0:.1f} s ({_size(tmp)})")
+        if quant == "i2_s":
+            other = "arm" if i2s_layout == "x86" else "x86"
+            log(f"I2_S layout {i2s_layout}: runs in bitnet.cpp builds for {i2s_layout}; for {other} builds "
+                f"export with --i2s-layout {other}")
         if verify:
             ag = _verify(src, tok, text, probe_tokens, quant, tmp, log, bitnet_cpp=bitnet_cpp, i2s_layout=i2s_layout)
             result["agreement"] = ag
