@@ -125,10 +125,12 @@ def _bitnet_cpp(root: Path, path: Path, prompt: str, n: int, temperature: float,
     import subprocess
 
     from .cli import UserError
+    from .export.verify import bitnet_cpp_program
 
-    cli = next((c for c in sorted(Path(root).rglob("llama-cli")) if c.is_file() and os.access(c, os.X_OK)), None)
-    if cli is None:
-        raise UserError(f"bitnet.cpp at {root}: no built llama-cli (cmake --build build --target llama-cli)")
+    try:
+        cli = bitnet_cpp_program(root, "llama-cli")
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
     cmd = [str(cli), "-m", str(path), "-p", prompt, "-n", str(n), "--temp", str(temperature), "-s", "0",
            "-t", str(threads or os.cpu_count() or 1), "--simple-io"]
     if "-no-cnv" in subprocess.run([str(cli), "--help"], capture_output=True, text=True).stdout:

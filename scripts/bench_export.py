@@ -97,9 +97,12 @@ def decode_speed(paths: dict, threads: int, tokens: int, rounds: int) -> dict:
 
 def bitnet_cpp_speed(root: Path, paths: dict, threads: int, tokens: int, rounds: int) -> dict:
     """Decode tokens/s of each GGUF in bitnet.cpp's llama-bench (median over alternated rounds)."""
-    bench = next((p for p in sorted(root.rglob("llama-bench")) if p.is_file() and os.access(p, os.X_OK)), None)
-    if bench is None:
-        raise SystemExit(f"no llama-bench under {root}: cmake --build build --target llama-bench")
+    from bitnet_train.export.verify import bitnet_cpp_program
+
+    try:
+        bench = bitnet_cpp_program(root, "llama-bench")
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     times: dict[str, list[float]] = {q: [] for q in paths}
     for _ in range(rounds):
         for q, p in paths.items():

@@ -242,6 +242,14 @@ def _find_one(root: Path, names: tuple[str, ...], what: str) -> Path:
                             "(python setup_env.py ..., or cmake -B build && cmake --build build)")
 
 
+def bitnet_cpp_program(root: Path, name: str) -> Path:
+    """A built executable of the bitnet.cpp checkout at ``root`` (``llama-cli``, ``llama-bench``)."""
+    for p in sorted(Path(root).rglob(name), key=lambda p: len(p.parts)):
+        if p.is_file() and os.access(p, os.X_OK):
+            return p
+    raise FileNotFoundError(f"bitnet.cpp at {root}: no built {name} (cmake --build build --target {name})")
+
+
 def build_probe(root: Path) -> Path:
     """Compile :data:`PROBE_SOURCE` against the bitnet.cpp build at ``root`` (cached by build)."""
     import hashlib
