@@ -450,6 +450,7 @@ def test_i2s_into_bitnet_cpp(silu_ckpt, probe, tmp_path, monkeypatch):
     r = export(silu_ckpt, "gguf", out, quant="i2_s", probe_text=probe, bitnet_cpp=BITNET_CPP, log=_quiet)
     ag = r["agreement"]
     assert ag is not None and ag.ok and ag.rel_error < 5e-3 and ag.top1 >= 0.99, str(ag)
+    assert ag.tokenization.startswith("identical"), ag.tokenization  # the GGUF's tokenizer in bitnet.cpp
     # bitnet.cpp's AVX2 dot product has a loop over groups of 32 blocks (4,096 values) and a tail
     # loop; rows of 256 and 768 reach only the tail, an FFN of 4352 (34 blocks) both
     wide = make_checkpoint(tmp_path / "wide", probe * 100, steps=20, intermediate_size=4352)

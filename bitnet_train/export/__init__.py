@@ -200,10 +200,9 @@ def _verify(src, tok, text, probe_tokens, fmt, path, log, bitnet_cpp=None, i2s_l
                 "checked in bitnet.cpp")
             return None
         try:
-            theirs = V.bitnet_cpp_logits(root, path, ids)
+            theirs, tokenization = V.bitnet_cpp_logits(root, path, ids, text=text[:2000], tokenizer=tok)
         except (OSError, RuntimeError) as e:
             raise ExportError(f"verify: {e}") from None
-        tokenization = "not checked (bitnet.cpp is fed the token ids)"
     else:
         if not V.llama_available():
             log("verify: llama-cpp-python is not installed; the GGUF was NOT checked in llama.cpp "

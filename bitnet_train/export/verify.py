@@ -208,13 +208,8 @@ def gguf_logits(path: str | Path, ids: list[int], text: str | None = None, token
         tokenization = "not checked"
         if text is not None and tokenizer is not None:
             # both with their special-token policy: llama.cpp adds BOS only when the GGUF says so
-            ours = tokenizer(text)["input_ids"]
             theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
-            if list(ours) == list(theirs):
-                tokenization = f"identical ({len(ours)} tokens)"
-            else:
-                n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-                tokenization = f"DIFFERS at token {n} ({len(ours)} vs {len(theirs)} tokens)"
+            tokenization = _same_tokens(list(tokenizer(text)["input_ids"]), list(theirs))
     finally:
         llm.close()
     return logits, tokenization
@@ -250,8 +245,9 @@ def bitnet_cpp_program(root: Path, name: str) -> Path:
     raise FileNotFoundError(f"bitnet.cpp at {root}: no built {name} (cmake --build build --target {name})")
 
 
-def build_probe(root: Path) -> Path:
-    """Compile :data:`PROBE_SOURCE` against the bitnet.cpp build at ``root`` (cached by build)."""
+def build_probe(root: Path) -> tuple[Path, bool]:
+    """Compile :data:`PROBE_SOURCE` against the bitnet.cpp build at ``root`` (cached by build).
+    Returns the program and whether it can tokenize (``llama_tokenize`` in one of its two forms)."""
     import hashlib
     import shutil
     import subprocess
@@ -265,9 +261,10 @@ def build_probe(root: Path) -> Path:
         f"{root}|{lib}|{lib.stat().st_mtime_ns}|{PROBE_SOURCE.read_bytes().hex()}".encode()
     ).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bitnet_train"
-    exe = cache / f"bitnet_cpp_probe-{key}"
-    if exe.exists():
-        return exe
+    for api in (1, 2, 0):
+        exe = cache / f"bitnet_cpp_probe-{key}-t{api}"
+        if exe.exists():
+            return exe, api != 0
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise FileNotFoundError("no C compiler (cc, gcc or clang) to build the bitnet.cpp probe")
@@ -278,28 +275,54 @@ def build_probe(root: Path) -> Path:
     else:
         libdirs |= {p.parent for p in root.rglob("libggml*.so")} | {p.parent for p in root.rglob("libggml*.dylib")}
         extra = ["-lllama"]
-    cmd = [cc, "-O1", "-o", str(exe) + ".tmp", str(PROBE_SOURCE), "-I", str(header.parent), "-I", str(ggml_h.parent)]
-    for d in sorted(libdirs):
-        cmd += ["-L", str(d), f"-Wl,-rpath,{d}"]
-    r = subprocess.run(cmd + extra, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"building the bitnet.cpp probe against {root} failed:\n{' '.join(cmd + extra)}\n{r.stderr[-3000:]}")
-    os.replace(str(exe) + ".tmp", exe)
-    return exe
+    errors = []
+    for api in (1, 2, 0):  # llama_tokenize(model, ...) in 2024 builds, (vocab, ...) later; else none
+        exe = cache / f"bitnet_cpp_probe-{key}-t{api}"
+        cmd = [cc, "-O1", f"-DPROBE_TOKENIZE={api}", "-Werror=incompatible-pointer-types",
+               "-Werror=implicit-function-declaration", "-o", str(exe) + ".tmp", str(PROBE_SOURCE),
+               "-I", str(header.parent), "-I", str(ggml_h.parent)]
+        for d in sorted(libdirs):
+            cmd += ["-L", str(d), f"-Wl,-rpath,{d}"]
+        r = subprocess.run(cmd + extra, capture_output=True, text=True)
+        if r.returncode == 0:
+            os.replace(str(exe) + ".tmp", exe)
+            return exe, api != 0
+        errors.append(f"{' '.join(cmd + extra)}\n{r.stderr[-2000:]}")
+    raise RuntimeError(f"building the bitnet.cpp probe against {root} failed:\n" + "\n".join(errors))
 
 
-def bitnet_cpp_logits(root: Path, path: str | Path, ids: list[int], threads: int | None = None) -> np.ndarray:
-    """bitnet.cpp's logits for ``ids`` (all positions, one batch) from the GGUF at ``path``."""
+def bitnet_cpp_logits(
+    root: Path, path: str | Path, ids: list[int], threads: int | None = None, text: str | None = None,
+    tokenizer=None,
+) -> tuple[np.ndarray, str]:
+    """bitnet.cpp's logits for ``ids`` (all positions, one batch) from the GGUF at ``path``, and
+    whether it tokenizes ``text`` as ``tokenizer`` does (when the build's API allows)."""
     import subprocess
     import tempfile
 
-    exe = build_probe(root)
+    exe, can_tokenize = build_probe(root)
     threads = threads or max(1, min(os.cpu_count() or 1, 8))
+    check = can_tokenize and text is not None and tokenizer is not None
     with tempfile.TemporaryDirectory() as d:
-        idf, outf = Path(d) / "ids.bin", Path(d) / "logits.bin"
+        idf, outf, textf, tokf = (Path(d) / n for n in ("ids.bin", "logits.bin", "text.txt", "tokens.bin"))
         np.asarray(ids, dtype=np.int32).tofile(idf)
-        r = subprocess.run([str(exe), str(path), str(idf), str(outf), str(threads)], capture_output=True, text=True)
+        cmd = [str(exe), str(path), str(idf), str(outf), str(threads)]
+        if check:
+            textf.write_bytes(text.encode("utf-8"))
+            cmd += [str(textf), str(tokf)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"bitnet.cpp failed on {path} (exit {r.returncode}): {r.stderr[-2000:]}")
         logits = np.fromfile(outf, dtype=np.float32)
-    return logits.reshape(len(ids), -1)
+        theirs = np.fromfile(tokf, dtype=np.int32).tolist() if check else None
+    tokenization = "not checked (this bitnet.cpp build has no llama_tokenize the probe knows)"
+    if theirs is not None:
+        tokenization = _same_tokens(list(tokenizer(text)["input_ids"]), theirs)
+    return logits.reshape(len(ids), -1), tokenization
+
+
+def _same_tokens(ours: list[int], theirs: list[int]) -> str:
+    if ours == theirs:
+        return f"identical ({len(ours)} tokens)"
+    n = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return f"DIFFERS at token {n} ({len(ours)} vs {len(theirs)} tokens)"
