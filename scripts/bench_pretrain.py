@@ -9,6 +9,8 @@
    ``quant: bitnet`` and ``quant: none`` (same data, tokens, schedule); validation loss of both
    and the gap. ``--quality-model micro`` (the default; a 2-layer, hidden-128 model) keeps this
    to minutes on a shared 2-core machine; ``--quality-model tiny`` uses the recipe's own preset.
+   ``--fp-lrs 1e-3,6e-3`` adds fp runs at other peak learning rates (the recipe's is chosen for
+   the ternary model), and the gap to the best of them.
 
     python scripts/bench_pretrain.py                      # both parts
     python scripts/bench_pretrain.py --skip-quality --speed-steps 3
@@ -88,7 +90,9 @@ tie_word_embeddings: true
 """
 
 
-def quality(steps: int, data: Path, model: str, batch: int, seq: int) -> dict:
+def quality(steps: int, data: Path, model: str, batch: int, seq: int, fp_lrs=()) -> dict:
+    """Validation loss of BitNet and ``quant: none`` on the recipe's schedule; ``fp_lrs``: more fp
+    runs at these peak learning rates (min_lr = lr / 10), so the baseline is not held to BitNet's LR."""
     from bitnet_train.train import load_pretrain_recipe, pretrain
 
     res = {}
@@ -96,28 +100,37 @@ def quality(steps: int, data: Path, model: str, batch: int, seq: int) -> dict:
         if model == "micro":
             model = f"{tmp}/micro.yaml"
             Path(model).write_text(MICRO)
-        for quant in ("bitnet", "none"):
+        runs = [("bitnet", "bitnet", []), ("none", "none", [])]
+        runs += [(f"none@{lr:g}", "none", [f"train.lr={lr}", f"train.min_lr={lr / 10}"]) for lr in fp_lrs]
+        for name, quant, extra in runs:
             r = load_pretrain_recipe(REPO / "recipes" / "tiny.yaml", [
-                f"output_dir={tmp}/{quant}", f"quant={quant}", f"data.path={data}", f"model={model}",
+                f"output_dir={tmp}/{name}", f"quant={quant}", f"data.path={data}", f"model={model}",
                 f"train.max_steps={steps}", f"train.save_every={steps}", f"train.eval_every={steps}",
-                f"train.warmup_steps={max(1, steps // 10)}", f"train.batch_size={batch}", f"data.seq_len={seq}"])
+                f"train.warmup_steps={max(1, steps // 10)}", f"train.batch_size={batch}", f"data.seq_len={seq}",
+                *extra])
             t0 = time.perf_counter()
             s = pretrain(r, progress=False)
-            res[quant] = {"val_loss": s["val_loss"], "first_val_loss": s["first_val_loss"], "tokens": s["tokens"],
-                          "seconds": time.perf_counter() - t0}
+            res[name] = {"val_loss": s["val_loss"], "first_val_loss": s["first_val_loss"], "tokens": s["tokens"],
+                         "seconds": time.perf_counter() - t0, "lr": r.train.lr}
     return res
 
 
 def run_quality(args) -> None:
-    q = quality(args.quality_steps, args.data, args.quality_model, args.quality_batch, args.quality_seq)
-    b, f = q["bitnet"], q["none"]
+    fp_lrs = [float(x) for x in args.fp_lrs.split(",") if x]
+    q = quality(args.quality_steps, args.data, args.quality_model, args.quality_batch, args.quality_seq, fp_lrs)
+    b = q["bitnet"]
     print(f"\nquality: recipes/tiny.yaml with model {args.quality_model} on {args.data.name}, "
           f"batch {args.quality_batch} x {args.quality_seq} tokens, {args.quality_steps} steps, {b['tokens']:,} tokens")
-    print("| quant | val loss at step 0 | val loss at the end | wall s |")
-    print("|---|---|---|---|")
-    for name, v in (("bitnet", b), ("none (fp)", f)):
-        print(f"| {name} | {v['first_val_loss']:.4f} | {v['val_loss']:.4f} | {v['seconds']:.0f} |")
-    print(f"gap (BitNet - fp): {b['val_loss'] - f['val_loss']:+.4f} nats/token")
+    print("| quant | peak lr | val loss at step 0 | val loss at the end | wall s |")
+    print("|---|---|---|---|---|")
+    for name, v in q.items():
+        label = "bitnet" if name == "bitnet" else "none (fp)"
+        print(f"| {label} | {v['lr']:g} | {v['first_val_loss']:.4f} | {v['val_loss']:.4f} | {v['seconds']:.0f} |")
+    f = q["none"]
+    print(f"gap (BitNet - fp, same schedule): {b['val_loss'] - f['val_loss']:+.4f} nats/token")
+    if fp_lrs:
+        best = min((v for k, v in q.items() if k != "bitnet"), key=lambda v: v["val_loss"])
+        print(f"gap (BitNet - best fp, lr {best['lr']:g}): {b['val_loss'] - best['val_loss']:+.4f} nats/token")
 
 
 def main() -> None:
@@ -131,6 +144,7 @@ def main() -> None:
     ap.add_argument("--speed-models", default="tiny:16x128,125m:1x256",
                     help="preset:BATCHxSEQ,... timed for throughput")
     ap.add_argument("--data", type=Path, default=SHAKESPEARE, help="text for the quality runs")
+    ap.add_argument("--fp-lrs", default="", help="more fp quality runs at these peak LRs, comma-separated")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
