@@ -228,21 +228,19 @@ def bitnet_cpp_dir(explicit: str | Path | None = None) -> Path | None:
     return Path(d).expanduser().resolve() if d else None
 
 
-def _find_one(root: Path, names: tuple[str, ...], what: str) -> Path:
+def _find_one(root: Path, names: tuple[str, ...], what: str, executable: bool = False) -> Path:
+    """The shallowest file under ``root`` with one of ``names`` (in that order of preference)."""
     for name in names:
-        found = sorted(root.rglob(name), key=lambda p: len(p.parts))
-        if found:
-            return found[0]
+        for p in sorted(Path(root).rglob(name), key=lambda p: len(p.parts)):
+            if p.is_file() and (not executable or os.access(p, os.X_OK)):
+                return p
     raise FileNotFoundError(f"bitnet.cpp at {root}: no {what} ({' or '.join(names)}) found; build it first "
                             "(python setup_env.py ..., or cmake -B build && cmake --build build)")
 
 
 def bitnet_cpp_program(root: Path, name: str) -> Path:
     """A built executable of the bitnet.cpp checkout at ``root`` (``llama-cli``, ``llama-bench``)."""
-    for p in sorted(Path(root).rglob(name), key=lambda p: len(p.parts)):
-        if p.is_file() and os.access(p, os.X_OK):
-            return p
-    raise FileNotFoundError(f"bitnet.cpp at {root}: no built {name} (cmake --build build --target {name})")
+    return _find_one(root, (name,), f"built {name}", executable=True)
 
 
 def build_probe(root: Path) -> tuple[Path, bool]:
