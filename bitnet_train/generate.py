@@ -39,6 +39,7 @@ def generate(
     bitnet_cpp: str | None = None,
 ) -> dict:
     from .cli import UserError
+    from .export.gguf import I2S_FILE_TYPE
     from .export.verify import bitnet_cpp_dir
 
     p = Path(model)
@@ -57,9 +58,6 @@ def generate(
     if p.is_dir():
         return _transformers(p, prompt, max_new_tokens, temperature, threads)
     raise UserError(f"{model}: not a .gguf file or a model directory")
-
-
-I2S_FILE_TYPE = 40  # LLAMA_FTYPE_MOSTLY_I2_S (bitnet.cpp)
 
 
 def gguf_file_type(path: Path) -> int | None:
