@@ -247,6 +247,18 @@ def test_tq_shape_not_packable(tmp_path):
     assert storage["blk.0.ffn_down.weight"] == "f16" and storage["blk.0.ffn_up.weight"] == "tq1_0"
 
 
+def test_silu_presets_pack_without_fallback():
+    """Every preset offered for llama.cpp/bitnet.cpp has rows TQ (256) and I2_S (128 / 64) pack."""
+    from bitnet_train.model import list_presets, load_preset
+
+    silu = [n for n in list_presets() if n.endswith("-silu")]
+    assert "tiny-silu" in silu and "2b4t-silu" in silu
+    for n in silu:
+        c = load_preset(n)
+        for block in (G.TQ_BLOCK, *G.I2S_LAYOUTS.values()):
+            assert c["hidden_size"] % block == 0 and c["intermediate_size"] % block == 0, (n, block)
+
+
 @pytest.mark.llama
 @pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed")
 def test_killed_export_leaves_nothing_complete(silu_ckpt, tmp_path):
