@@ -298,6 +298,19 @@ def test_generate_cli(silu_ckpt, tmp_path, capsys):
     assert printed.startswith("ROMEO:") and "[llama.cpp]" in printed and "tokens/s" in printed
 
 
+def test_cli_progress_bar(silu_ckpt, tmp_path, capsys):
+    from bitnet_train.cli import main
+
+    n = len(G.plan(G.CheckpointSource(silu_ckpt), "f16"))
+    assert main(["export", str(silu_ckpt), "--format", "gguf", "--quant", "f16", "--no-verify",
+                 "--out", str(tmp_path / "p.gguf")]) == 0
+    err = capsys.readouterr().err
+    assert "export gguf/f16" in err and f"{n}/{n}" in err and "tensor" in err
+    assert main(["export", str(silu_ckpt), "--format", "gguf", "--quant", "f16", "--no-verify", "--no-progress",
+                 "--out", str(tmp_path / "q.gguf")]) == 0
+    assert "export gguf/f16" not in capsys.readouterr().err
+
+
 def test_cli_errors(silu_ckpt, tmp_path, capsys):
     from bitnet_train.cli import main
 

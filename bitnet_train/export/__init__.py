@@ -63,6 +63,7 @@ def register(sub) -> None:
         "as F16/F32 codes instead of failing",
     )
     p.add_argument("--no-verify", action="store_true", help="skip loading the result in its runtime")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--probe-text", help="text to compare logits on (default: a built-in paragraph)")
     p.add_argument("--probe-file", help="file whose start is the probe text")
     p.add_argument("--probe-tokens", type=int, default=128, help="probe length in tokens (default 128)")
@@ -89,6 +90,7 @@ def cmd_export(args) -> int:
         probe_tokens=args.probe_tokens,
         i2s_layout=args.i2s_layout,
         bitnet_cpp=args.bitnet_cpp,
+        progress=not args.no_progress,
     )
     return 0 if result["ok"] else 1
 
@@ -107,6 +109,7 @@ def export(
     log=print,
     i2s_layout: str = "x86",
     bitnet_cpp: str | None = None,
+    progress: bool = False,
 ) -> dict:
     """Export ``checkpoint`` to ``out``; returns ``{"ok", "path", "agreement", ...}``.
 
@@ -130,8 +133,8 @@ def export(
             raise ExportError("--quant applies to --format gguf only (hf stores 2-bit packed weights)")
         from .hf import write_hf
 
-        with atomic_dir(out) as tmp:
-            result.update(write_hf(src, tmp, tok))
+        with atomic_dir(out) as tmp, _Bar(progress, "export hf") as bar:
+            result.update(write_hf(src, tmp, tok, progress=bar))
             log(f"wrote {fmt} to temporary {tmp.name} in {time.perf_counter() - t0:.1f} s")
             if verify:
                 result["agreement"] = _verify(src, tok, text, probe_tokens, fmt, tmp, log)
@@ -160,9 +163,9 @@ def export(
     from .gguf import write_gguf
 
     with atomic_path(out) as tmp:
-        result.update(
-            write_gguf(src, tmp, quant, tok, tq_fallback=tq_fallback, force=force, i2s_layout=i2s_layout)
-        )
+        with _Bar(progress, f"export gguf/{quant}") as bar:
+            result.update(write_gguf(src, tmp, quant, tok, tq_fallback=tq_fallback, force=force,
+                                     i2s_layout=i2s_layout, progress=bar))
         log(f"wrote gguf/{quant} to temporary {tmp.name} in {time.perf_counter() - t0:.1f} s ({_size(tmp)})")
         if quant == "i2_s":
             other = "arm" if i2s_layout == "x86" else "x86"
@@ -214,6 +217,30 @@ def _verify(src, tok, text, probe_tokens, fmt, path, log, bitnet_cpp=None, i2s_l
     ag = V.compare(fmt, theirs, ours, tokenization, ours_emulated=emulated)
     log(str(ag))
     return ag
+
+
+class _Bar:
+    """A tqdm bar over the tensors written (the writers call it with ``(done, total, name)``); a
+    no-op when disabled."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def __enter__(self):
+        return self if self.enabled else None
+
+    def __call__(self, done: int, total: int, name: str) -> None:
+        if self.bar is None:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=self.desc, unit="tensor", dynamic_ncols=True)
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(done - self.bar.n)  # redraws at most every 0.1 s
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+        return False
 
 
 def _clean_leftovers(out: Path) -> None:

@@ -36,8 +36,9 @@ def quantization_config(src: CheckpointSource) -> dict:
     }
 
 
-def write_hf(src: CheckpointSource, out: Path, tokenizer, max_shard_bytes: int = 2 * 2**30) -> dict:
-    """Write the packed model into the (temporary) directory ``out``."""
+def write_hf(src: CheckpointSource, out: Path, tokenizer, max_shard_bytes: int = 2 * 2**30, progress=None) -> dict:
+    """Write the packed model into the (temporary) directory ``out``; ``progress(done, total, name)``
+    is called after each tensor."""
     from safetensors.torch import save_file
 
     from ..quant import pack_hf
@@ -68,7 +69,10 @@ def write_hf(src: CheckpointSource, out: Path, tokenizer, max_shard_bytes: int =
         shards[-1][name] = t.contiguous()
         sizes[-1] += n
 
-    for key in src.keys():
+    keys = list(src.keys())
+    for i, key in enumerate(keys):
+        if progress:
+            progress(i, len(keys), key)
         if src.is_ternary(key):
             out_features = src.shape(key)[0]
             if out_features % 4:
@@ -85,6 +89,8 @@ def write_hf(src: CheckpointSource, out: Path, tokenizer, max_shard_bytes: int =
         else:
             add(key, src.tensor(key))
     flush()
+    if progress:
+        progress(len(keys), len(keys), "")
 
     # final names as save_pretrained writes them
     n = len(written)
