@@ -604,20 +604,26 @@ def _train(trainer, recipe, out: Path, stage: str, tok, last, resume_step, stop_
     return _finish(trainer, tok, recipe, out, stage, counter, t0, result)
 
 
-def sft(recipe: SFTRecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
-    """Run (or resume) an SFT recipe with TRL's SFTTrainer. Returns a summary dict."""
+def _setup(recipe, resume: bool, stage: str):
+    """What SFT and DPO start the same way: TRL present, the output directory and its resume point,
+    the seed, the tokenizer and the policy model. Returns (out, last checkpoint, its step, tok, model)."""
     import torch
 
     _require_trl()
-    from trl import SFTConfig
-
     _quiet_hf()
     out = Path(recipe.output_dir)
-    last, resume_step = _resume_point(out, resume, "sft")
+    last, resume_step = _resume_point(out, resume, stage)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     tok = load_align_tokenizer(recipe)
-    model = load_policy(recipe.model)
+    return out, last, resume_step, tok, load_policy(recipe.model)
+
+
+def sft(recipe: SFTRecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) an SFT recipe with TRL's SFTTrainer. Returns a summary dict."""
+    out, last, resume_step, tok, model = _setup(recipe, resume, "sft")  # checks TRL is installed
+    from trl import SFTConfig
+
     train_ds, eval_ds = _datasets(recipe, prepare_sft_rows)
     kind = prepare_sft_rows(train_ds.select(range(1)), "data")[1]
     t = recipe.train
@@ -647,18 +653,9 @@ def load_reference(spec: str):
 
 def dpo(recipe: DPORecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) a DPO recipe with TRL's DPOTrainer and an explicit quantized reference model."""
-    import torch
-
-    _require_trl()
+    out, last, resume_step, tok, model = _setup(recipe, resume, "dpo")  # checks TRL is installed
     from trl import DPOConfig, DPOTrainer
 
-    _quiet_hf()
-    out = Path(recipe.output_dir)
-    last, resume_step = _resume_point(out, resume, "dpo")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(recipe.seed)
-    tok = load_align_tokenizer(recipe)
-    model = load_policy(recipe.model)
     ref = load_reference(recipe.ref_model or recipe.model)
     train_ds, eval_ds = _datasets(recipe, prepare_dpo_rows)
     t = recipe.train
