@@ -21,7 +21,7 @@ demo: setup
 	bash scripts/demo.sh
 
 test: setup-test
-	WANDB_MODE=offline pytest -q -p no:cacheprovider tests
+	WANDB_MODE=offline pytest -q -rs -p no:cacheprovider tests
 
 test-fast:
 	WANDB_MODE=offline pytest -q -m "not slow" tests

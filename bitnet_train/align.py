@@ -236,7 +236,14 @@ def load_rows(cfg: AlignDataConfig, split: str | None = None):
         exts = {Path(p).suffix for p in local}
         if len(exts) != 1 or next(iter(exts)) not in _EXT:
             raise AlignDataError(f"data.path: {path!r}: files must all be one of {', '.join(_EXT)} (got {sorted(exts)})")
-        ds = load_dataset(_EXT[next(iter(exts))], data_files=local, split="train")
+        if _EXT[next(iter(exts))] == "json":
+            for f in local:
+                _check_json_rows(Path(f))
+        try:
+            ds = load_dataset(_EXT[next(iter(exts))], data_files=local, split="train")
+        except Exception as e:  # noqa: BLE001 - datasets wraps parser errors in DatasetGenerationError
+            cause = e.__cause__ or e
+            raise AlignDataError(f"data.path: cannot read {', '.join(local)}: {str(cause).splitlines()[0] if str(cause) else type(cause).__name__}") from None
     elif Path(path).suffix in _EXT or any(c in path for c in "*?[") or path.startswith((".", "/")):
         raise AlignDataError(f"data.path: no file matches {path!r}")
     else:
@@ -249,6 +256,32 @@ def load_rows(cfg: AlignDataConfig, split: str | None = None):
     if len(ds) == 0:
         raise AlignDataError(f"data.path: {path!r} has no rows")
     return ds
+
+
+def _check_json_rows(f: Path) -> None:
+    """Every row of a .jsonl (or JSON-lines .json) file is a JSON object: the first bad line is
+    named, as ``FILE:LINE``, before datasets sees the file."""
+    if f.suffix == ".json":
+        try:
+            with open(f, encoding="utf-8") as fh:
+                whole = json.load(fh)
+            if isinstance(whole, (list, dict)):
+                return  # one JSON document (a list of rows, or columns): datasets reads it
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass  # maybe JSON lines: checked line by line below
+    try:
+        with open(f, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise AlignDataError(f"{f}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise AlignDataError(f"{f}:{lineno}: expected a JSON object (one row), got {type(row).__name__}")
+    except UnicodeDecodeError as e:
+        raise AlignDataError(f"{f}: not valid UTF-8: {e.reason}") from None
 
 
 def _is_messages(v) -> bool:

@@ -113,6 +113,32 @@ def read_config_json(path: Path) -> dict:
         raise CheckpointError(f"{f}: not valid JSON ({e})") from None
 
 
+def check_safetensors(path: Path) -> None:
+    """Open every ``*.safetensors`` header in ``path``: a truncated or corrupt file is named here
+    instead of surfacing as a deserializer traceback."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                sf.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError
+            raise CheckpointError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+
+
+def load_state_file(f: Path, what: str):
+    """``torch.load`` of a training-state file (optimizer.pt, rng.pt) with an error naming it."""
+    if not f.is_file():
+        raise CheckpointError(f"{f}: missing ({what}); the checkpoint is incomplete")
+    try:
+        return torch.load(f, weights_only=False, map_location="cpu")
+    except Exception as e:  # noqa: BLE001 - unpickling/zip errors of many kinds
+        raise CheckpointError(
+            f"{f}: cannot read the {what} (truncated or corrupt?): {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+            f"remove {f.parent.name} to resume from the checkpoint before it"
+        ) from None
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     backend: str = "auto",
@@ -155,6 +181,7 @@ def load_checkpoint(
     kwargs = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    check_safetensors(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
     except ValueError as e:
@@ -211,7 +238,9 @@ def _load_extra_tensors(model: torch.nn.Module, path: Path, suffix: str) -> None
 __all__ = [
     "BitLinear",
     "CheckpointError",
+    "check_safetensors",
     "load_checkpoint",
+    "load_state_file",
     "quantization_config_for",
     "save_checkpoint",
 ]

@@ -1,19 +1,27 @@
 """Atomic writes: a reader (or a crash) never sees a half-written checkpoint or export.
 
-Everything is written under a temporary name next to the target, flushed to disk, then renamed
-into place. A process killed mid-write leaves the previous target intact, plus at most a
-``.tmp-*`` leftover that :func:`clean_stale` removes.
+Everything is written under a temporary name next to the target, flushed to disk, then put in
+place. A file replaces its target with one rename. A directory replaces an existing one with one
+atomic exchange (Linux ``renameat2(RENAME_EXCHANGE)``); where the system or filesystem has none,
+the previous directory is first renamed to ``.NAME.prev-*`` and the new one renamed into place,
+and a crash between the two leaves the previous copy under that name, which :func:`recover`
+(called by :func:`clean_stale`, by the next :func:`atomic_dir` of the same target, and on resume)
+renames back. A process killed mid-write leaves the previous target intact (or restorable),
+plus at most a ``.tmp-*`` leftover that :func:`clean_stale` removes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import uuid
 from pathlib import Path
 
 TMP_MARK = ".tmp-"
+PREV_MARK = ".prev-"  # a replaced directory kept until the new one is in place (no-exchange path)
 
 
 def _fsync_tree(path: Path) -> None:
@@ -40,28 +48,69 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step; False where the system cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # not supported here (kernel, filesystem): the two-rename path recovers instead
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _prev_copies(target: Path) -> list[Path]:
+    return sorted(target.parent.glob(f".{target.name}{PREV_MARK}*"))
+
+
+def recover(target: str | os.PathLike) -> Path | None:
+    """Undo a directory overwrite that a crash interrupted: when ``target`` is missing and its
+    previous copy (``.NAME.prev-*``) is there, rename it back; when ``target`` is there, remove
+    stale previous copies. Returns the restored path, or None."""
+    target = Path(target)
+    prev = _prev_copies(target)
+    restored = None
+    if prev and not target.exists():
+        os.replace(prev.pop(), target)
+        _fsync_dir(target.parent)
+        restored = target
+    for p in prev:
+        shutil.rmtree(p, ignore_errors=True)
+    return restored
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike):
     """``with atomic_dir(dst) as tmp:`` write into ``tmp``; on success it becomes ``dst``.
 
-    An existing ``dst`` is replaced only after the new one is complete; on an exception the
-    temporary directory is removed and ``dst`` is untouched.
+    An existing ``dst`` is replaced only after the new one is complete, in one atomic exchange
+    (or, without one, restorably: see the module docstring); on an exception the temporary
+    directory is removed and ``dst`` is untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)  # an earlier overwrite of this target that a crash interrupted
     tmp = target.parent / f".{target.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
         _fsync_tree(tmp)
-        old = None
+        if target.exists() and _exchange(tmp, target):
+            _fsync_dir(target.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the previous copy; clean_stale if killed here
+            return
+        prev = None
         if target.exists():
-            old = target.parent / f".{target.name}.old{TMP_MARK}{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
+            prev = target.parent / f".{target.name}{PREV_MARK}{uuid.uuid4().hex[:8]}"
+            os.replace(target, prev)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        if prev is not None:
+            shutil.rmtree(prev, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -89,11 +138,16 @@ def atomic_path(target: str | os.PathLike):
 
 
 def clean_stale(directory: str | os.PathLike) -> list[Path]:
-    """Remove temporaries left by a killed writer in ``directory``; returns what was removed."""
+    """Tidy ``directory`` after a killed writer: previous copies of an interrupted overwrite are
+    restored (see :func:`recover`), temporaries removed. Returns what was removed or restored."""
     d = Path(directory)
-    removed = []
+    done = []
     if not d.is_dir():
-        return removed
+        return done
+    for p in sorted(d.iterdir()):
+        if p.name.startswith(".") and PREV_MARK in p.name and p.exists():
+            target = d / p.name[1:].split(PREV_MARK)[0]
+            done.append(recover(target) or p)
     for p in d.iterdir():
         if p.name.startswith(".") and TMP_MARK in p.name:
             if p.is_dir():
@@ -101,5 +155,5 @@ def clean_stale(directory: str | os.PathLike) -> list[Path]:
             else:
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
-            removed.append(p)
-    return removed
+            done.append(p)
+    return done

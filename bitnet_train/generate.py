@@ -46,6 +46,10 @@ def generate(
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if p.is_file() and p.suffix == ".gguf":
+        with open(p, "rb") as fh:
+            magic = fh.read(4)
+        if magic != b"GGUF":
+            raise UserError(f"{model}: not a GGUF file (it starts with {magic!r}, not b'GGUF'); truncated or not an export?")
         if gguf_file_type(p) == I2S_FILE_TYPE:
             root = bitnet_cpp_dir(bitnet_cpp)
             if root is None:

@@ -473,7 +473,7 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
     from accelerate.utils import DistributedType, gather_object
     from tqdm.auto import tqdm
 
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from .checkpoint import CheckpointError, load_checkpoint, load_state_file, save_checkpoint
     from .data import DataPosition, open_training_data
     from .fsutil import clean_stale
     from .warmup import apply_warmup
@@ -490,6 +490,7 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
     out.mkdir(parents=True, exist_ok=True)
     if main:
         clean_stale(out / "checkpoints")  # directories a process killed while saving left behind
+        clean_stale(out)  # and an interrupted overwrite of final/ (its previous copy comes back)
     start = ckpts[-1] if (resume and ckpts) else None
     if resume and start is None and main:
         print(f"pretrain: no checkpoint in {out}/checkpoints; starting from scratch", file=sys.stderr)
@@ -505,7 +506,10 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
         from .tokenizer import ensure_special_tokens
 
         step, ck = start
-        state = json.loads((ck / "trainer_state.json").read_text())
+        try:
+            state = json.loads((ck / "trainer_state.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{ck / 'trainer_state.json'}: cannot read the training state: {e}") from None
         tok = ensure_special_tokens(AutoTokenizer.from_pretrained(ck))
         model = load_checkpoint(ck)
         tokens_seen = int(state["tokens"])
@@ -520,15 +524,15 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
 
     opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
     if start is not None and not fsdp:
-        opt.load_state_dict(torch.load(start[1] / "optimizer.pt", weights_only=False, map_location="cpu"))
+        opt.load_state_dict(load_state_file(start[1] / "optimizer.pt", "optimizer state"))
     model, opt = acc.prepare(model, opt)
     if start is not None:
         if fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            full = torch.load(start[1] / "optimizer.pt", weights_only=False, map_location="cpu")
+            full = load_state_file(start[1] / "optimizer.pt", "optimizer state")
             set_optimizer_state_dict(model, opt.optimizer, full, options=StateDictOptions(full_state_dict=True))
-        rng = torch.load(start[1] / "rng.pt", weights_only=False)
+        rng = load_state_file(start[1] / "rng.pt", "random number generator state")
         if "per_rank" in rng:
             rng = rng["per_rank"][rank] if rank < len(rng["per_rank"]) else rng["per_rank"][0]
         _set_rng_state(rng)

@@ -24,7 +24,7 @@ from bitnet_train.tokenizer import train_bpe
 from bitnet_train.train import load_pretrain_recipe, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+from conftest import SHAKESPEARE  # noqa: E402
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
 
@@ -40,8 +40,6 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tok():
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not found")
     text = SHAKESPEARE.read_text()
     return train_bpe([text[i : i + 4096] for i in range(0, len(text), 4096)], vocab_size=512)
 

@@ -66,11 +66,7 @@ def make_checkpoint(out: Path, text: str, preset="tiny-silu", steps=40, seed=0, 
 def text():
     from conftest import SHAKESPEARE
 
-    # the shared copy (conftest), else $TINYSHAKESPEARE (a checkout outside the shared layout)
-    for p in (SHAKESPEARE, Path(os.environ.get("TINYSHAKESPEARE", SHAKESPEARE))):
-        if p.is_file():
-            return _text(p)
-    pytest.skip(f"{SHAKESPEARE} not found (set TINYSHAKESPEARE to a copy)")
+    return _text(SHAKESPEARE)  # shipped under tests/data
 
 
 @pytest.fixture(scope="module")

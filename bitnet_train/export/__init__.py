@@ -244,17 +244,18 @@ class _Bar:
 
 
 def _clean_leftovers(out: Path) -> None:
-    """Remove what a killed export to this same ``out`` left (only its own temporaries: other
-    writers' in the same directory, e.g. a running trainer's, are not touched)."""
+    """Tidy what a killed export to this same ``out`` left: a previous copy of an interrupted
+    overwrite is restored, temporaries removed (only this target's: other writers' in the same
+    directory, e.g. a running trainer's, are not touched)."""
     import shutil
 
-    from ..fsutil import TMP_MARK
+    from ..fsutil import TMP_MARK, recover
 
     if not out.parent.is_dir():
         return
-    for pattern in (f".{out.name}{TMP_MARK}*", f".{out.name}.old{TMP_MARK}*"):
-        for p in out.parent.glob(pattern):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    recover(out)
+    for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _size(p: Path) -> str:

@@ -62,10 +62,13 @@ class CheckpointSource:
         for f in files:
             if not f.is_file():
                 raise ExportError(f"{f}: listed in model.safetensors.index.json but missing")
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    self._where[k] = f
-                    self._shapes[k] = tuple(sf.get_slice(k).get_shape())
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        self._where[k] = f
+                        self._shapes[k] = tuple(sf.get_slice(k).get_shape())
+            except Exception as e:  # noqa: BLE001 - safetensors raises SafetensorError / OSError
+                raise ExportError(f"{f}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -78,8 +81,11 @@ class CheckpointSource:
         from safetensors import safe_open
 
         f = self._where[key]
-        with safe_open(str(f), framework="pt") as sf:
-            return sf.get_tensor(key)
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                return sf.get_tensor(key)
+        except Exception as e:  # noqa: BLE001
+            raise ExportError(f"{f}: cannot read tensor {key!r} (truncated or corrupt?): {e}") from None
 
     def nbytes(self) -> int:
         return sum(p.stat().st_size for p in set(self._where.values()))
