@@ -624,6 +624,7 @@ def _quiet_hf():
 
 def _train(trainer, recipe, out: Path, stage: str, tok, last, resume_step, stop_after: int | None) -> dict:
     """The part both stages share: count tokens, add our callbacks, train (or resume), save final/."""
+    out.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad model leaves no directory
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
     for cb in _callbacks(recipe, out, resume_step, counter):
@@ -639,14 +640,13 @@ def _train(trainer, recipe, out: Path, stage: str, tok, last, resume_step, stop_
 
 def _setup(recipe, resume: bool, stage: str):
     """What SFT and DPO start the same way: TRL present, the output directory and its resume point,
-    the seed, the tokenizer and the policy model. Returns (out, last checkpoint, its step, tok, model)."""
+    the seed, the tokenizer and the policy model (nothing is written yet). Returns (out, last checkpoint, its step, tok, model)."""
     import torch
 
     _require_trl()
     _quiet_hf()
     out = Path(recipe.output_dir)
     last, resume_step = _resume_point(out, resume, stage)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     tok = load_align_tokenizer(recipe)
     return out, last, resume_step, tok, load_policy(recipe.model)

@@ -99,7 +99,10 @@ def _llama(path: Path, prompt: str, n: int, temperature: float, threads: int | N
         raise UserError("running a GGUF needs llama-cpp-python: pip install 'bitnet-train[llama]'") from None
     import os
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=threads or os.cpu_count(), verbose=False)
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=2048, n_threads=threads or os.cpu_count(), verbose=False)
+    except ValueError as e:  # llama-cpp-python: "Failed to load model from file"
+        raise UserError(f"{path}: llama.cpp cannot load this GGUF (truncated, or not a model?): {e}") from None
     ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)  # BOS only if the GGUF asks
     if not ids:
         raise UserError("the prompt is empty")

@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/bench-qat")
-    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    ap.add_argument("--data", default=str(next(p for p in (REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
+                                                       REPO / "tests" / "data" / "tinyshakespeare.txt") if p.is_file() or "tests" in p.parts)))
     ap.add_argument("--recipe", default=str(REPO / "recipes" / "qat-tiny.yaml"))
     ap.add_argument("--fp-steps", type=int, default=400)
     ap.add_argument("--fp-lr", type=float, default=3e-3)

@@ -117,3 +117,91 @@ def preference_accuracy(model, tok, ts, ask: str | None = None) -> float:
         msgs = [{"role": "user", "content": f"{ask}:" + ",".join(t)}]
         wins += completion_logp(model, tok, msgs, t[i]) > completion_logp(model, tok, msgs, t[2 - i])
     return wins / len(ts)
+
+
+def preference_margin(model, tok, ts, ask: str | None = None) -> float:
+    """Mean held-out log p(chosen) - log p(rejected) on the DPO task: the smooth quantity behind
+    preference_accuracy."""
+    ask = ask or DPO_ASK
+    i = _POS[ask]
+    model.eval()
+    total = 0.0
+    for t in ts:
+        msgs = [{"role": "user", "content": f"{ask}:" + ",".join(t)}]
+        total += completion_logp(model, tok, msgs, t[i]) - completion_logp(model, tok, msgs, t[2 - i])
+    return total / len(ts)
+
+
+def answer_nll(model, tok, ts, ask: str | None = None) -> float:
+    """Mean held-out negative log-likelihood (nats) of the asked-for answer plus EOS: a smooth
+    measure of the SFT skill (a rate on 40 items moves in steps of 0.025)."""
+    ask = ask or SFT_ASK
+    model.eval()
+    return -sum(completion_logp(model, tok, [{"role": "user", "content": f"{ask}:" + ",".join(t)}], t[_POS[ask]])
+                for t in ts) / len(ts)
+
+
+# the stages' train.* settings in the tests (measured: scripts/learning_margins.py; see tests/test_align.py)
+SFT_TRAIN = {"max_steps": 300, "lr": 3e-3, "lr_scheduler": "constant_with_warmup"}
+DPO_TRAIN = {"max_steps": 60, "lr": 2e-3}
+
+# a micro BitNet pretrained on builtin:pydoc for the alignment pipeline (tests and the margins script)
+MICRO = """\
+inherit: tiny
+hidden_size: 128
+intermediate_size: 256
+num_hidden_layers: 2
+num_attention_heads: 4
+num_key_value_heads: 2
+max_position_embeddings: 128
+"""
+
+
+def pretrain_micro(d: Path, seed: int = 0, steps: int = 40) -> Path:
+    from bitnet_train.recipe import load_recipe
+    from bitnet_train.train import PretrainRecipe, pretrain
+
+    (d / "micro.yaml").write_text(MICRO)
+    r = load_recipe(PretrainRecipe, data={
+        "output_dir": str(d / "pre"), "seed": seed, "model": str(d / "micro.yaml"),
+        "data": {"path": "builtin:pydoc", "tokenizer": "bpe:1024", "seq_len": 64, "val_fraction": 0.05},
+        "train": {"max_steps": steps, "save_every": 1000, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5,
+                  "min_lr": 3e-4, "eval_every": 0, "eval_batches": 1}})
+    pretrain(r, progress=False)
+    return d / "pre" / "final"
+
+
+def run_pipeline(d: Path, pre: Path, seed: int, sft: dict, dpo: dict) -> dict:
+    """pretrain -> `bitnet-train sft` -> `bitnet-train dpo` through the CLI with the shipped tiny
+    recipes and --set overrides (``sft``/``dpo``: train.* keys); the task's figures at each stage."""
+    from transformers import AutoTokenizer
+
+    from bitnet_train.cli import main as cli
+    from bitnet_train.model import load_model
+
+    repo = Path(__file__).resolve().parents[1]
+    tok = AutoTokenizer.from_pretrained(pre)
+    ts = triples(task_words(tok))
+    held, train = split(ts)
+    write_jsonl(sft_rows(train), d / "sft.jsonl")
+    write_jsonl(dpo_rows(train), d / "dpo.jsonl")
+    res = {"held": held, "tok": tok, "dir": d}
+    m = load_model(pre)
+    res["em_pre"], res["nll_pre"] = exact_match(m, tok, held), answer_nll(m, tok, held)
+    common = ["--set", f"seed={seed}", "--set", "train.eval_every=0", "--set", "train.save_every=1000",
+              "--set", "data.eval_rows=0", "--set", "train.log_every=10"]
+    for stage, model, keys in (("sft", pre, sft), ("dpo", d / "sft" / "final", dpo)):
+        argv = [stage, str(repo / f"recipes/{stage}-tiny.yaml"), "--no-progress", "--set", f"model={model}",
+                "--set", f"output_dir={d / stage}", "--set", f"data.path={d / f'{stage}.jsonl'}", *common]
+        for k, v in keys.items():
+            argv += ["--set", f"train.{k}={v}"]
+        assert cli(argv) == 0, stage
+        out = load_model(d / stage / "final")
+        if stage == "sft":
+            res["em_sft"], res["nll_sft"] = exact_match(out, tok, held), answer_nll(out, tok, held)
+            res["pref_sft"] = preference_accuracy(out, tok, held)
+            res["margin_sft"] = preference_margin(out, tok, held)
+        else:
+            res["pref_dpo"] = preference_accuracy(out, tok, held)
+            res["margin_dpo"] = preference_margin(out, tok, held)
+    return res

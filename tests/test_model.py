@@ -168,7 +168,10 @@ def test_stock_transformers_roundtrip(preset, tmp_path):
         ours = m(ids).logits
     out = stock_logits(ckpt, ids, tmp_path)
     assert set(out["classes"]) == {"AutoBitLinear", "Linear"} and out["classes"].count("Linear") <= 1
-    assert rel(ours, out["logits"]) < 1e-4
+    # transformers' eager path (TORCHDYNAMO_DISABLE=1) computes exactly our logits, bit for bit; its
+    # default path runs the quantizers under torch.compile and differs (1.1e-2 relative measured on a
+    # tiny init checkpoint), which is why the README names the eager path as the exact one
+    assert torch.equal(ours, out["logits"]), rel(ours, out["logits"])
     # and our loader reads the same directory back
     again = bitnet_train.load_model(ckpt).eval()
     assert isinstance(again.model.layers[0].mlp.up_proj, BitLinear)
