@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .errors import DataError, RecipeError
+
 BUILTIN_PYDOC = "builtin:pydoc"
 HF_PREFIX = "hf:"
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
@@ -74,24 +76,14 @@ class DataConfig:
         if self.tokenizer.startswith("bpe:"):
             n = self.tokenizer[4:]
             if not n.isdigit() or int(n) < 260:
-                raise _recipe_error()(f"data.tokenizer {self.tokenizer!r}: expected bpe:<vocab_size> with vocab_size >= 260")
+                raise RecipeError(f"data.tokenizer {self.tokenizer!r}: expected bpe:<vocab_size> with vocab_size >= 260")
         if self.path.startswith(HF_PREFIX):
             try:
                 parse_hf_spec(self.path)  # syntax only: nothing is fetched before training starts
             except DataError as e:
-                raise _recipe_error()(str(e)) from None
+                raise RecipeError(str(e)) from None
         if not self.text_field:
-            raise _recipe_error()("data.text_field: must not be empty")
-
-
-def _recipe_error():
-    from .recipe import RecipeError
-
-    return RecipeError
-
-
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the file."""
+            raise RecipeError("data.text_field: must not be empty")
 
 
 # ----------------------------------------------------------------------------- sources

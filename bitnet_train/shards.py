@@ -423,7 +423,7 @@ def register_tokenize(sub) -> None:
 
 
 def cmd_tokenize(args) -> int:
-    from .cli import UserError
+    from .errors import UserError
     from .data import DataConfig, make_tokenizer
 
     try:
