@@ -30,7 +30,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .recipe import RecipeError, load_recipe, to_dict
+from .errors import AlignDataError, RecipeError, UserError
+from .recipe import load_recipe, to_dict
 from .warmup import QuantWarmupConfig
 
 
@@ -135,10 +136,6 @@ def load_sft_recipe(path, overrides=None) -> SFTRecipe:
 
 def load_dpo_recipe(path, overrides=None) -> DPORecipe:
     return load_recipe(DPORecipe, path, overrides)
-
-
-class AlignDataError(RecipeError):
-    """Alignment data that cannot be used; the message names the file/dataset, row and column."""
 
 
 # ----------------------------------------------------------------------------- model and tokenizer
@@ -608,8 +605,6 @@ def _require_trl():
     try:
         import trl  # noqa: F401
     except ImportError:
-        from .cli import UserError
-
         raise UserError("sft and dpo need TRL: pip install 'bitnet-train[align]'") from None
 
 

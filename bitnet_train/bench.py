@@ -2,26 +2,13 @@
 
     bitnet-train bench kernels     # Triton kernels vs bf16 cuBLAS (bitnet_train/kernels/bench.py)
 
-Argument definitions live here so that ``bitnet-train --help`` does not import Triton.
+The arguments live in :mod:`bitnet_train.benchargs` (shared with ``python -m bitnet_train.kernels.bench``)
+so that ``bitnet-train --help`` does not import Triton.
 """
 
 from __future__ import annotations
 
-SHAPES = [(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]  # (out, in) of 2B4T's projections
-TOKENS = [1, 16, 128, 2048]
-
-
-def add_kernels_arguments(p) -> None:
-    p.add_argument("--warmup", type=int, default=25, help="do_bench warm-up time in ms (default 25)")
-    p.add_argument("--rep", type=int, default=100, help="do_bench measuring time in ms (default 100)")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="token counts M, comma-separated (default %(default)s)")
-    p.add_argument(
-        "--shapes",
-        default=",".join(f"{n}x{k}" for n, k in SHAPES),
-        help="weight shapes OUTxIN, comma-separated (default: 2B4T's projections, %(default)s)",
-    )
-    p.add_argument("--train-tokens", type=int, default=4096, help="tokens per micro-batch of the training table (default 4096)")
-    p.add_argument("--no-train", action="store_true", help="skip the training-step table")
+from .benchargs import add_kernels_arguments
 
 
 def cmd_kernels(args) -> int:

@@ -23,13 +23,10 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
 from .bitlinear import BitLinear, bitlinear_modules, convert_to_bitlinear
+from .errors import CheckpointError
 from .fsutil import atomic_dir
 
 QUANT_METHOD = "bitnet"
-
-
-class CheckpointError(ValueError):
-    """A directory that is not a usable checkpoint; the message names the file and the problem."""
 
 
 def quantization_config_for(model: torch.nn.Module) -> dict | None:

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from .errors import USER_ERRORS, UserError  # noqa: F401 - UserError: re-exported
+
 # (module, what it provides) — in the order shown by --help
 COMMAND_MODULES = [
     "bitnet_train.commands",  # init, info
@@ -22,10 +24,6 @@ COMMAND_MODULES = [
     "bitnet_train.generate",  # generate
     "bitnet_train.bench",  # bench
 ]
-
-
-class UserError(Exception):
-    """An error caused by the user's input: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error_types():
-    from .checkpoint import CheckpointError
-    from .model import ModelSpecError
-    from .recipe import RecipeError
-
-    return (UserError, RecipeError, ModelSpecError, CheckpointError, FileNotFoundError)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rc = args.func(args)
-    except _user_error_types() as e:
+    except USER_ERRORS as e:
         print(f"bitnet-train {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import ModelSpecError
+
 
 @dataclass
 class ConvertConfig:
@@ -35,12 +37,6 @@ class ConvertConfig:
     rms_norm_eps: float | None = field(
         default=None, metadata={"min": 0.0, "help": "eps of that RMSNorm; default: the model's rms_norm_eps, else 1e-6"}
     )
-
-
-def _model_error(msg: str):
-    from .model import ModelSpecError
-
-    return ModelSpecError(msg)
 
 
 def _is_bitnet_checkpoint(src: str) -> bool:
@@ -62,7 +58,7 @@ def load_hf_model(src: str, dtype=None):
     dtype = torch.float32 if dtype is None else dtype
     where = f"hf:{src}"
     if _is_bitnet_checkpoint(src):
-        raise _model_error(
+        raise ModelSpecError(
             f"model {where!r} is already a ternary (quantization_config.quant_method: bitnet) checkpoint; "
             "give the directory itself as the model, without hf:"
         )
@@ -70,9 +66,9 @@ def load_hf_model(src: str, dtype=None):
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _model_error(f"model {where!r}: cannot load it as a local directory or a hub model: {first}") from None
+        raise ModelSpecError(f"model {where!r}: cannot load it as a local directory or a hub model: {first}") from None
     except ValueError as e:
-        raise _model_error(f"model {where!r}: transformers cannot build a causal LM from it: {e}") from None
+        raise ModelSpecError(f"model {where!r}: transformers cannot build a causal LM from it: {e}") from None
     return model
 
 
@@ -98,7 +94,7 @@ def convert_model(model, exclude=(), use_rms_norm: bool = False, rms_norm_eps: f
             rms_norm_eps=_rms_eps(model, rms_norm_eps),
         )
     except ValueError as e:
-        raise _model_error(f"{where}: cannot convert {type(model).__name__} to BitLinear: {e}") from None
+        raise ModelSpecError(f"{where}: cannot convert {type(model).__name__} to BitLinear: {e}") from None
 
 
 def load_hf_converted(
@@ -114,7 +110,7 @@ def load_hf_converted(
     """``hf:<src>``: a Hugging Face causal LM, converted to BitLinear on load (``quant='none'``
     loads it as it is, for a full-precision baseline or fine-tune)."""
     if quant not in ("bitnet", "none"):
-        raise _model_error(f"quant must be 'bitnet' or 'none', got {quant!r}")
+        raise ModelSpecError(f"quant must be 'bitnet' or 'none', got {quant!r}")
     model = load_hf_model(src, dtype)
     converted = []
     if quant == "bitnet":
@@ -132,7 +128,7 @@ def load_hf_tokenizer(src: str):
         return load_tokenizer(src)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _model_error(f"model 'hf:{src}': no usable tokenizer with it: {first}") from None
+        raise ModelSpecError(f"model 'hf:{src}': no usable tokenizer with it: {first}") from None
 
 
 def convert_hf(
@@ -155,8 +151,6 @@ def convert_hf(
                               dtype=dtype, include=include)
     tok = None
     if tokenizer:
-        from .model import ModelSpecError
-
         try:
             tok = load_hf_tokenizer(src)
         except ModelSpecError as e:

@@ -38,7 +38,7 @@ def generate(
     model, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, threads: int | None = None,
     bitnet_cpp: str | None = None,
 ) -> dict:
-    from .cli import UserError
+    from .errors import UserError
     from .export.gguf import I2S_FILE_TYPE
     from .export.verify import bitnet_cpp_dir
 
@@ -91,7 +91,7 @@ def gguf_file_type(path: Path) -> int | None:
 
 
 def _llama(path: Path, prompt: str, n: int, temperature: float, threads: int | None) -> dict:
-    from .cli import UserError
+    from .errors import UserError
 
     try:
         import llama_cpp
@@ -129,7 +129,7 @@ def _bitnet_cpp(root: Path, path: Path, prompt: str, n: int, temperature: float,
     import re
     import subprocess
 
-    from .cli import UserError
+    from .errors import UserError
     from .export.verify import bitnet_cpp_program
 
     try:

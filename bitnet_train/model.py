@@ -17,6 +17,7 @@ import yaml
 from transformers import BitNetConfig, BitNetForCausalLM, PreTrainedModel
 
 from .bitlinear import convert_to_bitlinear
+from .errors import ModelSpecError
 
 # keys a preset YAML may hold besides BitNetConfig's own fields
 _PRESET_META = {"description", "inherit"}
@@ -39,10 +40,6 @@ _ALLOWED_KEYS = {
     "attention_dropout",
 }
 _ACTIVATIONS = ("relu2", "silu")
-
-
-class ModelSpecError(ValueError):
-    """A model preset, YAML or checkpoint that cannot be used; the message names the problem."""
 
 
 def configs_dir() -> Path:

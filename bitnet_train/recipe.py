@@ -23,8 +23,7 @@ from typing import Any
 import yaml
 
 
-class RecipeError(ValueError):
-    """A recipe that cannot run; the message names the file, the key and the problem."""
+from .errors import RecipeError
 
 
 def _type_name(tp) -> str:

@@ -27,12 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Iterator
 
-from .data import DataError, DataPosition, SkipCounter, check_rank, encode_pieces, held_out_period, iter_piece_batches
+from .blockorder import DataPosition, check_rank, held_out_period
+from .documents import SkipCounter, encode_pieces, iter_piece_batches
+from .errors import DataError
 
 INDEX = "index.json"
 FORMAT = "bitnet-train-tokens"
@@ -391,61 +392,3 @@ class ShardData:
                 k += w
             pos.epoch += 1
             pos.taken = 0
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def register_tokenize(sub) -> None:
-    p = sub.add_parser(
-        "tokenize",
-        help="pre-tokenize a corpus into memory-mapped token shards",
-        description="Tokenize DATA (anything data.path accepts: files, directories, globs, hf:<dataset>[:<config>], "
-        "builtin:pydoc) into DIR: uint16/uint32 token shards plus index.json and the tokenizer. "
-        "Train on it with data.path: DIR.",
-    )
-    p.add_argument("data", metavar="DATA", help="file, directory, glob, hf:<dataset>[:<config>] or builtin:pydoc")
-    p.add_argument("--tokenizer", required=True, metavar="T",
-                   help="transformers tokenizer name/path, or bpe:<vocab_size> to train a byte-level BPE on the data")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (written atomically)")
-    p.add_argument("--text-field", default="text", help="text field/column of jsonl, parquet, arrow and hf: data (default: text)")
-    p.add_argument("--split", default="train", help="split of an hf: dataset (default: train)")
-    p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
-                   help=f"tokens per shard file (default: {DEFAULT_SHARD_TOKENS:,})")
-    p.add_argument("--dtype", default="auto", choices=("auto", "uint16", "uint32"),
-                   help="token id type; auto = uint16 when the vocabulary fits")
-    p.add_argument("--batch-docs", type=int, default=256, metavar="N",
-                   help="documents tokenized per call (the Rust tokenizer encodes a batch on all cores)")
-    p.add_argument("--workers", type=int, default=1, metavar="N",
-                   help="tokenizing processes (default 1, whose Rust tokenizer already encodes each batch on all cores)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_tokenize)
-
-
-def cmd_tokenize(args) -> int:
-    from .cli import UserError
-    from .data import DataConfig, make_tokenizer
-
-    try:
-        cfg = DataConfig(path=args.data, tokenizer=args.tokenizer, text_field=args.text_field, split=args.split)
-        if args.tokenizer.startswith("bpe:"):
-            n = args.tokenizer[4:]
-            if not n.isdigit() or int(n) < 260:
-                raise UserError(f"--tokenizer {args.tokenizer!r}: expected bpe:<vocab_size> with vocab_size >= 260")
-        tok = make_tokenizer(cfg)
-        idx = write_token_dir(
-            args.data, tok, args.out, tokenizer_spec=args.tokenizer, text_field=args.text_field, split=args.split,
-            shard_tokens=args.shard_tokens, dtype=args.dtype, batch=max(1, args.batch_docs), workers=max(1, args.workers),
-            progress=not args.no_progress,
-        )
-    except DataError as e:
-        raise UserError(str(e)) from None
-    secs = idx["seconds"]
-    skipped = f", {idx['skipped_null_records']} null record(s) skipped" if idx["skipped_null_records"] else ""
-    print(
-        f"tokenize: {idx['total_tokens']:,} tokens from {idx['documents']:,} documents in {len(idx['shards'])} "
-        f"{idx['dtype']} shard(s){skipped}, {secs:.1f} s ({idx['total_tokens'] / max(secs, 1e-9):,.0f} tokens/s); "
-        f"train on it with data.path: {args.out} and data.tokenizer: {args.tokenizer}",
-        file=sys.stdout,
-    )
-    return 0

@@ -36,7 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .recipe import RecipeError, load_recipe, to_dict
+from .errors import DataError, RecipeError, TrainingError, UserError
+from .recipe import load_recipe, to_dict
 from .data import DataConfig
 from .warmup import QuantWarmupConfig
 from .convert import ConvertConfig
@@ -131,10 +132,6 @@ class PretrainRecipe:
 
 def load_pretrain_recipe(path, overrides=None) -> PretrainRecipe:
     return load_recipe(PretrainRecipe, path, overrides)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (non-finite loss, ...); the message names the step."""
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -739,9 +736,6 @@ def register(sub) -> None:
 
 
 def cmd_pretrain(args) -> int:
-    from .cli import UserError
-    from .data import DataError
-
     recipe = load_pretrain_recipe(args.recipe, args.overrides)
     try:
         s = pretrain(recipe, resume=args.resume, progress=not args.no_progress)

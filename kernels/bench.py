@@ -51,7 +51,7 @@ def _parse_list(text: str, what: str, conv):
     except ValueError:
         vals = []
     if not vals:
-        from bitnet_train.cli import UserError
+        from bitnet_train.errors import UserError
 
         raise UserError(f"--{what}: expected a comma-separated list, got {text!r}")
     return vals
@@ -70,7 +70,7 @@ def _fmt_pct(v):
 
 
 def run(args) -> int:
-    from bitnet_train.cli import UserError
+    from bitnet_train.errors import UserError
 
     tokens = _parse_list(args.tokens, "tokens", int)
     shapes = _parse_list(args.shapes, "shapes", _shape)
@@ -227,12 +227,12 @@ def _training_table(args, shapes, device="cuda", timer=None) -> None:
 
 
 def main(argv=None) -> int:
-    from bitnet_train.bench import add_kernels_arguments
+    from bitnet_train.benchargs import add_kernels_arguments
 
     p = argparse.ArgumentParser(prog="python -m bitnet_train.kernels.bench", description=__doc__.splitlines()[0])
     add_kernels_arguments(p)
     args = p.parse_args(argv)
-    from bitnet_train.cli import UserError
+    from bitnet_train.errors import UserError
 
     try:
         return run(args)

@@ -14,11 +14,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import read_config_json
-from ..cli import UserError
-
-
-class ExportError(UserError):
-    """A checkpoint that cannot be exported as asked; the message names the tensor, key or file."""
+from ..errors import ExportError, UserError  # noqa: F401 - re-exported: bitnet_train.export.ExportError
 
 
 class CheckpointSource:
