@@ -25,12 +25,12 @@ from __future__ import annotations
 import glob as _glob
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import AlignDataError, RecipeError, UserError
+from .errors import AlignDataError, CheckpointError, RecipeError, UserError
+from .checkpointer import STATE_FILE, TRAINER_CHECKPOINT, list_checkpoints, resume_point
 from .recipe import load_recipe, to_dict
 from .warmup import QuantWarmupConfig
 
@@ -142,16 +142,16 @@ def load_dpo_recipe(path, overrides=None) -> DPORecipe:
 
 
 def load_policy(spec: str, what: str = "model"):
-    """A checkpoint (ours, converted HF, 2B4T bf16 layout) or ``hf:<model>`` as a BitNet model
-    with BitLinear layers, in float32; errors name the key and the problem."""
+    """A checkpoint (ours, converted HF, 2B4T bf16 layout) or ``hf:<model>`` (see
+    :func:`bitnet_train.model.load_model`) as a BitNet model with BitLinear layers, in float32;
+    errors name the key and the problem."""
+    import torch
+
     from .bitlinear import bitlinear_modules
-    from .checkpoint import CheckpointError
     from .model import load_model
 
-    if not (spec.startswith("hf:") or Path(spec).is_dir()):
-        raise RecipeError(f"{what}: {spec!r} is not a checkpoint directory (or hf:<model>)")
     try:
-        model = load_model(spec)
+        model = load_model(spec, checkpoint_only=True, what=what)
     except CheckpointError as e:
         raise RecipeError(f"{what}: {e}") from None
     if not bitlinear_modules(model):
@@ -159,8 +159,6 @@ def load_policy(spec: str, what: str = "model"):
             f"{what}: {spec!r} has no ternary (BitLinear) layers; align a BitNet checkpoint, "
             "or convert a full-precision model with model: hf:<dir or hub id>"
         )
-    import torch
-
     return model.to(torch.float32)
 
 
@@ -556,26 +554,16 @@ def _summed_sft_trainer():
 
 
 def latest_trainer_checkpoint(out: Path) -> Path | None:
-    d = out / "checkpoints"
-    if not d.is_dir():
-        return None
-    found = []
-    for p in d.iterdir():
-        if p.name.startswith("checkpoint-") and p.name[11:].isdigit() and (p / "trainer_state.json").is_file():
-            found.append((int(p.name[11:]), p))
-    return max(found)[1] if found else None
+    """The newest complete Trainer checkpoint (``checkpoints/checkpoint-N``) in ``out``, or None."""
+    found = list_checkpoints(out, TRAINER_CHECKPOINT)
+    return found[-1][1] if found else None
 
 
 def _resume_point(out: Path, resume: bool, stage: str):
-    last = latest_trainer_checkpoint(out)
-    if last is not None and not resume:
-        raise RecipeError(
-            f"output_dir {str(out)!r} already holds checkpoints; pass --resume to continue, or choose another output_dir"
-        )
-    if resume and last is None:
-        print(f"{stage}: no checkpoint in {out}/checkpoints; starting from scratch", file=sys.stderr)
-    step = json.loads((last / "trainer_state.json").read_text())["global_step"] if last is not None else None
-    return last, step
+    last = resume_point(out, resume, stage, TRAINER_CHECKPOINT)
+    if last is None:
+        return None, None
+    return last[1], json.loads((last[1] / STATE_FILE).read_text())["global_step"]
 
 
 def _finish(trainer, tok, recipe, out: Path, stage: str, counter, t_start: float, result) -> dict:

@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import sys
@@ -180,21 +179,6 @@ def weight_decay_at(step: int, t: TrainConfig) -> float:
     return _cosine(t.weight_decay, 0.0, step / max(1, end))
 
 
-CKPT_RE = re.compile(r"^step-(\d{6,})$")
-
-
-def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    d = out / "checkpoints"
-    if not d.is_dir():
-        return []
-    found = []
-    for p in d.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
 def _make_tokenizer(recipe: PretrainRecipe):
     from .data import make_tokenizer
 
@@ -219,42 +203,12 @@ def _make_tokenizer(recipe: PretrainRecipe):
 
 
 def _make_model(recipe: PretrainRecipe, tok):
+    """The recipe's ``model:`` (see :func:`bitnet_train.model.load_model`) as a float32 model for ``tok``."""
     import torch
 
-    from .bitlinear import bitlinear_modules
-    from .model import build_model, load_model
+    from .model import load_model
 
-    spec = recipe.model
-    if spec.startswith("hf:") or Path(spec).is_dir():
-        c = recipe.convert
-        kw = {}
-        if spec.startswith("hf:"):
-            kw = {"quant": recipe.quant, "exclude": c.exclude, "use_rms_norm": c.use_rms_norm, "rms_norm_eps": c.rms_norm_eps}
-        model = load_model(spec, **kw)
-        if recipe.quant == "none" and model.config.bitnet_train.get("quant") == "bitnet":
-            raise RecipeError(f"quant: none, but model {spec!r} is a ternary checkpoint")
-        if recipe.quant == "bitnet" and not bitlinear_modules(model):
-            # a full-precision checkpoint fine-tuned into ternary: convert it like hf:<dir>
-            from .convert import convert_model
-
-            convert_model(model, c.exclude, c.use_rms_norm, c.rms_norm_eps, where=f"model {spec!r}")
-            model.config.bitnet_train = {**(model.config.bitnet_train or {}), "quant": "bitnet"}
-        n_emb = model.get_input_embeddings().weight.shape[0]
-        if n_emb < len(tok):
-            raise RecipeError(
-                f"model {spec!r} has {n_emb} token embeddings, fewer than the {len(tok)} tokens of tokenizer "
-                f"{getattr(tok, 'name_or_path', '') or recipe.data.tokenizer!r}; use the model's own tokenizer"
-            )
-    else:
-        model = build_model(
-            spec,
-            quant=recipe.quant,
-            seed=recipe.seed,
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
+    model = load_model(recipe.model, quant=recipe.quant, convert=recipe.convert, tokenizer=tok, seed=recipe.seed)
     maxpos = getattr(model.config, "max_position_embeddings", None)
     if maxpos and recipe.data.seq_len > maxpos:
         raise RecipeError(f"data.seq_len {recipe.data.seq_len} exceeds the model's max_position_embeddings {maxpos}")
@@ -471,6 +425,7 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
     from tqdm.auto import tqdm
 
     from .checkpoint import CheckpointError, load_checkpoint, load_state_file, save_checkpoint
+    from .checkpointer import list_checkpoints, resume_point
     from .data import DataPosition, open_training_data
     from .fsutil import clean_stale
     from .warmup import apply_warmup
@@ -479,18 +434,11 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
     t = recipe.train
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
     fsdp = acc.distributed_type == DistributedType.FSDP
-    ckpts = list_checkpoints(out)
-    if ckpts and not resume:
-        raise RecipeError(
-            f"output_dir {str(out)!r} already holds checkpoints; pass --resume to continue, or choose another output_dir"
-        )
+    start = resume_point(out, resume, "pretrain", announce=main)
     out.mkdir(parents=True, exist_ok=True)
     if main:
         clean_stale(out / "checkpoints")  # directories a process killed while saving left behind
         clean_stale(out)  # and an interrupted overwrite of final/ (its previous copy comes back)
-    start = ckpts[-1] if (resume and ckpts) else None
-    if resume and start is None and main:
-        print(f"pretrain: no checkpoint in {out}/checkpoints; starting from scratch", file=sys.stderr)
 
     if start is None:
         _seed_all(recipe.seed)
