@@ -377,14 +377,14 @@ def _trainer_kwargs(recipe, out: Path, progress: bool) -> dict:
     t = recipe.train
     report = "none"
     if recipe.wandb.enabled:
-        from .train import _wandb_mode
+        from .metrics import wandb_mode
 
         try:
             import wandb  # noqa: F401
         except ImportError:
             raise RecipeError("wandb.enabled is true but wandb is not installed (pip install wandb)") from None
         os.environ["WANDB_PROJECT"] = recipe.wandb.project
-        os.environ["WANDB_MODE"] = _wandb_mode(recipe.wandb)
+        os.environ["WANDB_MODE"] = wandb_mode(recipe.wandb)
         os.environ.setdefault("WANDB_DIR", str(out))
         report = "wandb"
     has_eval = bool(recipe.data.eval_rows or recipe.data.eval_split)
@@ -423,7 +423,7 @@ def _trainer_kwargs(recipe, out: Path, progress: bool) -> dict:
 def _callbacks(recipe, out: Path, resume_step: int | None, counter):
     from transformers import TrainerCallback
 
-    from .train import _Metrics
+    from .metrics import MetricsLog
 
     class MetricsCallback(TrainerCallback):
         """metrics.jsonl: one line per log (loss, lr, tokens, tokens/s, TRL's metrics)."""
@@ -434,7 +434,7 @@ def _callbacks(recipe, out: Path, resume_step: int | None, counter):
             self.tok0 = 0
 
         def on_train_begin(self, args, state, control, **kw):
-            self.m = _Metrics(out / "metrics.jsonl", keep_upto=resume_step)
+            self.m = MetricsLog(out / "metrics.jsonl", keep_upto=resume_step)
             self.t0, self.tok0 = time.perf_counter(), counter.tokens
 
         def on_log(self, args, state, control, logs=None, **kw):
