@@ -19,7 +19,10 @@ ROOTS = {PACKAGE: REPO / "bitnet_train", f"{PACKAGE}.kernels": REPO / "kernels"}
 MAX_LINES = 450
 # modules allowed over MAX_LINES for now, each with the reason; to shrink later
 LINE_ALLOWANCES: dict[str, str] = {
-    "bitnet_train.kernels.ops": "the Triton kernels: to split into quantize / matmul / autograd",
+    # the Triton kernels: to split into quantize / matmul / autograd; tests/test_kernels.py patches
+    # names in this one module's globals (torch, GEMV_FIXED, MM_FIXED, weight_scale), so the split
+    # moves those patches too
+    "bitnet_train.kernels.ops": "692 lines: quantize / matmul / autograd kernels in one module",
 }
 
 
