@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 
 def register(sub) -> None:
     p = sub.add_parser("init", help="write a randomly initialised checkpoint of a preset")
@@ -37,29 +35,14 @@ def cmd_init(args) -> int:
 def model_summary(spec: str) -> dict:
     """Figures for ``info``: built on the meta device, so even 2B4T costs no memory."""
     from .bitlinear import BitLinear
-    from .model import build_model, load_preset
+    from .model import load_model, load_preset, model_kind
 
-    p = Path(spec)
-    if p.is_dir():
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from .checkpoint import convert_like_checkpoint, read_config_json
-
-        raw = read_config_json(p)
-        qc = raw.get("quantization_config")
-        config = AutoConfig.from_pretrained(p)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        if qc is not None:
-            convert_like_checkpoint(model, qc)
-        description = f"checkpoint {p}"
+    model = load_model(spec, device="meta")
+    kind = model_kind(spec)
+    if kind == "checkpoint":
+        description = f"checkpoint {Path(spec)}"
     else:
-        preset = load_preset(spec)
-        with torch.device("meta"):
-            model = build_model(spec)
-        description = preset.get("description", "")
+        description = spec if kind == "hf" else load_preset(spec).get("description", "")
     cfg = model.config
     ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, BitLinear))
     seen = set()
