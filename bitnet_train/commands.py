@@ -20,6 +20,46 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_info)
 
+    p = sub.add_parser(
+        "recipe-keys",
+        help="every recipe key of a stage: type, default, allowed values, meaning",
+        description="Print the recipe keys of pretrain, sft and/or dpo, read from the recipe schemas (the "
+        "tables of docs/recipes.md are this command's --markdown output). One stage: its table; several: "
+        "one table with a stage column; none: each stage's table in turn.",
+    )
+    p.add_argument("stages", nargs="*", metavar="STAGE", help=f"one of {', '.join(RECIPE_STAGES)}")
+    p.add_argument("--markdown", action="store_true", help="GitHub Markdown tables instead of aligned text")
+    p.set_defaults(func=cmd_recipe_keys)
+
+
+RECIPE_STAGES = ("pretrain", "sft", "dpo")  # the stages that read a recipe (the commands of the same names)
+
+
+def recipe_schemas(stages=RECIPE_STAGES) -> dict:
+    """Stage name -> its recipe schema (a dataclass), for ``recipe-keys`` and scripts/gen_docs.py."""
+    from .align import DPORecipe, SFTRecipe
+    from .recipe import RecipeError
+    from .train import PretrainRecipe
+
+    known = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "dpo": DPORecipe}
+    bad = [s for s in stages if s not in known]
+    if bad:
+        raise RecipeError(f"unknown stage {bad[0]!r}; choose from {', '.join(RECIPE_STAGES)}")
+    return {s: known[s] for s in dict.fromkeys(stages)}
+
+
+def cmd_recipe_keys(args) -> int:
+    from .recipe import keys_table
+
+    if args.stages:
+        print(keys_table(recipe_schemas(args.stages), markdown=args.markdown), end="")
+        return 0
+    for i, (stage, schema) in enumerate(recipe_schemas().items()):
+        title = f"### `{stage}`" if args.markdown else f"{stage} recipe keys:"
+        print(("\n" if i else "") + title + "\n" + ("\n" if args.markdown else ""), end="")
+        print(keys_table({stage: schema}, markdown=args.markdown), end="")
+    return 0
+
 
 def cmd_init(args) -> int:
     from .checkpoint import save_checkpoint
