@@ -281,3 +281,70 @@ def test_microsoft_bf16_layout(tmp_path, text, probe):
     # random weights: the random-init tolerance (measured 2.9e-2 to 3.6e-2, verify.TOLERANCES)
     assert ag.ok and ag.rel_error < 5e-2, str(ag)
     assert _types(out)["blk.0.ffn_down.weight"] == ik.IK_TYPES["iq2_bn"][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# generate --chat: the chat template in every runtime
+# ---------------------------------------------------------------------------------------------
+
+MESSAGES = [{"role": "system", "content": "You are a player."}, {"role": "user", "content": "Who comes here?"}]
+
+
+@needs_ik
+@pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed")
+def test_chat_same_answer_in_every_runtime(tiny_ckpt, tmp_path, text):
+    """The chat prompt is the tokenizer's template, rendered the same from the GGUF's copy: greedy,
+    ik_llama.cpp (ReLU²) and llama.cpp (SiLU) answer as transformers does on the checkpoint."""
+    from transformers import AutoTokenizer
+
+    from bitnet_train.generate import chat, open_runtime
+
+    silu = make_checkpoint(tmp_path / "silu", text[:-5000], steps=30)
+    for ck, quant in ((tiny_ckpt, "f32"), (silu, "f32")):
+        out = tmp_path / f"{ck.parent.name}-{ck.name}.gguf"
+        export(ck, "gguf", out, quant=quant, verify=False, log=_quiet)
+        want = AutoTokenizer.from_pretrained(ck).apply_chat_template(MESSAGES, tokenize=False,
+                                                                     add_generation_prompt=True)
+        with open_runtime(out, threads=2) as rt:
+            assert rt.render(MESSAGES) == want and want.startswith("<|begin_of_text|><|system|>")
+        theirs = chat(out, MESSAGES, 12, threads=2)
+        ours = chat(ck, MESSAGES, 12, threads=2)
+        assert theirs["runtime"] == ("ik_llama.cpp" if ck == tiny_ckpt else "llama.cpp")
+        assert ours["runtime"] == "transformers"
+        # the template's BOS is the BOS token, parsed once (not the text, not doubled)
+        assert theirs["prompt_tokens"] == ours["prompt_tokens"] == len(
+            AutoTokenizer.from_pretrained(ck)(want, add_special_tokens=False)["input_ids"])
+        assert theirs["new_tokens"] > 0 and theirs["text"] == ours["text"], (theirs, ours)
+
+
+@needs_ik
+def test_chat_cli_one_turn_and_loop(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    import builtins
+    import io
+
+    from bitnet_train.cli import main
+
+    out = tmp_path / "c.gguf"
+    export(tiny_ckpt, "gguf", out, quant="iq2_bn_r4", verify=False, log=_quiet)
+    # not a terminal: one turn from standard input, the answer alone
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Who comes here?\n"))
+    assert main(["generate", str(out), "--chat", "--max-new-tokens", "6", "--threads", "2"]) == 0
+    got = capsys.readouterr().out
+    assert "<|assistant|>" not in got and "Who comes here?" not in got and "[ik_llama.cpp]" in got
+    # a terminal: turns until an empty line, the conversation growing
+    seen = []
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stdin", Tty())
+    answers = iter(["And you?", ""])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": seen.append(prompt) or next(answers))
+    assert main(["generate", str(out), "--chat", "--prompt", "Who comes here?", "--max-new-tokens", "6",
+                 "--threads", "2"]) == 0
+    got = capsys.readouterr().out
+    assert got.count("model> ") == 2 and got.startswith("you> Who comes here?") and seen == ["you> ", "you> "]
+    # neither --prompt nor --chat: a clear error
+    assert main(["generate", str(out), "--max-new-tokens", "2"]) == 2
+    assert "--prompt is required" in capsys.readouterr().err
