@@ -183,8 +183,9 @@ def export(
             )
         problems = ik.shape_problems(src, quant)
         if problems:
+            more = f"; and {len(problems) - 3} more tensors" if len(problems) > 3 else ""
             raise ExportError(f"ik_llama.cpp cannot run this model as {quant.upper()}, nothing written: "
-                              + "; ".join(problems) + _shape_hint(src, quant))
+                              + "; ".join(problems[:3]) + more + _shape_hint(src, quant))
     else:
         from .gguf import llama_cpp_mismatches
 
