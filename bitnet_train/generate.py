@@ -337,11 +337,16 @@ class _BitnetCpp(_Gguf):
         except FileNotFoundError as e:
             raise UserError(str(e)) from None
         self.path, self.threads = path, threads
-        meta = read_header(path, keys=("tokenizer.ggml.tokens",))[0]
-        toks = meta.get("tokenizer.ggml.tokens") or []
-        self._meta_chat(path, lambda i: toks[i] if i < len(toks) else "")
         arch = read_header(path, keys=("general.architecture",))[0].get("general.architecture")
         self.n_ctx = int(read_header(path, keys=(f"{arch}.context_length",))[0].get(f"{arch}.context_length") or 2048)
+
+    def render(self, messages: list[dict]) -> str:
+        if self.template is None:  # read on first use: the token list of a big vocabulary takes seconds
+            from .export.ik import read_header
+
+            toks = read_header(self.path, keys=("tokenizer.ggml.tokens",))[0].get("tokenizer.ggml.tokens") or []
+            self._meta_chat(self.path, lambda i: toks[i] if i < len(toks) else "")
+        return super().render(messages)
 
     def complete(self, text: str, n: int, temperature: float, chat: bool) -> dict:
         import os

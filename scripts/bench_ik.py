@@ -196,7 +196,8 @@ def speed(args) -> int:
         m = json.loads(r.stdout.strip().splitlines()[-1])
         ck_bytes = sum(f.stat().st_size for f in cks[which].glob("*.safetensors"))
         print(f"export {label}: {m['seconds']:.0f} s, file {out.stat().st_size / 2**20:.0f} MiB, peak RSS "
-              f"{m['peak_rss'] / 2**30:.2f} GiB (llama-quantize {m['child_peak_rss'] / 2**30:.2f} GiB), checkpoint "
+              f"{m['peak_rss'] / 2**30:.2f} GiB (its subprocesses, llama-quantize for IQ: {m['child_peak_rss'] / 2**30:.2f} "
+              f"GiB), checkpoint "
               f"{ck_bytes / 2**30:.2f} GiB", flush=True)
     import numpy as np
 
@@ -207,6 +208,8 @@ def speed(args) -> int:
             runtime = "ik_llama.cpp" if label.startswith("ik") else "llama.cpp"
             res[label].append(_time_runtime(files[label], runtime, args.threads, prompt, args.tokens))
             print(f"  {label}: prefill {res[label][-1][0]:.1f}, decode {res[label][-1][1]:.2f} tokens/s", flush=True)
+    if not args.rounds:
+        return 0
     print(f"\n{args.preset}, {args.threads} threads, prefill {args.prompt_tokens} tokens, decode {args.tokens} "
           f"(median of {args.rounds})")
     print("| format | file MiB | prefill tok/s | decode tok/s | decode vs its runtime's F16 |")
