@@ -20,7 +20,6 @@ from test_export import HAVE_LLAMA, make_checkpoint
 from bitnet_train.export import ExportError, choose_quant, export
 from bitnet_train.export import gguf as G
 from bitnet_train.export import ik
-from bitnet_train.export import verify as V
 from bitnet_train.export.source import CheckpointSource
 
 HAVE_IK = ik.available()
