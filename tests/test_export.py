@@ -222,7 +222,8 @@ def test_relu2_model_refused(relu2_ckpt, tmp_path):
 def test_relu2_forced_is_written_but_fails_verification(relu2_ckpt, probe, tmp_path):
     out = tmp_path / "r.gguf"
     logs = []
-    r = export(relu2_ckpt, "gguf", out, quant="f32", force=True, probe_text=probe, log=logs.append)
+    r = export(relu2_ckpt, "gguf", out, quant="f32", runtime="llama.cpp", force=True, probe_text=probe,
+               log=logs.append)
     ag = r["agreement"]
     assert out.is_file() and r["ok"] is False
     # barely trained, the ReLU² FFN changes the logits little (1.4e-2, top-1 100% measured): the
