@@ -6,7 +6,7 @@ Backends:
 * ``torch``  — the plain PyTorch reference (fake quantization + ``F.linear``), always available.
 * ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward).
 * ``auto``   — the fastest measured: ``torch`` for now (the Triton kernels are correct but not yet
-  faster on an H100, see the README); ``triton`` on CUDA once ``AUTO_PREFERS_TRITON`` is set.
+  faster on an H100, see docs/performance.md); ``triton`` on CUDA once ``AUTO_PREFERS_TRITON`` is set.
 
 The backend is set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model)
 and the environment variable ``BITNET_TRAIN_BACKEND`` overrides it for every layer.
@@ -66,7 +66,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     env = os.environ.get(BACKEND_ENV)
     name = _check_backend(env, f"${BACKEND_ENV}") if env else requested
     if name == "auto":
-        # the best available: on an H100 (README) the Triton kernels are still slower than torch's
+        # the best available: on an H100 (docs/performance.md) the Triton kernels are still slower than torch's
         # bf16 path, so `auto` runs the torch reference until a tuned kernel beats it
         return "triton" if AUTO_PREFERS_TRITON and device.type == "cuda" and triton_available() else "torch"
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":

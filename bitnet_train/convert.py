@@ -12,7 +12,7 @@ A recipe reaches the same code with ``model: hf:<dir or hub id>`` (converted on 
 :func:`load_hf_converted`); the ``convert:`` recipe keys (:class:`ConvertConfig`) hold the
 exclusion list and the RMSNorm switch. Naive conversion loses most of what the model knew; the
 quantization warm-up (``quant_warmup``, :mod:`bitnet_train.warmup`) and a short fine-tune bring
-it back (README, "Quantization-aware fine-tuning").
+it back (docs/performance.md, "Quantization-aware fine-tuning").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the Triton kernels, in the order to run them, for a session that has a GPU
-# (README, "Triton kernels"). Each step fits in one 10-minute call of a lent machine:
+# (docs/kernels.md). Each step fits in one 10-minute call of a lent machine:
 #
 #   bash scripts/gpu_check.sh tests        # tests/test_gpu.py + the kernel self-check
 #   bash scripts/gpu_check.sh bench        # bitnet-train bench kernels (inference + training)
