@@ -127,18 +127,18 @@ class BitLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         backend = resolve_backend(self.backend, x.device)
         if backend == "triton" and lam >= 1.0:
-            from .kernels import bitlinear_triton, ops
+            from .kernels import bitlinear_triton, matmul
 
             wq = self._quantized_weight()
             if (
                 wq is not None
                 and x.shape[-1] > 0
-                and x.numel() // x.shape[-1] <= ops.GEMV_MAX_M
+                and x.numel() // x.shape[-1] <= matmul.GEMV_MAX_M
                 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)))
             ):
                 # decoding without autograd: the GEMV kernel on 2-bit packed codes (cached with
                 # the int8 ones); the same int32 products and rescale, so the same output bits
-                return ops.ternary_matmul(x, self._packed_weight(), wq[1], self.bias)
+                return matmul.ternary_matmul(x, self._packed_weight(), wq[1], self.bias)
             return bitlinear_triton(x, self.weight, self.bias, wq)
         return quant.bitlinear_reference(x, self.weight, self.bias, lam)
 

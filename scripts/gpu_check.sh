@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu-check}
 mkdir -p "$OUT"
-if ! python -c "import bitnet_train.kernels.ops" 2>/dev/null; then
+if ! python -c "import bitnet_train.kernels.matmul" 2>/dev/null; then
     rm -rf /tmp/pkg && mkdir -p /tmp/pkg
     cp -r bitnet_train /tmp/pkg/
     rm -rf /tmp/pkg/bitnet_train/kernels /tmp/pkg/bitnet_train/configs
