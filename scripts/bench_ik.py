@@ -11,7 +11,7 @@ with ik's float arithmetic emulated (no activation quantization).
 
     python scripts/bench_ik.py tolerances [--widths 256,512] [--seeds 0,1] [--steps 0,40] [--work DIR]
 
-``speed``: a randomly initialised checkpoint of a ReLU² preset (default ``700m``) and of its SiLU
+``speed``: a randomly initialised checkpoint (bf16 latent weights) of a ReLU² preset (default ``700m``) and of its SiLU
 twin (``700m-silu``), exported (``--no-verify``, each in a fresh subprocess: its peak RSS, and that of
 ik's ``llama-quantize`` it runs, against the checkpoint size) to ik_llama.cpp IQ2_BN, IQ2_BN_R4,
 IQ1_BN, F16 and llama.cpp TQ2_0, F16; then prefill (a ``--prompt-tokens`` prompt in one batch) and
@@ -135,8 +135,16 @@ def _random_checkpoint(preset: str, out: Path, text: str) -> None:
     from bitnet_train.tokenizer import train_bpe
 
     tok = train_bpe([text[i : i + 50_000] for i in range(0, len(text), 50_000)], vocab_size=load_preset(preset)["vocab_size"])
-    with torch.no_grad():
-        model = build_model(preset, seed=0)  # the preset's vocabulary: rows the BPE leaves empty are padding
+    # bf16 latent weights, built as bf16 (half the RAM of fp32: the 2B4T shape fits 24 GB); the
+    # export quantizes them to the same kind of ternary file. The preset's vocabulary: rows the BPE
+    # leaves empty are padding.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.no_grad():
+            model = build_model(preset, seed=0, dtype=torch.bfloat16)
+    finally:
+        torch.set_default_dtype(old)
     save_checkpoint(model, out, tokenizer=tok)
 
 
