@@ -25,15 +25,10 @@ LINEAR_CLASS = "bitlinear"
 
 
 def quantization_config(src: CheckpointSource) -> dict:
-    qc = src.qc
-    return {
-        "quant_method": "bitnet",
-        "linear_class": LINEAR_CLASS,
-        "quantization_mode": "offline",
-        "modules_to_not_convert": qc.get("modules_to_not_convert") or ["lm_head"],
-        "use_rms_norm": bool(qc.get("use_rms_norm", False)),
-        "rms_norm_eps": float(qc.get("rms_norm_eps") or 1e-6),
-    }
+    """The packed directory's ``quantization_config`` (built in :mod:`bitnet_train.checkpoint`)."""
+    from ..checkpoint import packed_quantization_config
+
+    return packed_quantization_config(src.qc)
 
 
 def write_hf(src: CheckpointSource, out: Path, tokenizer, max_shard_bytes: int = 2 * 2**30, progress=None) -> dict:

@@ -88,18 +88,12 @@ class CheckpointSource:
 
     # -- ternary layers -------------------------------------------------------------------------
     def _ternary_modules(self) -> set[str]:
-        """Names of the layers the loader turns into BitLinear (architecture built on meta)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
+        """Names of the layers the loader turns into BitLinear: the checkpoint loaded the one way
+        (:func:`bitnet_train.checkpoint.load_checkpoint`), on the meta device (no weights read)."""
         from ..bitlinear import bitlinear_modules
-        from ..checkpoint import convert_like_checkpoint
+        from ..checkpoint import load_checkpoint
 
-        config = AutoConfig.from_pretrained(self.path)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        convert_like_checkpoint(model, self.qc)
+        model = load_checkpoint(self.path, device="meta", require_causal_lm=False)
         return {name for name, _ in bitlinear_modules(model)}
 
     def is_ternary(self, key: str) -> bool:
