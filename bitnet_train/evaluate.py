@@ -164,7 +164,9 @@ class IkLlamaRuntime(GGUFRuntime):
             raise UserError(f"{path}: its architecture ({' or '.join(IK_ARCHS)}, ReLU² BitNet) needs ik_llama.cpp "
                             "support, which this bitnet-train does not have (bitnet_train.export.ik)") from None
         self.rt = IkRuntime(path, n_ctx=n_ctx, threads=threads, logits_all=True)
-        self.eos, self.context, self.close = int(self.rt.C.llama_token_eos(self.rt.model)), n_ctx, self.rt.close
+        if (eos := self.rt.meta("tokenizer.ggml.eos_token_id")) is None:
+            raise UserError(f"{path}: no tokenizer.ggml.eos_token_id to separate documents with")
+        self.eos, self.context, self.close = int(eos), n_ctx, self.rt.close
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [self.rt.tokenize(t, add_bos=False) for t in texts]
@@ -242,8 +244,7 @@ def _documents(rt: Runtime, spec: str, text_field: str, split: str):
     """(pieces, token lists) of each document; a .txt file's line chunks are one document."""
     from .documents import iter_piece_batches
 
-    doc: list[str] = []
-    ids: list[list[int]] = []
+    doc, ids = [], []  # the texts and token lists of the document being read
     for batch in iter_piece_batches(spec, text_field, split, batch=16):
         for (text, end), toks in zip(batch, rt.encode([t for t, _ in batch])):
             doc.append(text)
@@ -261,8 +262,7 @@ def score(rt: Runtime, spec: str, seq_len: int, per_document: bool = False, max_
     from tqdm.auto import tqdm
 
     budget = max_tokens if max_tokens and max_tokens > 0 else None
-    tokens = nbytes = docs = 0
-    total = 0.0
+    tokens, nbytes, docs, total = 0, 0, 0, 0.0
     pending: list[tuple[list[int], int]] = []
     bar = tqdm(total=budget, unit="tok", desc=f"eval [{rt.name}]", disable=not progress, dynamic_ncols=True)
 
