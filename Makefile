@@ -16,6 +16,7 @@ setup-test:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	$(PIP) install -e ".[dev]"
 	@$(PYTHON) -c "import llama_cpp" 2>/dev/null || $(PIP) install "llama-cpp-python>=0.3.10"
+	@$(PYTHON) -c "import ik_llama_cpp" 2>/dev/null || $(PIP) install "ik-llama-cpp-python>=0.1.5" || echo "no ik-llama-cpp-python wheel for this platform: its tests skip"
 
 demo: setup
 	bash scripts/demo.sh

@@ -10,7 +10,7 @@ from .bitlinear import (
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .model import ModelSpecError, build_model, list_presets, load_model, load_preset
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it (dynamic = ["version"])
 
 __all__ = [
     "BitLinear",

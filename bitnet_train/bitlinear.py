@@ -6,7 +6,7 @@ Backends:
 * ``torch``  — the plain PyTorch reference (fake quantization + ``F.linear``), always available.
 * ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward).
 * ``auto``   — the fastest measured: ``torch`` for now (the Triton kernels are correct but not yet
-  faster on an H100, see the README); ``triton`` on CUDA once ``AUTO_PREFERS_TRITON`` is set.
+  faster on an H100, see docs/performance.md); ``triton`` on CUDA once ``AUTO_PREFERS_TRITON`` is set.
 
 The backend is set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model)
 and the environment variable ``BITNET_TRAIN_BACKEND`` overrides it for every layer.
@@ -66,7 +66,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     env = os.environ.get(BACKEND_ENV)
     name = _check_backend(env, f"${BACKEND_ENV}") if env else requested
     if name == "auto":
-        # the best available: on an H100 (README) the Triton kernels are still slower than torch's
+        # the best available: on an H100 (docs/performance.md) the Triton kernels are still slower than torch's
         # bf16 path, so `auto` runs the torch reference until a tuned kernel beats it
         return "triton" if AUTO_PREFERS_TRITON and device.type == "cuda" and triton_available() else "torch"
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -127,18 +127,18 @@ class BitLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         backend = resolve_backend(self.backend, x.device)
         if backend == "triton" and lam >= 1.0:
-            from .kernels import bitlinear_triton, ops
+            from .kernels import bitlinear_triton, matmul
 
             wq = self._quantized_weight()
             if (
                 wq is not None
                 and x.shape[-1] > 0
-                and x.numel() // x.shape[-1] <= ops.GEMV_MAX_M
+                and x.numel() // x.shape[-1] <= matmul.GEMV_MAX_M
                 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)))
             ):
                 # decoding without autograd: the GEMV kernel on 2-bit packed codes (cached with
                 # the int8 ones); the same int32 products and rescale, so the same output bits
-                return ops.ternary_matmul(x, self._packed_weight(), wq[1], self.bias)
+                return matmul.ternary_matmul(x, self._packed_weight(), wq[1], self.bias)
             return bitlinear_triton(x, self.weight, self.bias, wq)
         return quant.bitlinear_reference(x, self.weight, self.bias, lam)
 

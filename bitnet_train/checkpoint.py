@@ -29,6 +29,27 @@ from .fsutil import atomic_dir
 QUANT_METHOD = "bitnet"
 
 
+def quantization_config(modules_to_not_convert: list[str], use_rms_norm: bool = False, rms_norm_eps: float = 1e-6,
+                        packed: bool = False) -> dict:
+    """The ``quantization_config`` of a ternary checkpoint (the one place it is built): latent
+    weights quantized on the fly by transformers' ``AutoBitLinear`` (``online``), or, ``packed``,
+    2-bit weights for its ``BitLinear`` (``offline``, what the packed HF export writes)."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "linear_class": "bitlinear" if packed else "autobitlinear",
+        "quantization_mode": "offline" if packed else "online",
+        "modules_to_not_convert": list(modules_to_not_convert),
+        "use_rms_norm": bool(use_rms_norm),
+        "rms_norm_eps": float(rms_norm_eps),
+    }
+
+
+def packed_quantization_config(qc: dict) -> dict:
+    """The packed (``offline``) ``quantization_config`` for a checkpoint whose online one is ``qc``."""
+    return quantization_config(qc.get("modules_to_not_convert") or ["lm_head"], bool(qc.get("use_rms_norm", False)),
+                               float(qc.get("rms_norm_eps") or 1e-6), packed=True)
+
+
 def quantization_config_for(model: torch.nn.Module) -> dict | None:
     """The ``quantization_config`` that makes stock transformers quantize exactly our layers."""
     bit = bitlinear_modules(model)
@@ -38,15 +59,7 @@ def quantization_config_for(model: torch.nn.Module) -> dict | None:
     rms = [m for _, m in bit if m.rms_norm is not None]
     if rms and len(rms) != len(bit):
         raise CheckpointError("some BitLinear layers have an input RMSNorm and some do not; stock transformers cannot express that")
-    qc = {
-        "quant_method": QUANT_METHOD,
-        "linear_class": "autobitlinear",
-        "quantization_mode": "online",
-        "modules_to_not_convert": not_converted,
-        "use_rms_norm": bool(rms),
-        "rms_norm_eps": float(rms[0].rms_norm.variance_epsilon) if rms else 1e-6,
-    }
-    return qc
+    return quantization_config(not_converted, bool(rms), float(rms[0].rms_norm.variance_epsilon) if rms else 1e-6)
 
 
 def save_checkpoint(
@@ -142,6 +155,7 @@ def load_checkpoint(
     dtype: torch.dtype | None = torch.float32,
     require_causal_lm: bool = True,
     expect_model_type: str | None = None,
+    device: str | None = None,
 ) -> PreTrainedModel:
     """Load a checkpoint directory with :class:`BitLinear` where it is quantized.
 
@@ -149,8 +163,13 @@ def load_checkpoint(
     weights (``microsoft/bitnet-b1.58-2B-4T-bf16`` layout: ``quant_method: bitnet`` with
     online quantization). Packed (``offline``) checkpoints are rejected: they hold no latent
     weights to train.
+
+    ``device="meta"`` builds the architecture only, on the meta device, with BitLinear exactly
+    where the weights would be ternary, and reads no weights (so a packed checkpoint is fine
+    there): the one "build like the checkpoint" sequence, for figures (``info``) and export.
     """
     path = Path(path)
+    meta_only = device is not None and torch.device(device).type == "meta"
     raw = read_config_json(path)
     model_type = raw.get("model_type")
     if expect_model_type and model_type != expect_model_type:
@@ -161,7 +180,7 @@ def load_checkpoint(
             f"{path}/config.json: quantization_config.quant_method is {qc.get('quant_method')!r}; "
             f"bitnet-train reads only '{QUANT_METHOD}' (or unquantized) checkpoints"
         )
-    if qc is not None and qc.get("quantization_mode", "offline") != "online":
+    if qc is not None and qc.get("quantization_mode", "offline") != "online" and not meta_only:
         raise CheckpointError(
             f"{path}/config.json: a packed (quantization_mode: {qc.get('quantization_mode', 'offline')!r}) "
             "checkpoint holds no latent weights to train; use the bf16/online master weights"
@@ -175,17 +194,21 @@ def load_checkpoint(
         raise CheckpointError(f"{path}: architecture {archs} is not a causal language model (…ForCausalLM)")
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    kwargs = {}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    check_safetensors(path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: transformers cannot build a causal LM from this checkpoint: {e}") from None
+    if meta_only:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    else:
+        kwargs = {}
+        if dtype is not None:
+            kwargs["dtype"] = dtype
+        check_safetensors(path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, **kwargs)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: transformers cannot build a causal LM from this checkpoint: {e}") from None
     if qc is not None:
         convert_like_checkpoint(model, qc, backend)
-        if qc.get("use_rms_norm"):
+        if qc.get("use_rms_norm") and not meta_only:
             _load_extra_tensors(model, path, suffix=".rms_norm.weight")
     meta = dict(raw.get("bitnet_train") or {})
     meta["quant"] = "bitnet" if qc is not None else "none"
@@ -238,6 +261,8 @@ __all__ = [
     "check_safetensors",
     "load_checkpoint",
     "load_state_file",
+    "packed_quantization_config",
+    "quantization_config",
     "quantization_config_for",
     "save_checkpoint",
 ]

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 
 def register(sub) -> None:
     p = sub.add_parser("init", help="write a randomly initialised checkpoint of a preset")
@@ -21,6 +19,46 @@ def register(sub) -> None:
     p.add_argument("--list", action="store_true", help="list the shipped presets")
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "recipe-keys",
+        help="every recipe key of a stage: type, default, allowed values, meaning",
+        description="Print the recipe keys of pretrain, sft and/or dpo, read from the recipe schemas (the "
+        "tables of docs/recipes.md are this command's --markdown output). One stage: its table; several: "
+        "one table with a stage column; none: each stage's table in turn.",
+    )
+    p.add_argument("stages", nargs="*", metavar="STAGE", help=f"one of {', '.join(RECIPE_STAGES)}")
+    p.add_argument("--markdown", action="store_true", help="GitHub Markdown tables instead of aligned text")
+    p.set_defaults(func=cmd_recipe_keys)
+
+
+RECIPE_STAGES = ("pretrain", "sft", "dpo")  # the stages that read a recipe (the commands of the same names)
+
+
+def recipe_schemas(stages=RECIPE_STAGES) -> dict:
+    """Stage name -> its recipe schema (a dataclass), for ``recipe-keys`` and scripts/gen_docs.py."""
+    from .align import DPORecipe, SFTRecipe
+    from .recipe import RecipeError
+    from .train import PretrainRecipe
+
+    known = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "dpo": DPORecipe}
+    bad = [s for s in stages if s not in known]
+    if bad:
+        raise RecipeError(f"unknown stage {bad[0]!r}; choose from {', '.join(RECIPE_STAGES)}")
+    return {s: known[s] for s in dict.fromkeys(stages)}
+
+
+def cmd_recipe_keys(args) -> int:
+    from .recipe import keys_table
+
+    if args.stages:
+        print(keys_table(recipe_schemas(args.stages), markdown=args.markdown), end="")
+        return 0
+    for i, (stage, schema) in enumerate(recipe_schemas().items()):
+        title = f"### `{stage}`" if args.markdown else f"{stage} recipe keys:"
+        print(("\n" if i else "") + title + "\n" + ("\n" if args.markdown else ""), end="")
+        print(keys_table({stage: schema}, markdown=args.markdown), end="")
+    return 0
 
 
 def cmd_init(args) -> int:
@@ -37,29 +75,14 @@ def cmd_init(args) -> int:
 def model_summary(spec: str) -> dict:
     """Figures for ``info``: built on the meta device, so even 2B4T costs no memory."""
     from .bitlinear import BitLinear
-    from .model import build_model, load_preset
+    from .model import load_model, load_preset, model_kind
 
-    p = Path(spec)
-    if p.is_dir():
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from .checkpoint import convert_like_checkpoint, read_config_json
-
-        raw = read_config_json(p)
-        qc = raw.get("quantization_config")
-        config = AutoConfig.from_pretrained(p)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
-        if qc is not None:
-            convert_like_checkpoint(model, qc)
-        description = f"checkpoint {p}"
+    model = load_model(spec, device="meta")
+    kind = model_kind(spec)
+    if kind == "checkpoint":
+        description = f"checkpoint {Path(spec)}"
     else:
-        preset = load_preset(spec)
-        with torch.device("meta"):
-            model = build_model(spec)
-        description = preset.get("description", "")
+        description = spec if kind == "hf" else load_preset(spec).get("description", "")
     cfg = model.config
     ternary = sum(m.weight.numel() for m in model.modules() if isinstance(m, BitLinear))
     seen = set()

@@ -12,7 +12,7 @@ A recipe reaches the same code with ``model: hf:<dir or hub id>`` (converted on 
 :func:`load_hf_converted`); the ``convert:`` recipe keys (:class:`ConvertConfig`) hold the
 exclusion list and the RMSNorm switch. Naive conversion loses most of what the model knew; the
 quantization warm-up (``quant_warmup``, :mod:`bitnet_train.warmup`) and a short fine-tune bring
-it back (README, "Quantization-aware fine-tuning").
+it back (docs/performance.md, "Quantization-aware fine-tuning").
 """
 
 from __future__ import annotations
@@ -50,10 +50,11 @@ def _is_bitnet_checkpoint(src: str) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "bitnet"
 
 
-def load_hf_model(src: str, dtype=None):
-    """A Hugging Face causal LM (local directory or hub id) in full precision, unconverted."""
+def load_hf_model(src: str, dtype=None, device: str | None = None):
+    """A Hugging Face causal LM (local directory or hub id) in full precision, unconverted
+    (``device="meta"``: the architecture only, no weights read)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = torch.float32 if dtype is None else dtype
     where = f"hf:{src}"
@@ -63,7 +64,12 @@ def load_hf_model(src: str, dtype=None):
             "give the directory itself as the model, without hf:"
         )
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        if device is not None and torch.device(device).type == "meta":
+            config = AutoConfig.from_pretrained(src)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     except OSError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelSpecError(f"model {where!r}: cannot load it as a local directory or a hub model: {first}") from None
@@ -106,12 +112,13 @@ def load_hf_converted(
     rms_norm_eps: float | None = None,
     dtype=None,
     include=None,
+    device: str | None = None,
 ):
     """``hf:<src>``: a Hugging Face causal LM, converted to BitLinear on load (``quant='none'``
     loads it as it is, for a full-precision baseline or fine-tune)."""
     if quant not in ("bitnet", "none"):
         raise ModelSpecError(f"quant must be 'bitnet' or 'none', got {quant!r}")
-    model = load_hf_model(src, dtype)
+    model = load_hf_model(src, dtype, device)
     converted = []
     if quant == "bitnet":
         converted = convert_model(model, exclude, use_rms_norm, rms_norm_eps, backend, where=f"model 'hf:{src}'",

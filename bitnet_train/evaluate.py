@@ -127,7 +127,8 @@ class GGUFRuntime(Runtime):
 class LlamaCppRuntime(GGUFRuntime):
     name = "llama.cpp"
 
-    def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
+    def __init__(self, path: Path, n_ctx: int | None, threads: int | None = None):
+        n_ctx = n_ctx or 2048
         try:
             import llama_cpp
         except ImportError:
@@ -163,10 +164,10 @@ class IkLlamaRuntime(GGUFRuntime):
         except ImportError:
             raise UserError(f"{path}: its architecture ({' or '.join(IK_ARCHS)}, ReLU² BitNet) needs ik_llama.cpp "
                             "support, which this bitnet-train does not have (bitnet_train.export.ik)") from None
-        self.rt = IkRuntime(path, n_ctx=n_ctx, threads=threads, logits_all=True)
+        self.rt = IkRuntime(path, n_ctx=n_ctx or None, threads=threads, logits_all=True)  # None: the model's
         if (eos := self.rt.meta("tokenizer.ggml.eos_token_id")) is None:
             raise UserError(f"{path}: no tokenizer.ggml.eos_token_id to separate documents with")
-        self.eos, self.context, self.close = int(eos), n_ctx, self.rt.close
+        self.eos, self.context, self.close = int(eos), self.rt.n_ctx, self.rt.close
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [self.rt.tokenize(t, add_bos=False) for t in texts]
@@ -223,7 +224,7 @@ def open_gguf(path: Path, n_ctx: int | None, threads: int | None = None) -> Runt
             raise UserError(f"{path}: has an untied output.weight, which llama.cpp's 'bitnet' graph ignores "
                             "(it multiplies by token_embd)")
     trained = int(meta.get(f"{arch}.context_length") or 0) or None
-    rt = GGUF_RUNTIMES.get(arch, LlamaCppRuntime)(path, n_ctx or trained or 2048, threads)
+    rt = GGUF_RUNTIMES.get(arch, LlamaCppRuntime)(path, n_ctx or trained, threads)
     rt.context = trained or rt.context  # the model's own context bounds --seq-len
     return rt
 
@@ -237,7 +238,6 @@ def open_runtime(model: str, n_ctx: int | None, device: str, batch_size: int, th
     if not p.exists():
         raise UserError(f"{model}: no such file or directory")
     raise UserError(f"{model}: not a checkpoint directory, an export --format hf directory or a .gguf file")
-
 
 
 def _documents(rt: Runtime, spec: str, text_field: str, split: str):

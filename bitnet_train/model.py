@@ -172,22 +172,91 @@ def build_model(
     return model
 
 
-def load_model(preset_or_path: str | os.PathLike, backend: str = "auto", **kwargs) -> PreTrainedModel:
-    """A model from a preset name, a preset YAML, or a checkpoint directory.
+def model_kind(spec: str | os.PathLike) -> str:
+    """What a ``model:`` string names: ``"hf"`` (``hf:<dir or hub id>``), ``"checkpoint"`` (a
+    directory) or ``"preset"`` (a preset name or YAML)."""
+    s = str(spec)
+    if s.startswith("hf:"):
+        return "hf"
+    return "checkpoint" if Path(s).is_dir() else "preset"
 
-    Checkpoint directories (ours, a converted Hugging Face model, or a BitNet b1.58 2B4T
-    bf16-layout directory) load with their weights; presets build a random initialisation;
-    ``hf:<dir or hub id>`` converts a Hugging Face causal LM to BitLinear on load.
+
+def load_model(
+    preset_or_path: str | os.PathLike,
+    backend: str = "auto",
+    *,
+    quant: str | None = None,
+    convert=None,
+    tokenizer=None,
+    seed: int | None = None,
+    checkpoint_only: bool = False,
+    device: str | None = None,
+    what: str = "model",
+    **kwargs,
+) -> PreTrainedModel:
+    """The one place a ``model:`` string becomes a model: a preset name or preset YAML (a random
+    initialisation, :func:`build_model`), a checkpoint directory (ours, a converted Hugging Face
+    model, or a BitNet b1.58 2B4T bf16-layout directory, with its weights), or ``hf:<dir or hub
+    id>`` (a Hugging Face causal LM converted to BitLinear on load).
+
+    ``quant``: ``"bitnet"`` (the default for presets and ``hf:``) or ``"none"``; for a checkpoint
+    ``None`` takes it as it is, ``"none"`` refuses a ternary one and ``"bitnet"`` converts a
+    full-precision one like ``hf:`` does. ``convert`` (a :class:`~bitnet_train.convert.ConvertConfig`)
+    holds the exclusions and the RMSNorm switch of such a conversion. ``tokenizer``: a preset takes
+    its vocabulary and special tokens; a loaded model must have an embedding for each of its tokens.
+    ``seed`` seeds a preset's initialisation.
+    ``checkpoint_only`` refuses presets (``what`` names the recipe key in that error).
+    ``device="meta"``: the architecture only (no weights read), for figures. Other keyword
+    arguments go to the builder (:func:`build_model`, :func:`~bitnet_train.checkpoint.load_checkpoint`
+    or :func:`~bitnet_train.convert.load_hf_converted`).
     """
+    from .bitlinear import bitlinear_modules
+    from .errors import RecipeError
+
     spec = str(preset_or_path)
-    if spec.startswith("hf:"):
-        # a Hugging Face model (local dir or hub id) converted to BitLinear on load
+    kind = model_kind(spec)
+    if checkpoint_only and kind == "preset":
+        raise RecipeError(f"{what}: {spec!r} is not a checkpoint directory (or hf:<model>)")
+    c = convert
+    if kind == "hf":
         from .convert import load_hf_converted
 
-        return load_hf_converted(spec[3:], backend=backend, **kwargs)
-    p = Path(preset_or_path)
-    if p.is_dir():
+        if quant is not None:
+            kwargs["quant"] = quant
+        if c is not None:
+            kwargs.update(exclude=c.exclude, use_rms_norm=c.use_rms_norm, rms_norm_eps=c.rms_norm_eps)
+        model = load_hf_converted(spec[3:], backend=backend, device=device, **kwargs)
+    elif kind == "checkpoint":
         from .checkpoint import load_checkpoint
 
-        return load_checkpoint(p, backend=backend, **kwargs)
-    return build_model(preset_or_path, backend=backend, **kwargs)
+        model = load_checkpoint(Path(spec), backend=backend, device=device, **kwargs)
+        if quant == "none" and model.config.bitnet_train.get("quant") == "bitnet":
+            raise RecipeError(f"quant: none, but model {spec!r} is a ternary checkpoint")
+        if quant == "bitnet" and not bitlinear_modules(model):
+            # a full-precision checkpoint fine-tuned into ternary: convert it like hf:<dir>
+            from .convert import convert_model
+
+            convert_model(model, *((c.exclude, c.use_rms_norm, c.rms_norm_eps) if c is not None else ()),
+                          backend=backend, where=f"model {spec!r}")
+            model.config.bitnet_train = {**(model.config.bitnet_train or {}), "quant": "bitnet"}
+    else:
+        if quant is not None:
+            kwargs["quant"] = quant
+        if seed is not None:
+            kwargs["seed"] = seed
+        if tokenizer is not None:
+            kwargs.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        if device is not None:
+            with torch.device(device):
+                return build_model(spec, backend=backend, **kwargs)
+        return build_model(spec, backend=backend, **kwargs)
+    if tokenizer is not None:
+        n_emb = model.get_input_embeddings().weight.shape[0]
+        if n_emb < len(tokenizer):
+            name = getattr(tokenizer, "name_or_path", "")
+            raise RecipeError(
+                f"model {spec!r} has {n_emb} token embeddings, fewer than the {len(tokenizer)} tokens of "
+                f"{f'tokenizer {name!r}' if name else 'the tokenizer'}; use the model's own tokenizer"
+            )
+    return model

@@ -247,11 +247,25 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def describe(schema, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """Rows (key path, type, default, help) for documentation and ``recipe-keys``."""
+class _Required:
+    """The default of a key that has none (shown as ``(required)``)."""
+
+    def __repr__(self) -> str:
+        return "(required)"
+
+
+REQUIRED = _Required()
+
+
+def describe(schema, prefix: str = "") -> list[tuple[str, str, Any, str, str]]:
+    """Rows (key path, type, default, help, allowed values) of every key of ``schema``, nested
+    sections flattened (``train.lr``), in declaration order: what ``bitnet-train recipe-keys``
+    prints and docs/recipes.md shows. A key without a default has :data:`REQUIRED`."""
     rows = []
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
+        if not f.init:
+            continue
         path = f"{prefix}{f.name}"
         tp = hints[f.name]
         sub = [a for a in (typing.get_args(tp) or (tp,)) if dataclasses.is_dataclass(a)]
@@ -263,6 +277,85 @@ def describe(schema, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
         else:
-            default = "(required)"
-        rows.append((path, _type_name(tp), default, (f.metadata or {}).get("help", "")))
+            default = REQUIRED
+        meta = f.metadata or {}
+        rows.append((path, _type_name(tp), default, meta.get("help", ""), _allowed(meta)))
     return rows
+
+
+def _allowed(meta) -> str:
+    if meta.get("choices") is not None:
+        return ", ".join(map(_value_text, meta["choices"]))
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and hi is not None:
+        return f"{_value_text(lo)} to {_value_text(hi)}"
+    if lo is not None:
+        return f">= {_value_text(lo)}"
+    if hi is not None:
+        return f"<= {_value_text(hi)}"
+    return ""
+
+
+def _value_text(v) -> str:
+    """A value as it is written in a recipe (YAML)."""
+    if v is REQUIRED:
+        return "(required)"
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_value_text(x) for x in v) + "]"
+    return str(v) if not isinstance(v, float) else repr(v)
+
+
+def _md(text: str) -> str:
+    """Table-cell text for Markdown: pipes escaped, angle brackets kept visible."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def keys_table(schemas: dict[str, type], markdown: bool = False) -> str:
+    """The recipe keys of one or several stages (``{"sft": SFTRecipe, ...}``) as one table.
+
+    Several stages make one table with a ``stage`` column (``all``, or the stages that have the
+    key); where the stages' defaults, types or help differ, each stage's is given, named. Text
+    output is aligned columns; ``markdown`` a GitHub table (the one docs/recipes.md holds)."""
+    names = list(schemas)
+    merged: dict[str, dict[str, tuple]] = {}
+    order: list[str] = []
+    for stage, schema in schemas.items():
+        at = -1
+        for row in describe(schema):
+            key = row[0]
+            if key not in merged:
+                merged[key] = {}
+                order.insert(at + 1, key)
+            at = order.index(key)
+            merged[key][stage] = row[1:]
+
+    def cell(per_stage: dict[str, tuple], i: int, fmt) -> str:
+        vals = {s: fmt(v[i]) for s, v in per_stage.items()}
+        if len(set(vals.values())) == 1:
+            return next(iter(vals.values()))
+        return "; ".join(f"{s}: {v}" for s, v in vals.items())
+
+    code = (lambda t: f"`{t}`" if t else "") if markdown else (lambda t: t)
+    plain = _md if markdown else (lambda t: t)
+
+    def default_text(v) -> str:
+        return "(required)" if v is REQUIRED else code(_value_text(v))
+
+    header = ["key"] + (["stage"] if len(names) > 1 else []) + ["type", "default", "allowed", "meaning"]
+    body = []
+    for key in order:
+        per = merged[key]
+        stage = ["all" if len(per) == len(names) else ", ".join(per)] if len(names) > 1 else []
+        allowed = cell(per, 3, lambda a: ", ".join(map(code, a.split(", "))) if a else "")
+        body.append([code(key), *stage, cell(per, 0, plain), cell(per, 1, default_text), allowed, cell(per, 2, plain)])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines) + "\n"
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header) - 1)]
+    fmt_row = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]  # noqa: E731
+    return "\n".join(fmt_row(r).rstrip() for r in [header, *body]) + "\n"

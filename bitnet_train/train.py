@@ -1,4 +1,6 @@
-"""``bitnet-train pretrain RECIPE.yaml [--set key=value ...] [--resume]``: the pretraining loop.
+"""``bitnet-train pretrain RECIPE.yaml [--set key=value ...] [--resume]``: the pretraining recipe
+and the setting up of a run (tokenizer, model, optimizer, data, the checkpoint it resumes from);
+the loop itself is :mod:`bitnet_train.loop`, the checkpoints :mod:`bitnet_train.checkpointer`.
 
 On ``accelerate``: one process (CPU, or one GPU), or several started by ``accelerate launch``
 (DDP; FSDP when the accelerate config selects it). bf16 autocast on GPUs, fp32 on the CPU
@@ -23,21 +25,13 @@ step, so the step restores the schedule. SIGINT/SIGTERM save a checkpoint and ex
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import os
-import random
-import re
-import shutil
-import signal
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError, RecipeError, TrainingError, UserError
 from .recipe import load_recipe, to_dict
+from .schedule import lr_at, stage2_step, weight_decay_at  # noqa: F401 - re-exported
 from .data import DataConfig
 from .warmup import QuantWarmupConfig
 from .convert import ConvertConfig
@@ -137,64 +131,6 @@ def load_pretrain_recipe(path, overrides=None) -> PretrainRecipe:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _cosine(hi: float, lo: float, progress: float) -> float:
-    progress = min(1.0, max(0.0, progress))
-    return lo + 0.5 * (hi - lo) * (1.0 + math.cos(math.pi * progress))
-
-
-def stage2_step(t: TrainConfig) -> int:
-    """First optimizer step (0-based) of stage two of a two_stage schedule."""
-    return int(round(t.stage2_start * t.max_steps))
-
-
-def lr_at(step: int, t: TrainConfig) -> float:
-    """LR of optimizer step ``step`` (0-based).
-
-    ``cosine``: linear warm-up to ``lr``, then a cosine to ``min_lr`` at ``max_steps``.
-    ``two_stage``: the same curve until ``stage2_step`` (cut there, before it reaches ``min_lr``),
-    then an abrupt drop to ``stage2_lr`` and a cosine from it to ``stage2_min_lr`` at the last step.
-    """
-    if t.warmup_steps and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    if t.schedule == "two_stage":
-        s2 = stage2_step(t)
-        if step >= s2:
-            return _cosine(t.stage2_lr, t.stage2_min_lr, (step - s2) / max(1, t.max_steps - 1 - s2))
-    span = max(1, t.max_steps - t.warmup_steps)
-    return _cosine(t.lr, t.min_lr, (step - t.warmup_steps) / span)
-
-
-def weight_decay_at(step: int, t: TrainConfig) -> float:
-    """AdamW weight decay (of the matrices) at optimizer step ``step`` (0-based).
-
-    ``constant``: ``weight_decay``. ``cosine``: from ``weight_decay`` down to 0 along a cosine over
-    the run, or, with the two_stage LR schedule, over stage one. In stage two of a two_stage
-    schedule it is ``stage2_weight_decay`` (0 by default, as in the 2B4T report)."""
-    end = t.max_steps
-    if t.schedule == "two_stage":
-        end = stage2_step(t)
-        if step >= end:
-            return t.stage2_weight_decay
-    if t.weight_decay_schedule == "constant":
-        return t.weight_decay
-    return _cosine(t.weight_decay, 0.0, step / max(1, end))
-
-
-CKPT_RE = re.compile(r"^step-(\d{6,})$")
-
-
-def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
-    d = out / "checkpoints"
-    if not d.is_dir():
-        return []
-    found = []
-    for p in d.iterdir():
-        m = CKPT_RE.match(p.name)
-        if m and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return sorted(found)
-
-
 def _make_tokenizer(recipe: PretrainRecipe):
     from .data import make_tokenizer
 
@@ -219,42 +155,12 @@ def _make_tokenizer(recipe: PretrainRecipe):
 
 
 def _make_model(recipe: PretrainRecipe, tok):
+    """The recipe's ``model:`` (see :func:`bitnet_train.model.load_model`) as a float32 model for ``tok``."""
     import torch
 
-    from .bitlinear import bitlinear_modules
-    from .model import build_model, load_model
+    from .model import load_model
 
-    spec = recipe.model
-    if spec.startswith("hf:") or Path(spec).is_dir():
-        c = recipe.convert
-        kw = {}
-        if spec.startswith("hf:"):
-            kw = {"quant": recipe.quant, "exclude": c.exclude, "use_rms_norm": c.use_rms_norm, "rms_norm_eps": c.rms_norm_eps}
-        model = load_model(spec, **kw)
-        if recipe.quant == "none" and model.config.bitnet_train.get("quant") == "bitnet":
-            raise RecipeError(f"quant: none, but model {spec!r} is a ternary checkpoint")
-        if recipe.quant == "bitnet" and not bitlinear_modules(model):
-            # a full-precision checkpoint fine-tuned into ternary: convert it like hf:<dir>
-            from .convert import convert_model
-
-            convert_model(model, c.exclude, c.use_rms_norm, c.rms_norm_eps, where=f"model {spec!r}")
-            model.config.bitnet_train = {**(model.config.bitnet_train or {}), "quant": "bitnet"}
-        n_emb = model.get_input_embeddings().weight.shape[0]
-        if n_emb < len(tok):
-            raise RecipeError(
-                f"model {spec!r} has {n_emb} token embeddings, fewer than the {len(tok)} tokens of tokenizer "
-                f"{getattr(tok, 'name_or_path', '') or recipe.data.tokenizer!r}; use the model's own tokenizer"
-            )
-    else:
-        model = build_model(
-            spec,
-            quant=recipe.quant,
-            seed=recipe.seed,
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
+    model = load_model(recipe.model, quant=recipe.quant, convert=recipe.convert, tokenizer=tok, seed=recipe.seed)
     maxpos = getattr(model.config, "max_position_embeddings", None)
     if maxpos and recipe.data.seq_len > maxpos:
         raise RecipeError(f"data.seq_len {recipe.data.seq_len} exceeds the model's max_position_embeddings {maxpos}")
@@ -268,130 +174,6 @@ def _param_groups(model, weight_decay: float):
             continue
         (decay if p.ndim >= 2 else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _rng_state() -> dict:
-    import numpy as np
-    import torch
-
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
-    return st
-
-
-def _set_rng_state(st: dict) -> None:
-    import numpy as np
-    import torch
-
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
-    torch.set_rng_state(st["torch"])
-    if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def _seed_all(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
-    """Write the loss curve (training loss per step, validation loss per evaluation) as a PNG,
-    atomically. Returns None (with a note) when matplotlib is not installed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("pretrain: matplotlib not installed, no loss-curve PNG (pip install matplotlib)", file=sys.stderr)
-        return None
-    from .fsutil import atomic_path
-
-    recs = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
-    train = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(Path(metrics_path).parent.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return Path(png_path)
-
-
-def _wandb_mode(cfg: "WandbConfig") -> str:
-    if cfg.mode:
-        return cfg.mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    has_key = bool(os.environ.get("WANDB_API_KEY"))
-    netrc = Path.home() / ".netrc"
-    if not has_key and netrc.is_file():
-        has_key = "api.wandb.ai" in netrc.read_text(errors="ignore")
-    return "online" if has_key else "offline"
-
-
-class _WandbLogger:
-    """wandb when the recipe enables it (offline without credentials), else nothing."""
-
-    def __init__(self, cfg: "WandbConfig", out: Path, recipe_dict: dict, resume_step: int | None):
-        self.run = None
-        if not cfg.enabled:
-            return
-        try:
-            import wandb
-        except ImportError:
-            raise RecipeError("wandb.enabled is true but wandb is not installed (pip install wandb)") from None
-        self.run = wandb.init(
-            project=cfg.project, name=cfg.name, config=recipe_dict, dir=str(out), mode=_wandb_mode(cfg),
-            resume="allow" if resume_step is not None else None,
-        )
-
-    def log(self, rec: dict) -> None:
-        if self.run is not None:
-            self.run.log({k: v for k, v in rec.items() if k != "step"}, step=rec["step"])
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-            self.run = None
-
-
-class _Metrics:
-    def __init__(self, path: Path, keep_upto: int | None, sink=None):
-        self.path = path
-        self.sink = sink
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if keep_upto is None:
-            path.write_text("")
-        elif path.exists():
-            # drop lines written after the checkpoint we resume from
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= keep_upto]
-            path.write_text("".join(k + "\n" for k in kept))
-        self.f = open(path, "a", encoding="utf-8")
-
-    def write(self, rec: dict) -> None:
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
-        if self.sink is not None:
-            self.sink.log(rec)
-
-    def close(self):
-        self.f.close()
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -465,52 +247,39 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
 
 
 def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress: bool, acc) -> dict:
+    """Set the run up (fresh, or from the newest checkpoint), then :func:`~bitnet_train.loop.train_loop`."""
     import torch
-    import torch.nn.functional as F
-    from accelerate.utils import DistributedType, gather_object
     from tqdm.auto import tqdm
 
-    from .checkpoint import CheckpointError, load_checkpoint, load_state_file, save_checkpoint
-    from .data import DataPosition, open_training_data
+    from .checkpoint import load_checkpoint
+    from .checkpointer import Checkpointer, TrainState, resume_point, seed_all
+    from .data import open_training_data
     from .fsutil import clean_stale
-    from .warmup import apply_warmup
+    from .loop import Evaluator, StopSignal, train_loop
+    from .metrics import MetricsLog, WandbLogger, plot_loss
 
-    out = Path(recipe.output_dir)
-    t = recipe.train
+    out, t = Path(recipe.output_dir), recipe.train
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
-    fsdp = acc.distributed_type == DistributedType.FSDP
-    ckpts = list_checkpoints(out)
-    if ckpts and not resume:
-        raise RecipeError(
-            f"output_dir {str(out)!r} already holds checkpoints; pass --resume to continue, or choose another output_dir"
-        )
+    start = resume_point(out, resume, "pretrain", announce=main)
     out.mkdir(parents=True, exist_ok=True)
     if main:
         clean_stale(out / "checkpoints")  # directories a process killed while saving left behind
         clean_stale(out)  # and an interrupted overwrite of final/ (its previous copy comes back)
-    start = ckpts[-1] if (resume and ckpts) else None
-    if resume and start is None and main:
-        print(f"pretrain: no checkpoint in {out}/checkpoints; starting from scratch", file=sys.stderr)
+    ck = start[1] if start is not None else None
 
-    if start is None:
-        _seed_all(recipe.seed)
+    if ck is None:
+        seed_all(recipe.seed)
         tok = _get_tokenizer(recipe, acc, out)
         model = _make_model(recipe, tok)
-        step, tokens_seen, pos = 0, 0, DataPosition()
+        state = TrainState()
     else:
         from transformers import AutoTokenizer
 
         from .tokenizer import ensure_special_tokens
 
-        step, ck = start
-        try:
-            state = json.loads((ck / "trainer_state.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{ck / 'trainer_state.json'}: cannot read the training state: {e}") from None
+        state = TrainState.read(ck)
         tok = ensure_special_tokens(AutoTokenizer.from_pretrained(ck))
         model = load_checkpoint(ck)
-        tokens_seen = int(state["tokens"])
-        pos = DataPosition.from_dict(state["data_position"])
     if t.activation_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -519,205 +288,46 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
         model.config.use_cache = False
     model.to(acc.device).train()
 
+    recipe_dict = to_dict(recipe)
+    ckpt = Checkpointer(out, acc, tok, recipe_dict, t.keep_last)
     opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
-    if start is not None and not fsdp:
-        opt.load_state_dict(load_state_file(start[1] / "optimizer.pt", "optimizer state"))
-    model, opt = acc.prepare(model, opt)
-    if start is not None:
-        if fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-            full = load_state_file(start[1] / "optimizer.pt", "optimizer state")
-            set_optimizer_state_dict(model, opt.optimizer, full, options=StateDictOptions(full_state_dict=True))
-        rng = load_state_file(start[1] / "rng.pt", "random number generator state")
-        if "per_rank" in rng:
-            rng = rng["per_rank"][rank] if rank < len(rng["per_rank"]) else rng["per_rank"][0]
-        _set_rng_state(rng)
+    model, opt = ckpt.prepare(model, opt, ck)
 
     data = open_training_data(recipe.data, tok, recipe.seed, rank=rank, world_size=world)
     # the same validation blocks at any world size: eval_batches global batches, one share per rank
     val = data.validation(t.eval_batches * t.batch_size * world)
-    val = val[: len(val) // world * world][rank::world]
-    blocks = data.train_blocks(pos)
-    recipe_dict = to_dict(recipe)
+    blocks = data.train_blocks(state.data_position)
     if main:
-        wandb_run = _WandbLogger(recipe.wandb, out, recipe_dict, None if start is None else step)
-        metrics = _Metrics(out / "metrics.jsonl", keep_upto=None if start is None else step, sink=wandb_run)
+        wandb_run = WandbLogger(recipe.wandb, out, recipe_dict, None if ck is None else state.step)
+        metrics = MetricsLog(out / "metrics.jsonl", keep_upto=None if ck is None else state.step, sink=wandb_run)
 
     def log(rec: dict) -> None:
         if main:
             metrics.write(rec)
 
-    def global_mean(v: float) -> float:
-        if world == 1:
-            return v
-        return acc.reduce(torch.tensor([v], dtype=torch.float64, device=acc.device), "mean").item()
-
-    def evaluate() -> float | None:
-        if not val:
-            return None
-        model.eval()
-        total, n = 0.0, 0
-        with torch.no_grad():
-            for i in range(0, len(val), t.batch_size):
-                x = torch.tensor(val[i : i + t.batch_size], dtype=torch.long, device=acc.device)
-                logits = model(input_ids=x[:, :-1]).logits
-                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum")
-                total += loss.item()
-                n += x[:, 1:].numel()
-        model.train()
-        if world > 1:
-            total, n = acc.reduce(torch.tensor([total, n], dtype=torch.float64, device=acc.device), "sum").tolist()
-        return total / n
-
-    def save(step_: int, final: bool = False) -> Path:
-        """Every rank calls this (gathers are collective); the main process writes."""
-        ck_dir = out / "final" if final else out / "checkpoints" / f"step-{step_:06d}"
-        # ranks stop at different blocks of a round; the furthest position has consumed them all
-        positions = gather_object([pos.to_dict()]) if world > 1 else [pos.to_dict()]
-        position = max(positions, key=lambda d: (d["epoch"], d["taken"]))
-        rngs = gather_object([_rng_state()]) if world > 1 else None
-        state_dict = acc.get_state_dict(model) if fsdp else None
-        if final:
-            opt_state = None
-        elif fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            opt_state = get_optimizer_state_dict(
-                model, opt.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            opt_state = opt.state_dict()
+    def save(final: bool = False) -> Path:
+        path = ckpt.save(model, opt, state, final=final)
         if main:
-            state = {"step": step_, "tokens": tokens_seen, "data_position": position, "world_size": world,
-                     "skipped_steps": skipped, "recipe": recipe_dict}
-
-            def extra(tmp: Path):
-                torch.save(opt_state, tmp / "optimizer.pt")
-                torch.save(_rng_state() if rngs is None else {"per_rank": rngs}, tmp / "rng.pt")
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-
-            unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
-            if final:
-                save_checkpoint(unwrapped, ck_dir, tokenizer=tok, state_dict=state_dict,
-                                extra={"stage": "pretrain", "step": step_, "recipe": recipe_dict})
-            else:
-                save_checkpoint(unwrapped, ck_dir, tokenizer=tok, state_dict=state_dict,
-                                extra={"stage": "pretrain", "step": step_}, write_extra=extra)
-                for _, old in list_checkpoints(out)[: -t.keep_last]:
-                    shutil.rmtree(old, ignore_errors=True)
             plot_loss(out / "metrics.jsonl", out / "loss.png")
         acc.wait_for_everyone()
-        return ck_dir
+        return path
 
-    stop = {"sig": None}
-
-    def on_signal(signum, _frame):
-        stop["sig"] = signum
-
-    def should_stop() -> bool:
-        flag = stop["sig"] is not None or (stop_after is not None and step >= stop_after)
-        if world > 1:  # every rank must leave the loop at the same step
-            flag = bool(acc.reduce(torch.tensor([int(flag)], device=acc.device), "sum").item())
-        return flag
-
-    old_handlers = {}
-    for s in (signal.SIGINT, signal.SIGTERM):
-        try:
-            old_handlers[s] = signal.signal(s, on_signal)
-        except ValueError:  # not the main thread
-            pass
-
-    tokens_per_step = t.batch_size * t.grad_accum * recipe.data.seq_len * world
-    skipped = int(state.get("skipped_steps", 0)) if start is not None else 0
-    first_val = last_val = None
-    if start is None and t.eval_every:
-        first_val = evaluate()
-        if first_val is not None:
-            log({"step": 0, "val_loss": first_val})
-    bar = tqdm(total=t.max_steps, initial=step, desc="pretrain", unit="step", disable=not (progress and main),
+    evaluate = Evaluator(val[: len(val) // world * world][rank::world], t.batch_size, acc)
+    bar = tqdm(total=t.max_steps, initial=state.step, desc="pretrain", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
-    interrupted = False
-    last_loss = None
     try:
-        while step < t.max_steps:
-            t0 = time.perf_counter()
-            if recipe.quant == "bitnet":
-                apply_warmup(model, step, recipe.quant_warmup)
-            lr, wd = lr_at(step, t), weight_decay_at(step, t)
-            opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = lr
-            opt.param_groups[0]["weight_decay"] = wd  # group 1 (vectors) is never decayed
-            opt.zero_grad(set_to_none=True)
-            loss_sum = 0.0
-            for i in range(t.grad_accum):
-                x = torch.tensor([next(blocks) for _ in range(t.batch_size)], dtype=torch.long, device=acc.device)
-                # gradients are all-reduced across ranks only on the last micro-batch
-                with acc.no_sync(model) if i < t.grad_accum - 1 else contextlib.nullcontext():
-                    logits = model(input_ids=x[:, :-1]).logits
-                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-                    acc.backward(loss / t.grad_accum)
-                loss_sum += loss.item()
-            loss_val = global_mean(loss_sum / t.grad_accum)
-            problem = None if math.isfinite(loss_val) else f"non-finite loss {loss_val}"
-            grad_norm = None
-            if problem is None and t.clip > 0:
-                grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.clip))
-                if not math.isfinite(grad_norm):
-                    problem = f"non-finite gradient norm {grad_norm}"
-            if problem is not None and t.non_finite == "stop":
-                raise TrainingError(f"{problem} at step {step + 1}; lower train.lr or check the data "
-                                    f"(train.non_finite: skip drops such steps instead)")
-            if problem is None:
-                opt.step()
-            else:
-                opt.zero_grad(set_to_none=True)
-                skipped += 1
-            step += 1
-            tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
-            tps = tokens_per_step / dt if dt > 0 else 0.0
-            rec = {"step": step, "loss": loss_val if problem is None else None, "lr": lr, "weight_decay": wd,
-                   "tokens": tokens_seen, "tokens_per_s": round(tps, 1)}
-            if grad_norm is not None:
-                rec["grad_norm"] = grad_norm
-            if problem is not None:
-                rec.update(skipped=problem, skipped_steps=skipped)
-                bar.write(f"step {step}: {problem}; update skipped ({skipped} so far)")
-            else:
-                last_loss = loss_val
-            log(rec)
-            bar.update(1)
-            post = {"loss": f"{loss_val:.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tps:,.0f}"}
-            if skipped:
-                post["skipped"] = skipped
-            bar.set_postfix(post)
-            if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
-                last_val = evaluate()
-                if last_val is not None:
-                    log({"step": step, "val_loss": last_val})
-                    bar.write(f"step {step}: val_loss {last_val:.4f}")
-            if step % t.save_every == 0 or step == t.max_steps:
-                save(step)
-            if should_stop():
-                interrupted = True
-                if step % t.save_every and step != t.max_steps:
-                    save(step)
-                break
+        with StopSignal(acc, stop_after) as stop:
+            summary = train_loop(model, opt, blocks, state, recipe, acc, evaluate, save, log, stop, bar, fresh=ck is None)
     finally:
         bar.close()
         if main:
             metrics.close()
             wandb_run.finish()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-
-    summary = {"step": step, "tokens": tokens_seen, "loss": last_loss, "first_val_loss": first_val,
-               "val_loss": last_val, "skipped_steps": skipped, "world_size": world}
-    if interrupted:
-        summary["interrupted"] = True
+    if summary.get("interrupted"):
         if main:
-            print(f"pretrain: stopped at step {step}; checkpoint saved, continue with --resume", file=sys.stderr)
+            print(f"pretrain: stopped at step {state.step}; checkpoint saved, continue with --resume", file=sys.stderr)
         return summary
-    save(step, final=True)
+    save(final=True)
     summary["final"] = str(out / "final")
     return summary
 

@@ -21,16 +21,9 @@ else:
     from .packing import from_hf_packed, pack_ternary, to_hf_packed, unpack_ternary
 
     try:
-        from .ops import (
-            act_quant,
-            bitlinear_triton,
-            quantize_weight,
-            rmsnorm_act_quant,
-            ternary_matmul,
-            weight_codes,
-            weight_quant,
-            weight_scale,
-        )
+        from .autograd import bitlinear_triton, quantize_weight
+        from .matmul import ternary_matmul
+        from .quantize import act_quant, rmsnorm_act_quant, weight_codes, weight_quant, weight_scale
     except ImportError as _err:  # triton not installed
         _IMPORT_ERROR = _err
 

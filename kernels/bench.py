@@ -116,7 +116,7 @@ def _matmul_table(args, tokens, shapes, device="cuda", timer=None) -> None:
     import torch.nn.functional as F
 
     from bitnet_train import quant
-    from bitnet_train.kernels import ops, pack_ternary, ternary_matmul
+    from bitnet_train.kernels import matmul as ops, pack_ternary, ternary_matmul
 
     dev = torch.device(device)
     if dev.type == "cuda":

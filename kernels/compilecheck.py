@@ -16,9 +16,11 @@ import re
 import sys
 
 
-def _variants(ops, quick: bool):
-    gemv_cfgs = [(c.kwargs, c.num_warps, c.num_stages) for c in ops._gemv_configs()]
-    mm_cfgs = [(c.kwargs, c.num_warps, c.num_stages) for c in ops._mm_configs()]
+def _variants(quick: bool):
+    from bitnet_train.kernels import matmul, quantize
+
+    gemv_cfgs = [(c.kwargs, c.num_warps, c.num_stages) for c in matmul._gemv_configs()]
+    mm_cfgs = [(c.kwargs, c.num_warps, c.num_stages) for c in matmul._mm_configs()]
     norms = [(0, 0, "*fp32"), (1, 0, "*bf16"), (1, 1, "*bf16"), (2, 2, "*fp16")]
     if quick:
         gemv_cfgs, mm_cfgs, norms = gemv_cfgs[:1], mm_cfgs[:1], norms[2:3]
@@ -27,20 +29,20 @@ def _variants(ops, quick: bool):
             consts = dict(HAS_BIAS=True, QUANT_X=quant_x, USE_LIBDEVICE=True, BM=16, **meta)
             types = dict(XQ="*bf16" if quant_x else "*i8", A="*fp32", WB="*u8", S="*fp32", BIAS="*bf16", Y="*bf16",
                          WS="*i32", LOCK="*i32")
-            yield f"gemv quant_x={quant_x} {meta} w{warps}s{stages}", ops._ternary_gemv_kernel, types, consts, warps, stages
+            yield f"gemv quant_x={quant_x} {meta} w{warps}s{stages}", matmul._ternary_gemv_kernel, types, consts, warps, stages
     for packed in (True, False):
         for meta, warps, stages in mm_cfgs:
             if not packed and meta["X_SPLIT"]:
                 continue
             consts = dict(PACKED=packed, HAS_BIAS=False, **meta)
             types = dict(XQ="*i8", A="*fp32", WB="*u8" if packed else "*i8", S="*fp32", BIAS="*fp32", Y="*bf16")
-            yield f"mm packed={packed} {meta} w{warps}s{stages}", ops._ternary_mm_kernel, types, consts, warps, stages
+            yield f"mm packed={packed} {meta} w{warps}s{stages}", matmul._ternary_mm_kernel, types, consts, warps, stages
     for dx, dy, xt in norms:
         consts = dict(HAS_RSTD=False, DT_X=dx, DT_Y=dy, BLOCK=4096, USE_LIBDEVICE=True)
         types = dict(X=xt, W="*fp32", Q="*i8", A="*fp32", R="*fp32", KF="fp32", eps="fp32")
-        yield f"rmsnorm_act_quant DT_X={dx} DT_Y={dy}", ops._rmsnorm_act_quant_kernel, types, consts, 4, 3
-    yield "act_quant", ops._act_quant_kernel, dict(X="*bf16", Q="*i8", A="*fp32"), dict(BLOCK=4096, USE_LIBDEVICE=True), 4, 3
-    yield "weight_codes", ops._weight_codes_kernel, dict(W="*bf16", S="*fp32", Q="*i8"), dict(BLOCK=4096, USE_LIBDEVICE=True), 4, 3
+        yield f"rmsnorm_act_quant DT_X={dx} DT_Y={dy}", quantize._rmsnorm_act_quant_kernel, types, consts, 4, 3
+    yield "act_quant", quantize._act_quant_kernel, dict(X="*bf16", Q="*i8", A="*fp32"), dict(BLOCK=4096, USE_LIBDEVICE=True), 4, 3
+    yield "weight_codes", quantize._weight_codes_kernel, dict(W="*bf16", S="*fp32", Q="*i8"), dict(BLOCK=4096, USE_LIBDEVICE=True), 4, 3
 
 
 def main(argv=None) -> int:
@@ -55,11 +57,9 @@ def main(argv=None) -> int:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from bitnet_train.kernels import ops
-
     target = GPUTarget("cuda", args.arch, 32)
     fails = 0
-    for name, kernel, types, consts, warps, stages in _variants(ops, args.quick):
+    for name, kernel, types, consts, warps, stages in _variants(args.quick):
         sig = {n: ("constexpr" if n in consts else types.get(n, "i32")) for n in kernel.arg_names}
         try:
             compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=target,

@@ -10,7 +10,7 @@ contiguous bytes:
 
 For a weight ``[out, in]`` the packing runs along ``in`` (the reduction dim of ``x @ W^T``).
 
-How the matmul kernels read it (``ops._ternary_gemv_kernel`` for decoding, ``ops._ternary_mm_kernel``
+How the matmul kernels read it (``matmul._ternary_gemv_kernel`` for decoding, ``matmul._ternary_mm_kernel``
 for prefill): a tile of ``BK/4`` consecutive bytes of a row is one contiguous, coalesced load and
 carries codes ``k = 4j + i`` in bits ``2i..2i+1``; shifting by ``2i`` and masking gives, for each
 ``i``, the ``[rows, BK/4]`` sub-matrix of the columns ``k ≡ i (mod 4)``, which is dotted (int8

@@ -1,4 +1,4 @@
-"""Alignment figures for the README: held-out exact match before/after SFT, held-out preference
+"""Alignment figures for docs/performance.md: held-out exact match before/after SFT, held-out preference
 accuracy before/after DPO, and tokens/s of each stage, on the tiny verifiable task.
 
     python scripts/bench_align.py --write-data          # (re)write recipes/data/{sft,dpo}-tiny.jsonl

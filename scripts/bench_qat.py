@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The README's QAT figures: a tiny Llama trained in full precision, then turned ternary.
+"""The QAT figures of docs/performance.md: a tiny Llama trained in full precision, then turned ternary.
 
 1. a tiny Llama (transformers' LlamaForCausalLM, built here, with a byte-level BPE trained on the
    data) is trained in full precision with our loop (``model: hf:<dir>``, ``quant: none``);

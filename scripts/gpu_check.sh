@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checks of the Triton kernels, in the order to run them, for a session that has a GPU
-# (README, "Triton kernels"). Each step fits in one 10-minute call of a lent machine:
+# (docs/kernels.md). Each step fits in one 10-minute call of a lent machine:
 #
 #   bash scripts/gpu_check.sh tests        # tests/test_gpu.py + the kernel self-check
 #   bash scripts/gpu_check.sh bench        # bitnet-train bench kernels (inference + training)
@@ -14,12 +14,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/gpu-check}
 mkdir -p "$OUT"
-if ! python -c "import bitnet_train.kernels.ops" 2>/dev/null; then
+if ! python -c "import bitnet_train.kernels.matmul" 2>/dev/null; then
+    # the layout comes from pyproject.toml's [tool.setuptools.package-dir] (the one source of it)
     rm -rf /tmp/pkg && mkdir -p /tmp/pkg
-    cp -r bitnet_train /tmp/pkg/
-    rm -rf /tmp/pkg/bitnet_train/kernels /tmp/pkg/bitnet_train/configs
-    cp -r kernels /tmp/pkg/bitnet_train/kernels
-    cp -r configs /tmp/pkg/bitnet_train/configs
+    python - <<'PY'
+import os, shutil, tomllib
+dirs = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]
+for pkg, src in sorted(dirs.items()):  # parents first: bitnet_train, then bitnet_train.kernels, ...
+    dst = os.path.join("/tmp/pkg", *pkg.split("."))
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+PY
     export PYTHONPATH=/tmp/pkg${PYTHONPATH:+:$PYTHONPATH}
 fi
 export TRITON_INTERPRET=0  # tests/conftest.py defaults it to 1 (the CPU interpreter)

@@ -46,6 +46,13 @@ def _launch(tmp: Path, recipe: Path, mode: str, sets: list[str]) -> str:
     return r.stdout
 
 
+# DDP sums the two ranks' gradients in another order than one process does: fp32 rounding, not a bug.
+# Measured (this test's recipe at seeds 0, 1, 2; worst relative difference over the 4 steps): loss
+# 1.6e-5, val_loss 2.8e-5, grad_norm 5.0e-4 (grad_norm at seed 0 was 1.1e-4, past the 1e-4 once used).
+# A sharding or averaging bug moves the loss by more than 1e-2.
+TOLERANCE = {"loss": 5e-4, "val_loss": 5e-4, "grad_norm": 5e-3}
+
+
 def test_two_process_ddp_matches_one_process(tmp_path, shakespeare_path):
     B = 4
     common = ["train.max_steps=4", "train.save_every=10", "train.eval_every=2", "train.eval_batches=2",
@@ -69,9 +76,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, shakespeare_path):
     for ra, rb in zip(a, b):
         assert ra.get("tokens") == rb.get("tokens")  # tokens count both ranks
         assert ra.get("lr") == rb.get("lr")
-        for k in ("loss", "val_loss", "grad_norm"):
+        for k, tol in TOLERANCE.items():
             if k in ra:
-                assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra, rb)
+                assert rb[k] == pytest.approx(ra[k], rel=tol, abs=1e-6), (k, ra, rb)
     losses = [r["loss"] for r in a if "loss" in r]
     assert len(losses) == 4 and len({round(x, 6) for x in losses}) == 4  # a real curve, not a constant
     assert (tmp_path / "two" / "final" / "config.json").is_file()

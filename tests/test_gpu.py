@@ -51,7 +51,7 @@ def test_model_trains_on_cuda_bf16():
 @pytest.mark.parametrize("n,k", [(2560, 2560), (640, 2560), (2560, 6912), (333, 1001)])
 def test_ternary_matmul_paths_on_cuda(m, n, k):
     from bitnet_train import kernels as K
-    from bitnet_train.kernels import ops
+    from bitnet_train.kernels import matmul as ops
 
     torch.manual_seed(0)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)

@@ -20,7 +20,7 @@ POISON = 99
 def _poison_empty(monkeypatch):
     """Make every torch.empty in the kernels module come back filled with NaN (float) or 99
     (integer), so elements a kernel forgets to write fail the comparison."""
-    import bitnet_train.kernels.ops as ops
+    from bitnet_train.kernels import autograd, matmul, quantize
 
     real_empty = torch.empty
 
@@ -34,7 +34,8 @@ def _poison_empty(monkeypatch):
                 return empty
             return getattr(torch, name)
 
-    monkeypatch.setattr(ops, "torch", _Torch())
+    for mod in (quantize, matmul, autograd):
+        monkeypatch.setattr(mod, "torch", _Torch())
 
 
 @pytest.fixture(autouse=True)
@@ -308,7 +309,7 @@ def _check_matmul(x, w, y, bias=None, norm=None):
     [(torch.float32, 1, 21, 37), (torch.bfloat16, 3, 17, 70), (torch.float16, 16, 40, 33), (torch.float32, 16, 16, 32)],
 )
 def test_ternary_matmul_gemv(monkeypatch, split_k, dtype, m, n, k):
-    import bitnet_train.kernels.ops as ops
+    import bitnet_train.kernels.matmul as ops
 
     meta, warps, stages = ops.GEMV_FIXED
     monkeypatch.setattr(ops, "GEMV_FIXED", (dict(meta, SPLIT_K=split_k), warps, stages))
@@ -327,7 +328,7 @@ def test_ternary_matmul_gemv(monkeypatch, split_k, dtype, m, n, k):
 
 @pytest.mark.parametrize("x_split", [True, False])
 def test_ternary_matmul_tiled_path_and_fused_norm(monkeypatch, x_split):
-    import bitnet_train.kernels.ops as ops
+    import bitnet_train.kernels.matmul as ops
 
     meta, warps, stages = ops.MM_FIXED
     monkeypatch.setattr(ops, "MM_FIXED", (dict(meta, X_SPLIT=x_split), warps, stages))
@@ -357,7 +358,7 @@ def test_ternary_matmul_tiled_path_and_fused_norm(monkeypatch, x_split):
 
 @pytest.mark.parametrize("opt_name", ["sgd", "adamw"])
 def test_bitlinear_weight_cache(monkeypatch, opt_name):
-    import bitnet_train.kernels.ops as ops
+    import bitnet_train.kernels.autograd as ops  # quantize_weight calls weight_scale from here
 
     calls = []
     real_scale = ops.weight_scale

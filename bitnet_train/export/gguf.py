@@ -256,20 +256,28 @@ def add_tokenizer(writer, tok, vocab_size: int, force: bool = False) -> str:
 
 
 def plan(
-    src: CheckpointSource, quant: str, tq_fallback: str | None = None, i2s_layout: str = "x86"
+    src: CheckpointSource, quant: str, tq_fallback: str | None = None, i2s_layout: str = "x86",
+    fold_scales: bool = False,
 ) -> list[tuple[str, str, str, str]]:
     """(gguf name, checkpoint key, kind, storage) for every tensor, in file order.
 
     kind: ``ternary`` (codes; a ``.scale`` tensor follows unless the storage embeds it, as I2_S
-    does), ``scale``, ``embed`` or ``norm``. storage: ``tq2_0`` / ``tq1_0`` / ``i2_s`` / ``f16`` /
-    ``f32``."""
+    does), ``folded`` (``codes * scale`` in one tensor, no ``.scale``: for graphs that load no
+    scale tensors, ik_llama.cpp's ``bitnet-25``), ``scale``, ``embed``, ``head`` (an untied
+    ``lm_head`` as ``output.weight``, written only with ``fold_scales``) or ``norm``. storage:
+    ``tq2_0`` / ``tq1_0`` / ``i2_s`` / ``f16`` / ``f32``."""
     rows = []
     for key in src.keys():
         if key == "lm_head.weight":
-            continue  # llama.cpp uses token_embd as the output matrix (llama_cpp_mismatches checks it)
+            if fold_scales and not src.head_is_embedding():
+                rows.append(("output.weight", key, "head", "f32" if quant == "f32" else "f16"))
+            # else: llama.cpp uses token_embd as the output matrix (llama_cpp_mismatches checks it)
+            continue
         name = gguf_name(key)
         shape = src.shape(key)
-        if src.is_ternary(key):
+        if src.is_ternary(key) and fold_scales:
+            rows.append((name, key, "folded", quant))
+        elif src.is_ternary(key):
             storage = quant
             block = _block(quant, i2s_layout)
             if block and shape[-1] % block:
@@ -322,6 +330,10 @@ def _encode(
         scales[key] = float(s)
         arr = codes.numpy().astype(np.float32)
         del codes
+    elif kind == "folded":
+        from ..quant import weight_dequant
+
+        arr = weight_dequant(*src.ternary(key)).numpy()
     else:
         arr = src.tensor(key).float().numpy()
     if storage == "f32":
@@ -359,23 +371,31 @@ def write_gguf(
     name: str | None = None,
     progress=None,
     i2s_layout: str = "x86",
+    arch: str = ARCH,
+    fold_scales: bool = False,
 ) -> dict:
-    """Write ``src`` as a GGUF file at ``out`` (the caller makes it atomic). Returns a summary."""
+    """Write ``src`` as a GGUF file at ``out`` (the caller makes it atomic). Returns a summary.
+
+    ``arch`` names the GGUF architecture (and so the prefix of the model keys); ``fold_scales``
+    writes each ternary weight as ``codes * scale`` with no ``.scale`` tensor, and an untied head
+    as ``output.weight`` (:func:`plan`)."""
     import gguf
 
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant!r}: GGUF quantizations are {', '.join(QUANTS)}")
     if i2s_layout not in I2S_LAYOUTS:
         raise ExportError(f"--i2s-layout {i2s_layout!r}: choose one of {', '.join(I2S_LAYOUTS)}")
+    if fold_scales and quant not in ("f16", "f32"):
+        raise ExportError(f"folded scales are written as F16/F32 only, not {quant!r}")
     c = src.config
-    rows = plan(src, quant, tq_fallback, i2s_layout)
+    rows = plan(src, quant, tq_fallback, i2s_layout, fold_scales)
     embed_rows = src.shape("model.embed_tokens.weight")[0]
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
     rope = c.get("rope_parameters") or {}
     theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
 
-    w = gguf.GGUFWriter(str(out), ARCH)
+    w = gguf.GGUFWriter(str(out), arch)
     w.add_name(name or src.path.name)
     w.add_file_type(_file_type(quant))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -391,9 +411,11 @@ def write_gguf(
     w.add_vocab_size(embed_rows)
     # not read by today's llama.cpp (its graph hardcodes SiLU); written so a runtime that reads it
     # can compute the right FFN, and so anyone can see what the model needs
-    w.add_string(f"{ARCH}.hidden_activation", src.hidden_act)
-    w.add_bool(f"{ARCH}.tie_word_embeddings", src.head_is_embedding())
-    if quant == "i2_s":
+    w.add_string(f"{arch}.hidden_activation", src.hidden_act)
+    w.add_bool(f"{arch}.tie_word_embeddings", src.head_is_embedding())
+    if fold_scales:
+        w.add_string("bitnet_train.weight_layout", "ternary weights as codes * absmean scale (no .scale tensors)")
+    elif quant == "i2_s":
         w.add_string(
             "bitnet_train.weight_layout",
             f"I2_S codes, blocks of {I2S_LAYOUTS[i2s_layout]} ({i2s_layout} bitnet.cpp), embedded F32 scale (absmean)",
@@ -406,7 +428,7 @@ def write_gguf(
     for gname, key, kind, storage in rows:
         shape, dtype, nbytes, raw = _info(src, key, kind, storage)
         w.add_tensor_info(gname, shape, dtype, nbytes, raw_dtype=raw)
-        if kind == "ternary":
+        if kind in ("ternary", "folded"):
             counts[storage] = counts.get(storage, 0) + 1
     w.write_header_to_file()
     w.write_kv_data_to_file()

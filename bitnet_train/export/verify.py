@@ -13,7 +13,9 @@ and top-1 agreement (share of positions whose argmax token is the same).
 
 Tolerances (:data:`TOLERANCES`) were set from measurements on trained tiny models (README,
 "Export"), with margin; a ReLU² model in llama.cpp or a ternary export with its scales dropped
-is far outside them (tested).
+is far outside them (tested) — on a model whose layers matter: on a barely trained one (40 steps of
+the test model) the logits are mostly the embedding's unigram guess, and a TQ2_0 file with every
+scale dropped measured 3.5e-2, inside the TQ tolerance (200 steps: 1.1e-1, caught).
 """
 
 from __future__ import annotations
@@ -46,7 +48,23 @@ TOLERANCES = {
     # random-init (int8 rounding flips amplify the F16 differences); a wrong block layout, a
     # transposed or shifted packing, or a dropped scale measured 1.6e-1 to 1.3e+0
     "i2_s": (5e-2, 0.90, None),
+    # ik_llama.cpp, bitnet-25 graph (ReLU²), scales folded into the weights. Measured with
+    # `python scripts/bench_ik.py tolerances --widths 256,512 --seeds 0,1 --steps 0,40` (2-layer
+    # ReLU² models, 512-token BPE, 128-token held-out probe; docs/runtimes.md): trained 40 steps,
+    # F32/F16 1.8e-3 to 2.9e-3, IQ2_BN 1.6e-3 to 2.0e-3, IQ2_BN_R4 1.4e-3 to 2.1e-3, IQ1_BN 1.6e-3
+    # to 1.9e-3, top-1 99-100%; random init 2.9e-2 to 3.6e-2 for every format (our per-token int8
+    # activations against ik's fp or Q8_K64 ones, amplified by near-uniform logits), top-1 91-98%.
+    # F32/F16 against our model with ik's arithmetic emulated: 1.1e-5 to 5.7e-5 trained, at most
+    # 3.6e-4 (F32) and 8.7e-4 (F16) random. The IQ types quantize activations as we do not (Q8_K64
+    # blocks), so they are not emulated; their top-1 floor is lower for random-init models (91.4%
+    # measured). Scales not folded in (codes alone) measured far outside (tests/test_export_ik.py).
+    "ik_f32": (5e-2, 0.90, 2e-3),
+    "ik_f16": (5e-2, 0.90, 2e-3),
+    "iq2_bn": (5e-2, 0.85, None),
+    "iq2_bn_r4": (5e-2, 0.85, None),
+    "iq1_bn": (5e-2, 0.85, None),
 }
+IK_FORMATS = ("ik_f32", "ik_f16", "iq2_bn", "iq2_bn_r4", "iq1_bn")
 
 DEFAULT_PROBE = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"

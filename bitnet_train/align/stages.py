@@ -1,0 +1,101 @@
+"""The two stages, ``sft`` and ``dpo`` (TRL's ``SFTTrainer`` / ``DPOTrainer``), and their command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import RecipeError
+from .data import _datasets, prepare_dpo_rows, prepare_sft_rows
+from .models import load_align_tokenizer, load_policy, load_reference
+from .recipes import DPORecipe, SFTRecipe, load_dpo_recipe, load_sft_recipe
+from .trainer import _our_format_mixin, _quiet_hf, _require_trl, _resume_point, _summed_sft_trainer, _train, _trainer_kwargs
+
+
+def _setup(recipe, resume: bool, stage: str):
+    """What SFT and DPO start the same way: TRL present, the output directory and its resume point,
+    the seed, the tokenizer and the policy model (nothing is written yet). Returns (out, last checkpoint, its step, tok, model)."""
+    import torch
+
+    _require_trl()
+    _quiet_hf()
+    out = Path(recipe.output_dir)
+    last, resume_step = _resume_point(out, resume, stage)
+    torch.manual_seed(recipe.seed)
+    tok = load_align_tokenizer(recipe)
+    return out, last, resume_step, tok, load_policy(recipe.model)
+
+
+def sft(recipe: SFTRecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) an SFT recipe with TRL's SFTTrainer. Returns a summary dict."""
+    out, last, resume_step, tok, model = _setup(recipe, resume, "sft")  # checks TRL is installed
+    from trl import SFTConfig
+
+    train_ds, eval_ds = _datasets(recipe, prepare_sft_rows)
+    kind = prepare_sft_rows(train_ds.select(range(1)), "data")[1]
+    t = recipe.train
+    args = SFTConfig(
+        **_trainer_kwargs(recipe, out, progress),
+        packing=t.packing,
+        assistant_only_loss=kind == "conversational",
+        completion_only_loss=True if kind == "prompt-completion" else None,
+        dataset_num_proc=None,
+    )
+    cls = _summed_sft_trainer()
+    try:
+        trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok)
+    except (ValueError, RuntimeError) as e:
+        raise RecipeError(f"sft: TRL rejected the setup: {str(e).splitlines()[0]}") from None
+    trainer.sum_loss = t.loss_reduction == "sum"
+    return _train(trainer, recipe, out, "sft", tok, last, resume_step, stop_after)
+
+
+def dpo(recipe: DPORecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
+    """Run (or resume) a DPO recipe with TRL's DPOTrainer and an explicit quantized reference model."""
+    out, last, resume_step, tok, model = _setup(recipe, resume, "dpo")  # checks TRL is installed
+    from trl import DPOConfig, DPOTrainer
+
+    ref = load_reference(recipe.ref_model or recipe.model)
+    train_ds, eval_ds = _datasets(recipe, prepare_dpo_rows)
+    t = recipe.train
+    args = DPOConfig(
+        **_trainer_kwargs(recipe, out, progress),
+        beta=t.beta,
+        loss_type=[t.loss_type],
+        precompute_ref_log_probs=t.precompute_ref_log_probs,
+        dataset_num_proc=None,
+    )
+    cls = _our_format_mixin(DPOTrainer)
+    try:
+        trainer = cls(model=model, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                      processing_class=tok)
+    except (ValueError, RuntimeError) as e:
+        raise RecipeError(f"dpo: TRL rejected the setup: {str(e).splitlines()[0]}") from None
+    return _train(trainer, recipe, out, "dpo", tok, last, resume_step, stop_after)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def register(sub) -> None:
+    for name, helptext in (("sft", "supervised fine-tuning of a BitNet checkpoint (TRL SFTTrainer)"),
+                           ("dpo", "direct preference optimisation of a BitNet checkpoint (TRL DPOTrainer)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("recipe", help=f"recipe YAML (see recipes/{name}-tiny.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                       help="override a recipe key, e.g. --set train.lr=1e-4 (repeatable)")
+        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.set_defaults(func=cmd_align, stage=name)
+
+
+def cmd_align(args) -> int:
+    if args.stage == "sft":
+        recipe = load_sft_recipe(args.recipe, args.overrides)
+        s = sft(recipe, resume=args.resume, progress=not args.no_progress)
+    else:
+        recipe = load_dpo_recipe(args.recipe, args.overrides)
+        s = dpo(recipe, resume=args.resume, progress=not args.no_progress)
+    f = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    print(f"{args.stage}: {s['step']} steps, {s['tokens']:,} tokens ({s['tokens_per_s']:,.0f} tokens/s), "
+          f"loss {f(s['first_loss'])} -> {f(s['loss'])}; model in {s['final']}")
+    return 0

@@ -1,0 +1,193 @@
+"""A run's checkpoints: which one a run continues from (discovery of ``step-N`` of pretraining and
+``checkpoint-N`` of the TRL/Trainer stages, and the resume policy both share), and, for
+pretraining, the :class:`TrainState` that is checkpointed and the :class:`Checkpointer` that
+saves and restores it with the model, the optimizer and the random number generators.
+
+A pretraining checkpoint ``OUTPUT_DIR/checkpoints/step-NNNNNN/`` is a model checkpoint
+(:mod:`bitnet_train.checkpoint`) plus ``optimizer.pt``, ``rng.pt`` and ``trainer_state.json``
+(the :class:`TrainState`, the world size and the recipe), written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .blockorder import DataPosition
+from .errors import CheckpointError, RecipeError
+
+# OUTPUT_DIR/checkpoints/step-NNNNNN (pretraining) and OUTPUT_DIR/checkpoints/checkpoint-N (sft, dpo)
+PRETRAIN_CHECKPOINT = re.compile(r"^step-(\d{6,})$")
+TRAINER_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"  # written last into a checkpoint: present means complete
+
+
+def list_checkpoints(out: Path, pattern: re.Pattern = PRETRAIN_CHECKPOINT) -> list[tuple[int, Path]]:
+    """(step, directory) of the complete checkpoints in ``out/checkpoints``, oldest first."""
+    d = Path(out) / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = pattern.match(p.name)
+        if m and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resume_point(out: Path, resume: bool, stage: str, pattern: re.Pattern = PRETRAIN_CHECKPOINT,
+                 announce: bool = True) -> tuple[int, Path] | None:
+    """The checkpoint a run continues from: the newest with ``resume``, none without. An output
+    directory that holds checkpoints while ``resume`` is off is an error (nothing is overwritten);
+    ``resume`` with no checkpoint starts from scratch, with a note when ``announce``."""
+    ckpts = list_checkpoints(out, pattern)
+    if ckpts and not resume:
+        raise RecipeError(
+            f"output_dir {str(out)!r} already holds checkpoints; pass --resume to continue, or choose another output_dir"
+        )
+    if resume and not ckpts and announce:
+        print(f"{stage}: no checkpoint in {out}/checkpoints; starting from scratch", file=sys.stderr)
+    return ckpts[-1] if (resume and ckpts) else None
+
+
+# ----------------------------------------------------------------------------- pretraining state
+
+
+@dataclass
+class TrainState:
+    """Where a pretraining run stands: what ``trainer_state.json`` holds (with the world size and
+    the recipe). ``data_position`` is the object the data reader advances in place."""
+
+    step: int = 0  # optimizer steps done
+    tokens: int = 0  # tokens trained on, all ranks together
+    data_position: DataPosition = field(default_factory=DataPosition)
+    skipped_steps: int = 0  # steps whose update a non-finite loss or gradient skipped
+
+    @classmethod
+    def read(cls, ck: Path) -> "TrainState":
+        f = Path(ck) / STATE_FILE
+        try:
+            st = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{f}: cannot read the training state: {e}") from None
+        m = PRETRAIN_CHECKPOINT.match(Path(ck).name)
+        step = int(m.group(1)) if m else int(st["step"])
+        return cls(step=step, tokens=int(st["tokens"]), data_position=DataPosition.from_dict(st["data_position"]),
+                   skipped_steps=int(st.get("skipped_steps", 0)))
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Checkpointer:
+    """Saves and restores a pretraining run under ``out`` through an ``accelerate`` Accelerator:
+    every rank calls :meth:`save` (the gathers are collective), the main process writes."""
+
+    def __init__(self, out: Path, acc, tokenizer, recipe_dict: dict, keep_last: int):
+        from accelerate.utils import DistributedType
+
+        self.out, self.acc, self.tok, self.recipe_dict, self.keep_last = Path(out), acc, tokenizer, recipe_dict, keep_last
+        self.fsdp = acc.distributed_type == DistributedType.FSDP
+
+    def newest(self) -> tuple[int, Path] | None:
+        found = list_checkpoints(self.out)
+        return found[-1] if found else None
+
+    def prepare(self, model, opt, ck: Path | None):
+        """``acc.prepare(model, opt)``, restoring the optimizer and the RNGs of checkpoint ``ck``
+        (each at the point of preparation it must be restored at)."""
+        from .checkpoint import load_state_file
+
+        if ck is not None and not self.fsdp:
+            opt.load_state_dict(load_state_file(ck / "optimizer.pt", "optimizer state"))
+        model, opt = self.acc.prepare(model, opt)
+        if ck is not None:
+            if self.fsdp:
+                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+                full = load_state_file(ck / "optimizer.pt", "optimizer state")
+                set_optimizer_state_dict(model, opt.optimizer, full, options=StateDictOptions(full_state_dict=True))
+            rng = load_state_file(ck / "rng.pt", "random number generator state")
+            if "per_rank" in rng:
+                rank = self.acc.process_index
+                rng = rng["per_rank"][rank] if rank < len(rng["per_rank"]) else rng["per_rank"][0]
+            set_rng_state(rng)
+        return model, opt
+
+    def save(self, model, opt, state: TrainState, final: bool = False) -> Path:
+        """Write ``checkpoints/step-N`` (or ``final/``: the model and tokenizer only) and drop the
+        checkpoints beyond ``keep_last``. Collective; the caller synchronises the ranks after."""
+        import torch
+        from accelerate.utils import gather_object
+
+        from .checkpoint import save_checkpoint
+
+        acc, world = self.acc, self.acc.num_processes
+        ck_dir = self.out / "final" if final else self.out / "checkpoints" / f"step-{state.step:06d}"
+        # ranks stop at different blocks of a round; the furthest position has consumed them all
+        pos = state.data_position.to_dict()
+        positions = gather_object([pos]) if world > 1 else [pos]
+        position = max(positions, key=lambda d: (d["epoch"], d["taken"]))
+        rngs = gather_object([rng_state()]) if world > 1 else None
+        state_dict = acc.get_state_dict(model) if self.fsdp else None
+        if final:
+            opt_state = None
+        elif self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opt_state = get_optimizer_state_dict(
+                model, opt.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            opt_state = opt.state_dict()
+        if not acc.is_main_process:
+            return ck_dir
+        saved = {"step": state.step, "tokens": state.tokens, "data_position": position, "world_size": world,
+                 "skipped_steps": state.skipped_steps, "recipe": self.recipe_dict}
+
+        def extra(tmp: Path):
+            torch.save(opt_state, tmp / "optimizer.pt")
+            torch.save(rng_state() if rngs is None else {"per_rank": rngs}, tmp / "rng.pt")
+            (tmp / STATE_FILE).write_text(json.dumps(saved, indent=2))
+
+        unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
+        if final:
+            save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok, state_dict=state_dict,
+                            extra={"stage": "pretrain", "step": state.step, "recipe": self.recipe_dict})
+        else:
+            save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok, state_dict=state_dict,
+                            extra={"stage": "pretrain", "step": state.step}, write_extra=extra)
+            for _, old in list_checkpoints(self.out)[: -self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        return ck_dir

@@ -1,0 +1,189 @@
+"""The pretraining loop, as components: an :class:`Evaluator` (validation loss), :func:`train_step`
+(one optimizer step over ``grad_accum`` micro-batches), :class:`StopSignal` (SIGINT/SIGTERM, or
+``stop_after`` in tests, agreed on by every rank) and :func:`train_loop`, which runs them from a
+:class:`~bitnet_train.checkpointer.TrainState` to ``max_steps`` and checkpoints on the way.
+
+Setting up (tokenizer, model, optimizer, data, restoring a checkpoint) is
+:func:`bitnet_train.train.pretrain`'s; this module gets the pieces ready-made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+
+from .checkpointer import TrainState
+from .errors import TrainingError
+from .schedule import lr_at, weight_decay_at
+
+
+def _next_batch(blocks, batch_size: int, device):
+    import torch
+
+    return torch.tensor([next(blocks) for _ in range(batch_size)], dtype=torch.long, device=device)
+
+
+def _token_loss(model, x, reduction: str = "mean"):
+    import torch.nn.functional as F
+
+    logits = model(input_ids=x[:, :-1]).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction=reduction)
+
+
+class Evaluator:
+    """Mean next-token loss (nats/token) over this rank's share of the validation blocks, summed
+    over all ranks; None when there are no validation blocks."""
+
+    def __init__(self, val: list[list[int]], batch_size: int, acc):
+        self.val, self.batch_size, self.acc = val, batch_size, acc
+
+    def __call__(self, model) -> float | None:
+        import torch
+
+        if not self.val:
+            return None
+        acc = self.acc
+        model.eval()
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(self.val), self.batch_size):
+                x = torch.tensor(self.val[i : i + self.batch_size], dtype=torch.long, device=acc.device)
+                total += _token_loss(model, x, reduction="sum").item()
+                n += x[:, 1:].numel()
+        model.train()
+        if acc.num_processes > 1:
+            total, n = acc.reduce(torch.tensor([total, n], dtype=torch.float64, device=acc.device), "sum").tolist()
+        return total / n
+
+
+def train_step(model, opt, blocks, state: TrainState, recipe, acc) -> tuple[dict, float]:
+    """One optimizer step at ``state.step``: the quantization warm-up and the schedules for this
+    step, ``grad_accum`` micro-batches of forward and backward, clipping, and the update (or, with
+    ``train.non_finite: skip``, no update for a non-finite loss or gradient norm). Advances
+    ``state``; returns the step's metrics record and its (global mean) loss."""
+    import torch
+
+    from .warmup import apply_warmup
+
+    t, world = recipe.train, acc.num_processes
+    t0 = time.perf_counter()
+    if recipe.quant == "bitnet":
+        apply_warmup(model, state.step, recipe.quant_warmup)
+    lr, wd = lr_at(state.step, t), weight_decay_at(state.step, t)
+    opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = lr
+    opt.param_groups[0]["weight_decay"] = wd  # group 1 (vectors) is never decayed
+    opt.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for i in range(t.grad_accum):
+        x = _next_batch(blocks, t.batch_size, acc.device)
+        # gradients are all-reduced across ranks only on the last micro-batch
+        with acc.no_sync(model) if i < t.grad_accum - 1 else contextlib.nullcontext():
+            loss = _token_loss(model, x)
+            acc.backward(loss / t.grad_accum)
+        loss_sum += loss.item()
+    loss_val = loss_sum / t.grad_accum
+    if world > 1:
+        loss_val = acc.reduce(torch.tensor([loss_val], dtype=torch.float64, device=acc.device), "mean").item()
+    problem = None if math.isfinite(loss_val) else f"non-finite loss {loss_val}"
+    grad_norm = None
+    if problem is None and t.clip > 0:
+        grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.clip))
+        if not math.isfinite(grad_norm):
+            problem = f"non-finite gradient norm {grad_norm}"
+    if problem is not None and t.non_finite == "stop":
+        raise TrainingError(f"{problem} at step {state.step + 1}; lower train.lr or check the data "
+                            f"(train.non_finite: skip drops such steps instead)")
+    if problem is None:
+        opt.step()
+    else:
+        opt.zero_grad(set_to_none=True)
+        state.skipped_steps += 1
+    tokens_per_step = t.batch_size * t.grad_accum * recipe.data.seq_len * world
+    state.step += 1
+    state.tokens += tokens_per_step
+    dt = time.perf_counter() - t0
+    rec = {"step": state.step, "loss": loss_val if problem is None else None, "lr": lr, "weight_decay": wd,
+           "tokens": state.tokens, "tokens_per_s": round(tokens_per_step / dt if dt > 0 else 0.0, 1)}
+    if grad_norm is not None:
+        rec["grad_norm"] = grad_norm
+    if problem is not None:
+        rec.update(skipped=problem, skipped_steps=state.skipped_steps)
+    return rec, loss_val
+
+
+class StopSignal:
+    """SIGINT/SIGTERM (while installed, as a context manager) or ``stop_after`` steps ask the loop
+    to save and stop; every rank must leave the loop at the same step, so they agree first."""
+
+    def __init__(self, acc, stop_after: int | None):
+        self.acc, self.stop_after, self.signum, self._old = acc, stop_after, None, {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def _on_signal(self, signum, _frame):
+        self.signum = signum
+
+    def __call__(self, step: int) -> bool:
+        import torch
+
+        flag = self.signum is not None or (self.stop_after is not None and step >= self.stop_after)
+        if self.acc.num_processes > 1:
+            flag = bool(self.acc.reduce(torch.tensor([int(flag)], device=self.acc.device), "sum").item())
+        return flag
+
+
+def train_loop(model, opt, blocks, state: TrainState, recipe, acc, evaluate: Evaluator, save, log,
+               stop: StopSignal, bar, fresh: bool) -> dict:
+    """Train from ``state`` to ``train.max_steps``: a step, its metrics, an evaluation every
+    ``eval_every`` steps and at the end, a checkpoint (``save(final=False)``) every ``save_every``
+    steps and at the end, and a stop (with a checkpoint) when ``stop`` says so. A ``fresh`` run
+    evaluates once before the first step. Returns the summary; ``save(final=True)`` at the end."""
+    t = recipe.train
+    first_val = last_val = last_loss = None
+    if fresh and t.eval_every:
+        first_val = evaluate(model)
+        if first_val is not None:
+            log({"step": 0, "val_loss": first_val})
+    interrupted = False
+    while state.step < t.max_steps:
+        rec, loss = train_step(model, opt, blocks, state, recipe, acc)
+        step = state.step
+        if "skipped" in rec:
+            bar.write(f"step {step}: {rec['skipped']}; update skipped ({state.skipped_steps} so far)")
+        else:
+            last_loss = rec["loss"]
+        log(rec)
+        bar.update(1)
+        post = {"loss": f"{loss:.3f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
+        if state.skipped_steps:
+            post["skipped"] = state.skipped_steps
+        bar.set_postfix(post)
+        if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
+            last_val = evaluate(model)
+            if last_val is not None:
+                log({"step": step, "val_loss": last_val})
+                bar.write(f"step {step}: val_loss {last_val:.4f}")
+        if step % t.save_every == 0 or step == t.max_steps:
+            save()
+        if stop(step):
+            interrupted = True
+            if step % t.save_every and step != t.max_steps:
+                save()
+            break
+    summary = {"step": state.step, "tokens": state.tokens, "loss": last_loss, "first_val_loss": first_val,
+               "val_loss": last_val, "skipped_steps": state.skipped_steps, "world_size": acc.num_processes}
+    if interrupted:
+        summary["interrupted"] = True
+    return summary

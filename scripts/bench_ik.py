@@ -1,0 +1,262 @@
+#!/usr/bin/env python3
+"""ik_llama.cpp exports of ReLU² models, measured on this machine.
+
+``tolerances``: how far ik_llama.cpp's logits are from our model's, per format, over widths and
+seeds, trained and not: the figures behind the ik entries of ``bitnet_train.export.verify.TOLERANCES``.
+For each (width, seed, steps) a ReLU² tiny-preset model (2 layers, byte-level BPE of 512 tokens
+trained on the text) is trained ``steps`` steps with AdamW (0: random init), exported to each format
+(``export(..., verify=False)``), run in ik_llama.cpp on a held-out probe of 128 tokens, and compared
+with the trainer's forward (relative logit error, top-1 agreement) and, for F32/F16, with our model
+with ik's float arithmetic emulated (no activation quantization).
+
+    python scripts/bench_ik.py tolerances [--widths 256,512] [--seeds 0,1] [--steps 0,40] [--work DIR]
+
+``speed``: a randomly initialised checkpoint (bf16 latent weights) of a ReLU² preset (default ``700m``) and of its SiLU
+twin (``700m-silu``), exported (``--no-verify``, each in a fresh subprocess: its peak RSS, and that of
+ik's ``llama-quantize`` it runs, against the checkpoint size) to ik_llama.cpp IQ2_BN, IQ2_BN_R4,
+IQ1_BN, F16 and llama.cpp TQ2_0, F16; then prefill (a ``--prompt-tokens`` prompt in one batch) and
+greedy decode (``--tokens``) tokens/s on ``--threads`` threads, formats alternated over ``--rounds``
+(median), each runtime through its Python binding.
+
+    python scripts/bench_ik.py speed [--preset 700m] [--work out/bench-ik] [--threads 2] [--tokens 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = REPO / "tests" / "data" / "tinyshakespeare.txt"
+FFN = {256: 704, 512: 1408}  # the tiny preset's FFN at 256; 2.75x at other widths
+
+
+def train_checkpoint(out: Path, text: str, width: int, seed: int, steps: int) -> Path:
+    import torch
+
+    from bitnet_train.checkpoint import save_checkpoint
+    from bitnet_train.model import build_model
+    from bitnet_train.tokenizer import train_bpe
+
+    train = text[:-5000]
+    tok = train_bpe([train[i : i + 20_000] for i in range(0, len(train), 20_000)], vocab_size=512)
+    ffn = FFN.get(width, int(width * 2.75) // 64 * 64)
+    model = build_model("tiny", seed=seed, backend="torch", vocab_size=len(tok), hidden_size=width,
+                        intermediate_size=ffn, num_hidden_layers=2)
+    if steps:
+        ids = torch.tensor(tok(train)["input_ids"])
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(steps):
+            ix = torch.randint(0, len(ids) - 65, (16,), generator=g)
+            x = torch.stack([ids[i : i + 64] for i in ix])
+            loss = model(x, labels=x).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    save_checkpoint(model, out, tokenizer=tok)
+    return out
+
+
+def tolerances(args) -> int:
+    import numpy as np
+
+    from bitnet_train.export import export, ik
+    from bitnet_train.export import verify as V
+    from bitnet_train.export.source import CheckpointSource, load_tokenizer_for
+
+    text = Path(args.text).read_text(encoding="utf-8")
+    probe = text[-3000:]  # held out: training uses the text before its last 5000 characters
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench_ik_"))
+    rows = []
+    for width in (int(w) for w in args.widths.split(",")):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            for steps in (int(s) for s in args.steps.split(",")):
+                ck = train_checkpoint(work / f"w{width}-seed{seed}-steps{steps}", text, width, seed, steps)
+                src = CheckpointSource(ck)
+                tok = load_tokenizer_for(src)
+                ids = V.probe_ids(tok, probe, 128)
+                ours = V.our_logits(ck, ids)
+                for quant in args.quants.split(","):
+                    if ik.shape_problems(src, quant):
+                        continue
+                    out = work / f"{ck.name}-{quant}.gguf"
+                    export(ck, "gguf", out, quant=quant, runtime="ik_llama.cpp", verify=False, log=lambda *a: None)
+                    theirs, _ = ik.ik_logits(out, ids)
+                    row = {"width": width, "seed": seed, "steps": steps, "quant": quant,
+                           "rel_error": V.rel_error(theirs, ours),
+                           "top1": float(np.mean(theirs.argmax(-1) == ours.argmax(-1)))}
+                    if quant in ("f16", "f32"):
+                        row["emulated_rel"] = V.rel_error(theirs, V.our_logits(ck, ids, emulate=quant))
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+    print("\nformat      max rel error   min top-1   max emulated rel (F16/F32)   over", len(rows) // max(1, len(
+        {r["quant"] for r in rows})), "models")
+    for quant in dict.fromkeys(r["quant"] for r in rows):
+        rs = [r for r in rows if r["quant"] == quant]
+        em = [r["emulated_rel"] for r in rs if "emulated_rel" in r]
+        print(f"{quant:10s}  {max(r['rel_error'] for r in rs):.2e} ({len(rs)})   {min(r['top1'] for r in rs):.3f}"
+              f"       {max(em):.2e}" if em else f"{quant:10s}  {max(r['rel_error'] for r in rs):.2e} ({len(rs)})   "
+              f"{min(r['top1'] for r in rs):.3f}")
+        for steps in sorted({r["steps"] for r in rs}):
+            sub = [r["rel_error"] for r in rs if r["steps"] == steps]
+            print(f"    steps {steps}: rel error {min(sub):.2e} .. {max(sub):.2e}")
+    return 0
+
+
+SPEED_CHILD = r"""
+import json, resource, sys, time
+from bitnet_train.export import export
+ck, quant, out = sys.argv[1:4]
+t = time.perf_counter()
+r = export(ck, "gguf", out, quant=quant, verify=False, log=lambda *a: None)
+dt = time.perf_counter() - t
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024, "child_peak_rss": kids, "seconds": dt,
+                  "runtime": r["runtime"]}))
+"""
+
+# (label, which checkpoint, --quant)
+SPEED_FORMATS = (("ik IQ2_BN", "relu2", "iq2_bn"), ("ik IQ2_BN_R4", "relu2", "iq2_bn_r4"),
+                 ("ik IQ1_BN", "relu2", "iq1_bn"), ("ik F16", "relu2", "f16"),
+                 ("llama.cpp TQ2_0", "silu", "tq2_0"), ("llama.cpp F16", "silu", "f16"))
+
+
+def _random_checkpoint(preset: str, out: Path, text: str) -> None:
+    import torch
+
+    from bitnet_train.checkpoint import save_checkpoint
+    from bitnet_train.model import build_model, load_preset
+    from bitnet_train.tokenizer import train_bpe
+
+    tok = train_bpe([text[i : i + 50_000] for i in range(0, len(text), 50_000)], vocab_size=load_preset(preset)["vocab_size"])
+    # bf16 latent weights, built as bf16 (half the RAM of fp32: the 2B4T shape fits 24 GB); the
+    # export quantizes them to the same kind of ternary file. The preset's vocabulary: rows the BPE
+    # leaves empty are padding.
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.no_grad():
+            model = build_model(preset, seed=0, dtype=torch.bfloat16)
+    finally:
+        torch.set_default_dtype(old)
+    save_checkpoint(model, out, tokenizer=tok)
+
+
+def _time_runtime(path: Path, runtime: str, threads: int, prompt: list[int], tokens: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of one file."""
+    if runtime == "ik_llama.cpp":
+        from bitnet_train.export.ik import IkRuntime
+
+        rt = IkRuntime(path, n_ctx=len(prompt) + tokens + 8, threads=threads)
+        t0 = time.perf_counter()
+        logits = rt.eval(prompt)[-1]
+        t1 = time.perf_counter()
+        for _ in range(tokens):
+            logits = rt.eval([int(logits.argmax())])[-1]
+        t2 = time.perf_counter()
+        rt.close()
+    else:
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + tokens + 8, n_threads=threads,
+                              n_threads_batch=threads, n_batch=512, verbose=False)
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        for _ in range(tokens):
+            llm.eval([llm.sample(temp=0.0, top_k=1)])
+        t2 = time.perf_counter()
+        llm.close()
+    return len(prompt) / (t1 - t0), tokens / (t2 - t1)
+
+
+def speed(args) -> int:
+    import os
+    import statistics
+    import subprocess
+
+    text = Path(args.text).read_text(encoding="utf-8")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    cks = {"relu2": work / f"{args.preset}-ckpt", "silu": work / f"{args.preset}-silu-ckpt"}
+    for which, ck in cks.items():
+        if not (ck / "config.json").is_file():
+            t = time.perf_counter()
+            _random_checkpoint(args.preset + ("-silu" if which == "silu" else ""), ck, text)
+            print(f"built {ck} in {time.perf_counter() - t:.0f} s", flush=True)
+    files = {}
+    for label, which, quant in SPEED_FORMATS:
+        out = work / f"{args.preset}-{which}-{quant}.gguf"
+        files[label] = out
+        if args.decode_only and out.is_file():
+            continue
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+        r = subprocess.run([sys.executable, "-c", SPEED_CHILD, str(cks[which]), quant, str(out)], capture_output=True,
+                           text=True, env=env)
+        if r.returncode:
+            raise SystemExit(f"export {label} failed:\n{r.stderr[-3000:]}")
+        m = json.loads(r.stdout.strip().splitlines()[-1])
+        ck_bytes = sum(f.stat().st_size for f in cks[which].glob("*.safetensors"))
+        print(f"export {label}: {m['seconds']:.0f} s, file {out.stat().st_size / 2**20:.0f} MiB, peak RSS "
+              f"{m['peak_rss'] / 2**30:.2f} GiB (its subprocesses, llama-quantize for IQ: {m['child_peak_rss'] / 2**30:.2f} "
+              f"GiB), checkpoint "
+              f"{ck_bytes / 2**30:.2f} GiB", flush=True)
+    import numpy as np
+
+    prompt = [int(i) for i in np.random.default_rng(0).integers(3, 400, args.prompt_tokens)]
+    res: dict[str, list[tuple[float, float]]] = {k: [] for k in files}
+    for _ in range(args.rounds):
+        for label, which, _q in SPEED_FORMATS:
+            runtime = "ik_llama.cpp" if label.startswith("ik") else "llama.cpp"
+            res[label].append(_time_runtime(files[label], runtime, args.threads, prompt, args.tokens))
+            print(f"  {label}: prefill {res[label][-1][0]:.1f}, decode {res[label][-1][1]:.2f} tokens/s", flush=True)
+    if not args.rounds:
+        return 0
+    print(f"\n{args.preset}, {args.threads} threads, prefill {args.prompt_tokens} tokens, decode {args.tokens} "
+          f"(median of {args.rounds})")
+    print("| format | file MiB | prefill tok/s | decode tok/s | decode vs its runtime's F16 |")
+    print("|---|---|---|---|---|")
+    med = {k: (statistics.median(p for p, _ in v), statistics.median(d for _, d in v)) for k, v in res.items()}
+    for label in files:
+        f16 = med["ik F16" if label.startswith("ik") else "llama.cpp F16"][1]
+        print(f"| {label} | {files[label].stat().st_size / 2**20:.0f} | {med[label][0]:.1f} | {med[label][1]:.2f} | "
+              f"{med[label][1] / f16:.2f}x |")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tolerances", help="logit agreement of ik_llama.cpp exports vs our model")
+    t.add_argument("--widths", default="256,512")
+    t.add_argument("--seeds", default="0,1")
+    t.add_argument("--steps", default="0,40")
+    t.add_argument("--quants", default="f32,f16,iq2_bn,iq2_bn_r4,iq1_bn")
+    t.add_argument("--text", default=str(TEXT))
+    t.add_argument("--work", help="directory for the checkpoints and files (default: a new temporary one)")
+    t.set_defaults(func=tolerances)
+    sp = sub.add_parser("speed", help="export size/RSS and prefill/decode speed, ik_llama.cpp vs llama.cpp")
+    sp.add_argument("--preset", default="700m")
+    sp.add_argument("--work", default="out/bench-ik")
+    sp.add_argument("--threads", type=int, default=2)
+    sp.add_argument("--tokens", type=int, default=32)
+    sp.add_argument("--prompt-tokens", type=int, default=128)
+    sp.add_argument("--rounds", type=int, default=1)
+    sp.add_argument("--decode-only", action="store_true", help="reuse the GGUF files of an earlier run")
+    sp.add_argument("--text", default=str(TEXT))
+    sp.set_defaults(func=speed)
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    rc = args.func(args)
+    print(f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
