@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "bitnet_train.export",  # export
     "bitnet_train.generate",  # generate
     "bitnet_train.bench",  # bench
+    "bitnet_train.evaluate",  # eval
 ]
 
 

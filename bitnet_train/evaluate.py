@@ -1,0 +1,450 @@
+"""``bitnet-train eval MODEL``: perplexity and bits per UTF-8 byte of a corpus, or lm-evaluation-harness tasks.
+
+MODEL: a checkpoint directory (our BitLinear forward), a packed ``export --format hf`` directory (stock
+transformers) or a ``.gguf`` in the runtime that computes its architecture (:data:`GGUF_RUNTIMES`). DATA:
+anything ``data.path`` accepts (:mod:`bitnet_train.documents`), each piece tokenized alone as in training.
+Every token is predicted once, NLL summed in float64. Packed (default): the training stream ``EOS doc1 EOS
+doc2 EOS ...`` in windows of ``seq_len`` predictions, each from a fresh context (EOS tokens are predicted
+too, as in training's loss). ``--per-document``: each document alone, its first token conditioned on EOS,
+then disjoint windows of the model's context: lm-eval's ``loglikelihood_rolling`` with ``prefix_token_id``
+= EOS (:func:`rolling_windows`). bits per byte = NLL / ln 2 / UTF-8 bytes scored; perplexity = exp(mean NLL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, UserError
+
+IK_ARCHS = ("bitnet-25", "bitnet-b1.58")
+
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_len: int):
+    """(seq, n_pred) windows of one document, as lm-eval's ``get_rolling_token_windows(context_len=1)``
+    then ``make_disjoint_window``: the model reads ``seq[:-1]`` (at most ``max_len`` tokens) and its
+    last ``n_pred`` next-token predictions score ``seq[-n_pred:]``; every token is scored once."""
+    if not tokens:
+        return
+    first = min(max_len, len(tokens))
+    yield [prefix] + tokens[:first], first
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_len)
+        end = done + n
+        yield tokens[max(end - max_len - 1, 0) : end], n
+        done = end
+
+
+def window_nll(logits: np.ndarray, seq: list[int], n_pred: int) -> float:
+    """Summed NLL (float64 log-softmax) of ``seq``'s last ``n_pred`` tokens, from the logits ``[len(seq) - 1, vocab]``
+    of the model fed ``seq[:-1]``."""
+    x = np.asarray(logits[len(seq) - 1 - n_pred : len(seq) - 1], dtype=np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return float(-(x[np.arange(n_pred), np.asarray(seq[-n_pred:])] - np.log(np.exp(x).sum(-1))).sum())
+
+
+
+class Runtime:
+    """A model and its tokenizer: ``encode(texts)``, ``prefix_bytes(text, ids, k)`` (UTF-8 bytes of ``text``
+    its first ``k`` tokens cover), ``nll(windows)`` (each (seq, n_pred) window's summed NLL), ``close()``."""
+
+    name, context, eos = "?", 2048, 0
+
+    def close(self) -> None:
+        pass
+
+
+class TorchRuntime(Runtime):
+    def __init__(self, path: Path, device: str, batch_size: int = 8):
+        import torch
+
+        from .checkpoint import read_config_json
+        from .tokenizer import load_tokenizer
+
+        qc = read_config_json(path).get("quantization_config") or {}
+        self.torch, self.device, self.batch = torch, device, max(1, batch_size)
+        self.packed = qc.get("quant_method") == "bitnet" and qc.get("quantization_mode", "offline") != "online"
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise UserError(f"{path}: holds no tokenizer (tokenizer.json); eval needs the checkpoint's tokenizer")
+        self.tok = load_tokenizer(str(path))
+        if self.tok.eos_token_id is None:
+            raise UserError(f"{path}: the tokenizer has no EOS token to separate documents with")
+        self.eos = int(self.tok.eos_token_id)
+        if self.packed:  # transformers' packed BitLinear: stock transformers, eager (no torch.compile)
+            from transformers import AutoModelForCausalLM
+
+            self.name = "transformers"
+            with torch._dynamo.config.patch(disable=True):
+                self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        else:
+            from .model import load_model
+
+            self.name = "bitnet-train"
+            self.model = load_model(path, backend="auto")
+        self.model = self.model.to(device).eval()
+        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
+        try:  # what pretraining wrote beside the weights
+            self.train_seq_len = int(json.loads((path / "bitnet_train.json").read_text())["recipe"]["data"]["seq_len"])
+        except (OSError, KeyError, TypeError, ValueError):
+            self.train_seq_len = None
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tok(texts, add_special_tokens=False)["input_ids"]
+
+    def prefix_bytes(self, text: str, ids: list[int], k: int) -> int:
+        if getattr(self.tok, "is_fast", False):
+            end = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][k - 1][1]
+            return len(text[:end].encode("utf-8"))
+        return len(self.tok.decode(ids[:k], clean_up_tokenization_spaces=False).encode("utf-8"))
+
+    def nll(self, windows: list[tuple[list[int], int]]) -> list[float]:
+        torch, out = self.torch, []
+        with torch.no_grad(), torch._dynamo.config.patch(disable=True):
+            for s in range(0, len(windows), self.batch):
+                part = windows[s : s + self.batch]
+                x = torch.full((len(part), max(len(w) for w, _ in part) - 1), self.eos, dtype=torch.long)
+                for r, (seq, _) in enumerate(part):  # right padding: a row's real positions come first
+                    x[r, : len(seq) - 1] = torch.tensor(seq[:-1])
+                logits = self.model(x.to(self.device)).logits.float().cpu().numpy()
+                out += [window_nll(logits[r], seq, k) for r, (seq, k) in enumerate(part)]
+        return out
+
+
+class GGUFRuntime(Runtime):
+    """A GGUF in a llama.cpp-family runtime: a fresh context per window, logits of every position."""
+
+    def nll(self, windows):
+        return [window_nll(self.logits(seq[:-1]), seq, k) for seq, k in windows]
+
+
+class LlamaCppRuntime(GGUFRuntime):
+    name = "llama.cpp"
+
+    def __init__(self, path: Path, n_ctx: int | None, threads: int | None = None):
+        n_ctx = n_ctx or 2048
+        try:
+            import llama_cpp
+        except ImportError:
+            raise UserError("running a GGUF needs llama-cpp-python: pip install 'bitnet-train[llama]'") from None
+        try:
+            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_batch=min(n_ctx, 512),
+                                       n_threads=threads or max(1, min(os.cpu_count() or 1, 8)), verbose=False)
+        except ValueError as e:
+            raise UserError(f"{path}: llama.cpp cannot load this GGUF (truncated, or not a model?): {e}") from None
+        self.eos, self.context, self.close = int(self.llm.token_eos()), n_ctx, self.llm.close
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [list(self.llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)) for t in texts]
+
+    def prefix_bytes(self, text: str, ids: list[int], k: int) -> int:
+        return len(self.llm.detokenize(ids[:k]))
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.asarray(self.llm.scores[: len(ids)])
+
+
+class IkLlamaRuntime(GGUFRuntime):
+    """``bitnet-25``/``bitnet-b1.58`` (ReLU² BitNet) in ik_llama.cpp, through
+    :class:`bitnet_train.export.ik.IkRuntime` when this bitnet-train has it."""
+
+    name = "ik_llama.cpp"
+
+    def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
+        try:
+            from .export.ik import IkRuntime
+        except ImportError:
+            raise UserError(f"{path}: its architecture ({' or '.join(IK_ARCHS)}, ReLU² BitNet) needs ik_llama.cpp "
+                            "support, which this bitnet-train does not have (bitnet_train.export.ik)") from None
+        self.rt = IkRuntime(path, n_ctx=n_ctx or None, threads=threads, logits_all=True)  # None: the model's
+        if (eos := self.rt.meta("tokenizer.ggml.eos_token_id")) is None:
+            raise UserError(f"{path}: no tokenizer.ggml.eos_token_id to separate documents with")
+        self.eos, self.context, self.close = int(eos), self.rt.n_ctx, self.rt.close
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return [self.rt.tokenize(t, add_bos=False) for t in texts]
+
+    def prefix_bytes(self, text: str, ids: list[int], k: int) -> int:
+        return len(self.rt.detokenize(ids[:k]).encode("utf-8"))
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        self.rt.reset()
+        return self.rt.eval(ids, all_logits=True)
+
+
+# GGUF architecture -> the function that opens it in the runtime that computes it; others: llama.cpp
+GGUF_RUNTIMES = {"bitnet": LlamaCppRuntime, **{a: IkLlamaRuntime for a in IK_ARCHS}}
+
+
+def gguf_meta(path: Path) -> tuple[str | None, dict]:
+    """(architecture, metadata) of a GGUF; architecture None when the gguf package cannot parse the
+    tensor types (ik_llama.cpp's IQ1_BN/IQ2_BN, bitnet.cpp's I2_S)."""
+    import gguf
+
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise UserError(f"{path}: not a GGUF file (no GGUF magic); truncated or not an export?")
+    try:
+        r = gguf.GGUFReader(str(path))
+    except ValueError:
+        return None, {}
+    meta = {k: f.contents() for k, f in r.fields.items() if k.startswith(("general.", "bitnet"))}
+    meta["tensors"] = [t.name for t in r.tensors]
+    return meta.get("general.architecture"), meta
+
+
+def open_gguf(path: Path, n_ctx: int | None, threads: int | None = None) -> Runtime:
+    from .export.gguf import I2S_FILE_TYPE
+
+    arch, meta = gguf_meta(path)
+    if arch is None:  # types the gguf package does not know: ik's ternary types or bitnet.cpp's I2_S
+        from .generate import gguf_file_type
+
+        if gguf_file_type(path) == I2S_FILE_TYPE:
+            raise UserError(f"{path}: an I2_S GGUF runs only in bitnet.cpp, which eval does not drive; evaluate "
+                            "the checkpoint, or an export in another format")
+        arch = IK_ARCHS[0]
+    elif meta.get("general.file_type") == I2S_FILE_TYPE:
+        raise UserError(f"{path}: an I2_S GGUF runs only in bitnet.cpp, which eval does not drive")
+    if arch == "bitnet":
+        act = meta.get("bitnet.hidden_activation", "silu")
+        if act != "silu":
+            raise UserError(
+                f"{path}: architecture 'bitnet' with a {act} FFN; llama.cpp's 'bitnet' graph hardcodes SiLU and "
+                "would compute wrong (finite) logits. Export ReLU² models for ik_llama.cpp (arch bitnet-25) instead")
+        if "output.weight" in meta["tensors"]:
+            raise UserError(f"{path}: has an untied output.weight, which llama.cpp's 'bitnet' graph ignores "
+                            "(it multiplies by token_embd)")
+    trained = int(meta.get(f"{arch}.context_length") or 0) or None
+    rt = GGUF_RUNTIMES.get(arch, LlamaCppRuntime)(path, n_ctx or trained, threads)
+    rt.context = trained or rt.context  # the model's own context bounds --seq-len
+    return rt
+
+
+def open_runtime(model: str, n_ctx: int | None, device: str, batch_size: int, threads: int | None) -> Runtime:
+    p = Path(model)
+    if p.is_file() and p.suffix == ".gguf":
+        return open_gguf(p, n_ctx, threads)
+    if p.is_dir():
+        return TorchRuntime(p, device, batch_size)
+    if not p.exists():
+        raise UserError(f"{model}: no such file or directory")
+    raise UserError(f"{model}: not a checkpoint directory, an export --format hf directory or a .gguf file")
+
+
+def _documents(rt: Runtime, spec: str, text_field: str, split: str):
+    """(pieces, token lists) of each document; a .txt file's line chunks are one document."""
+    from .documents import iter_piece_batches
+
+    doc, ids = [], []  # the texts and token lists of the document being read
+    for batch in iter_piece_batches(spec, text_field, split, batch=16):
+        for (text, end), toks in zip(batch, rt.encode([t for t, _ in batch])):
+            doc.append(text)
+            ids.append(list(toks))
+            if end:
+                yield doc, ids
+                doc, ids = [], []
+    if doc:
+        yield doc, ids
+
+
+def score(rt: Runtime, spec: str, seq_len: int, per_document: bool = False, max_tokens: int | None = None,
+          text_field: str = "text", split: str = "train", progress: bool = True, batch: int = 8) -> dict:
+    """Total NLL, tokens and bytes of the corpus ``spec`` under ``rt`` (see the module docstring)."""
+    from tqdm.auto import tqdm
+
+    budget = max_tokens if max_tokens and max_tokens > 0 else None
+    tokens, nbytes, docs, total = 0, 0, 0, 0.0
+    pending: list[tuple[list[int], int]] = []
+    bar = tqdm(total=budget, unit="tok", desc=f"eval [{rt.name}]", disable=not progress, dynamic_ncols=True)
+
+    def flush(least: int = 1):
+        nonlocal total
+        while len(pending) >= least and pending:
+            part = pending[:batch]
+            total += math.fsum(rt.nll(part))
+            bar.update(sum(k for _, k in part))
+            del pending[:batch]
+
+    stream = [rt.eos]  # packed: the token before the first prediction, as after a document's end
+
+    def scored() -> int:  # predictions made or queued so far
+        return tokens + (0 if per_document else len(stream) - 1)
+
+    t0 = time.perf_counter()
+    for pieces, ids in _documents(rt, spec, text_field, split):
+        doc_toks: list[int] = []
+        for text, full in zip(pieces, ids):
+            left = None if budget is None else budget - scored() - len(doc_toks)
+            if left is not None and left < len(full):  # the budget ends inside this piece
+                nbytes += rt.prefix_bytes(text, full, left) if left > 0 else 0
+                doc_toks += full[: max(left, 0)]
+                break
+            nbytes += len(text.encode("utf-8"))
+            doc_toks += full
+        docs += 1
+        if per_document:
+            pending.extend(rolling_windows(doc_toks, rt.eos, seq_len))
+            tokens += len(doc_toks)
+        else:
+            stream += doc_toks
+            if budget is None or scored() < budget:
+                stream.append(rt.eos)
+            i = 0
+            while len(stream) - i > seq_len + 1:  # a full window: seq_len predictions
+                pending.append((stream[i : i + seq_len + 1], seq_len))
+                tokens, i = tokens + seq_len, i + seq_len
+            del stream[:i]
+        flush(least=batch)
+        if budget is not None and scored() >= budget:
+            break
+    if not per_document and len(stream) > 1:
+        pending.append((stream, len(stream) - 1))
+        tokens += len(stream) - 1
+    flush()
+    bar.close()
+    secs = time.perf_counter() - t0
+    if tokens == 0 or nbytes == 0:
+        raise UserError(f"data {spec!r}: no text to score (the documents are empty)")
+    return {"loss": total / tokens, "perplexity": math.exp(total / tokens), "bits_per_byte": total / math.log(2) / nbytes,
+            "tokens": tokens, "bytes": nbytes, "documents": docs, "nll": total, "seconds": secs,
+            "tokens_per_s": tokens / max(secs, 1e-9), "runtime": rt.name, "seq_len": seq_len,
+            "mode": "per-document" if per_document else "packed"}
+
+
+def evaluate(model: str, data: str, seq_len: int | None = None, per_document: bool = False,
+             max_tokens: int | None = None, text_field: str = "text", split: str = "train", device: str | None = None,
+             batch_size: int = 8, threads: int | None = None, progress: bool = True) -> dict:
+    """Score ``data`` under ``model``; returns the figures ``--json`` prints."""
+    from .documents import resolve_files
+
+    rt = None
+    try:
+        resolve_files(data)  # a bad path fails before the model loads
+        rt = open_runtime(model, seq_len, device or _default_device(), batch_size, threads)
+        n = seq_len or (getattr(rt, "train_seq_len", None) if not per_document else None) or rt.context
+        if n < 1 or n > rt.context:
+            raise UserError(f"--seq-len {n}: must be between 1 and the model's context ({rt.context})")
+        out = score(rt, data, n, per_document, max_tokens, text_field, split, progress, batch_size)
+    except DataError as e:
+        raise UserError(str(e).replace("data.path ", "--data ", 1)) from None
+    finally:
+        if rt is not None:
+            rt.close()
+    out["model"], out["data"] = str(model), data
+    return out
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+
+def run_tasks(model: str, tasks: list[str], num_fewshot: int | None = None, limit: float | None = None,
+              output: str | None = None, device: str | None = None, batch_size: int = 8) -> tuple[dict, Path]:
+    """lm-evaluation-harness (``simple_evaluate``, model ``hf``: stock transformers) on a checkpoint or
+    packed export; a task is a registered name or a task YAML file. Writes the results JSON atomically
+    to ``output`` (default ``MODEL.lm-eval.json`` beside MODEL); returns (results, that path)."""
+    from .checkpoint import read_config_json
+
+    p = Path(model)
+    if not p.is_dir():
+        raise UserError(f"{model}: --tasks needs a checkpoint or export --format hf directory"
+                        + ("" if p.exists() else " (no such directory)"))
+    read_config_json(p)
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("--tasks needs lm-evaluation-harness: pip install 'bitnet-train[eval]'") from None
+    import torch
+
+    from .fsutil import atomic_path
+    from .tokenizer import load_tokenizer
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    tm = TaskManager(include_path=sorted({str(Path(t).resolve().parent) for t in tasks if Path(t).is_file()}) or None)
+    for t in tasks:
+        if not Path(t).is_file() and t not in set(tm.all_tasks) and not tm.match_tasks([t]):
+            hint = " (no such task file)" if t.endswith((".yaml", ".yml")) else ""
+            raise UserError(f"--tasks: lm-evaluation-harness knows no task {t!r}{hint}")
+    eos = load_tokenizer(str(p)).eos_token_id
+    # loglikelihood_rolling's empty context: the end-of-text token, as in our pretraining stream
+    args = f"pretrained={p.resolve()},dtype=float32" + (f",prefix_token_id={eos}" if eos is not None else "")
+    with torch._dynamo.config.patch(disable=True):  # transformers' BitNet kernels, eager
+        try:
+            res = lm_eval.simple_evaluate(model="hf", model_args=args, tasks=list(tasks), num_fewshot=num_fewshot,
+                                          limit=limit, device=device or _default_device(), batch_size=batch_size,
+                                          task_manager=tm, log_samples=False)
+        except (KeyError, FileNotFoundError) as e:
+            raise UserError(f"--tasks {','.join(tasks)}: {e}") from None
+    out = Path(output) if output else p.parent / f"{p.name}.lm-eval.json"
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(res, indent=2, default=str, sort_keys=True))
+    return res, out
+
+
+
+def register(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity and bits per byte of a model on a corpus, or lm-evaluation-harness tasks",
+                       description=__doc__.split("\n\n")[1])
+    a = p.add_argument
+    a("model", metavar="MODEL", help="checkpoint directory, export --format hf directory or .gguf file")
+    a("--data", metavar="PATH", help="file, directory, glob, hf:<dataset>[:<config>] or builtin:pydoc")
+    a("--text-field", default="text", help="text field/column of jsonl, parquet, arrow and hf: data")
+    a("--split", default="train", help="split of an hf: dataset (default: train)")
+    a("--seq-len", type=int, metavar="N", help="window length in tokens (default: packed, the training seq_len saved "
+      "with the checkpoint, else the model's context; --per-document, the model's context)")
+    a("--max-tokens", type=int, metavar="N", help="score the first N tokens only")
+    a("--per-document", action="store_true",
+      help="score each document alone from its start (lm-eval's loglikelihood_rolling, EOS prefix)")
+    a("--json", action="store_true", help="print one JSON object instead of the table")
+    a("--batch-size", type=int, default=8, metavar="N", help="windows per forward (torch models; lm-eval)")
+    a("--device", help="torch device (default: cuda when available, else cpu)")
+    a("--threads", type=int, help="CPU threads of a GGUF runtime (default: up to 8)")
+    a("--no-progress", action="store_true", help="no progress bar")
+    a("--tasks", metavar="T1,T2", help="lm-evaluation-harness task names or task YAML files")
+    a("--num-fewshot", type=int, metavar="K", help="few-shot examples per task (lm-eval)")
+    a("--limit", type=float, metavar="N", help="examples per task (lm-eval; below 1: a fraction)")
+    a("--output", metavar="FILE", help="lm-eval results JSON (default: MODEL.lm-eval.json beside MODEL)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    for flag in ("seq_len", "max_tokens", "batch_size", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.tasks:
+        if args.data:
+            raise UserError("give --data (perplexity) or --tasks (lm-evaluation-harness), not both")
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        res, out = run_tasks(args.model, tasks, args.num_fewshot, limit, args.output, args.device, args.batch_size)
+        from lm_eval.utils import make_table
+
+        print(f"{make_table(res)}results: {out}")
+        return 0
+    if not args.data:
+        raise UserError("give --data PATH (a corpus to score) or --tasks T1,T2")
+    r = evaluate(args.model, args.data, args.seq_len, args.per_document, args.max_tokens, args.text_field,
+                 args.split, args.device, args.batch_size, args.threads, progress=not args.no_progress)
+    if args.json:
+        keys = ("loss", "perplexity", "bits_per_byte", "tokens", "bytes", "tokens_per_s", "model", "runtime",
+                "documents", "mode", "seq_len", "data")
+        print(json.dumps({k: r[k] for k in keys}))
+        return 0
+    print(f"eval {r['model']} [{r['runtime']}] on {r['data']} ({r['mode']}, windows of {r['seq_len']} tokens)\n"
+          f"  documents {r['documents']:,}, tokens {r['tokens']:,}, bytes {r['bytes']:,}\n"
+          f"  loss {r['loss']:.4f} nats/token, perplexity {r['perplexity']:.3f}, bits per byte {r['bits_per_byte']:.4f}, "
+          f"{r['tokens_per_s']:,.0f} tokens/s")
+    return 0
