@@ -36,30 +36,14 @@ FFN = {256: 704, 512: 1408}  # the tiny preset's FFN at 256; 2.75x at other widt
 
 
 def train_checkpoint(out: Path, text: str, width: int, seed: int, steps: int) -> Path:
-    import torch
+    """The export tests' checkpoint (tests/test_export.py make_checkpoint) on the ReLU² tiny block at
+    ``width``; the last 5000 characters stay held out for the probe."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from test_export import make_checkpoint
 
-    from bitnet_train.checkpoint import save_checkpoint
-    from bitnet_train.model import build_model
-    from bitnet_train.tokenizer import train_bpe
-
-    train = text[:-5000]
-    tok = train_bpe([train[i : i + 20_000] for i in range(0, len(train), 20_000)], vocab_size=512)
     ffn = FFN.get(width, int(width * 2.75) // 64 * 64)
-    model = build_model("tiny", seed=seed, backend="torch", vocab_size=len(tok), hidden_size=width,
-                        intermediate_size=ffn, num_hidden_layers=2)
-    if steps:
-        ids = torch.tensor(tok(train)["input_ids"])
-        g = torch.Generator().manual_seed(seed)
-        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-        for _ in range(steps):
-            ix = torch.randint(0, len(ids) - 65, (16,), generator=g)
-            x = torch.stack([ids[i : i + 64] for i in ix])
-            loss = model(x, labels=x).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    save_checkpoint(model, out, tokenizer=tok)
-    return out
+    return make_checkpoint(out, text, preset="tiny", steps=steps, seed=seed, train_end=-5000,
+                           hidden_size=width, intermediate_size=ffn)
 
 
 def tolerances(args) -> int:

@@ -36,13 +36,14 @@ def _text(path: Path) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def make_checkpoint(out: Path, text: str, preset="tiny-silu", steps=40, seed=0, **over) -> Path:
-    """A 2-layer hidden-256 BitNet with a 512-token byte-level BPE, trained ``steps`` steps."""
+def make_checkpoint(out: Path, text: str, preset="tiny-silu", steps=40, seed=0, train_end=250_000, **over) -> Path:
+    """A 2-layer hidden-256 BitNet with a 512-token byte-level BPE, trained ``steps`` steps on
+    ``text[:train_end]`` (also used by scripts/bench_ik.py)."""
     from bitnet_train.checkpoint import save_checkpoint
     from bitnet_train.model import build_model
     from bitnet_train.tokenizer import train_bpe
 
-    train = text[:250_000]  # the probe (below) comes from the rest: held out
+    train = text[:train_end]  # the probe (below) comes from the rest: held out
     tok = train_bpe([train[i : i + 20_000] for i in range(0, len(train), 20_000)], vocab_size=512)
     kw = dict(vocab_size=len(tok), intermediate_size=768, num_hidden_layers=2)
     kw.update(over)
