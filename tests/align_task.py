@@ -106,30 +106,23 @@ def completion_logp(model, tok, prompt_msgs, answer: str) -> float:
     return float(lp[len(p_ids) - 1:].sum())
 
 
+def preference_margins(model, tok, ts, ask: str | None = None) -> list[float]:
+    """Per held-out DPO-task item: log p(word asked for, chosen) - log p(word at the other end,
+    rejected), the word the SFT model tends to copy."""
+    ask = ask or DPO_ASK
+    i = _POS[ask]
+    model.eval()
+    out = []
+    for t in ts:
+        msgs = [{"role": "user", "content": f"{ask}:" + ",".join(t)}]
+        out.append(completion_logp(model, tok, msgs, t[i]) - completion_logp(model, tok, msgs, t[2 - i]))
+    return out
+
+
 def preference_accuracy(model, tok, ts, ask: str | None = None) -> float:
-    """Share of DPO-task pairs where the model gives the word asked for (chosen) a higher
-    log-probability than the word at the other end (rejected)."""
-    ask = ask or DPO_ASK
-    i = _POS[ask]
-    model.eval()
-    wins = 0
-    for t in ts:
-        msgs = [{"role": "user", "content": f"{ask}:" + ",".join(t)}]
-        wins += completion_logp(model, tok, msgs, t[i]) > completion_logp(model, tok, msgs, t[2 - i])
-    return wins / len(ts)
-
-
-def preference_margin(model, tok, ts, ask: str | None = None) -> float:
-    """Mean held-out log p(chosen) - log p(rejected) on the DPO task: the smooth quantity behind
-    preference_accuracy."""
-    ask = ask or DPO_ASK
-    i = _POS[ask]
-    model.eval()
-    total = 0.0
-    for t in ts:
-        msgs = [{"role": "user", "content": f"{ask}:" + ",".join(t)}]
-        total += completion_logp(model, tok, msgs, t[i]) - completion_logp(model, tok, msgs, t[2 - i])
-    return total / len(ts)
+    """Share of DPO-task pairs where the chosen word gets the higher log-probability."""
+    m = preference_margins(model, tok, ts, ask)
+    return sum(x > 0 for x in m) / len(m)
 
 
 def answer_nll(model, tok, ts, ask: str | None = None) -> float:
@@ -199,9 +192,9 @@ def run_pipeline(d: Path, pre: Path, seed: int, sft: dict, dpo: dict) -> dict:
         out = load_model(d / stage / "final")
         if stage == "sft":
             res["em_sft"], res["nll_sft"] = exact_match(out, tok, held), answer_nll(out, tok, held)
-            res["pref_sft"] = preference_accuracy(out, tok, held)
-            res["margin_sft"] = preference_margin(out, tok, held)
+            m = preference_margins(out, tok, held)  # accuracy and mean margin from one pass
+            res["pref_sft"], res["margin_sft"] = sum(x > 0 for x in m) / len(m), sum(m) / len(m)
         else:
-            res["pref_dpo"] = preference_accuracy(out, tok, held)
-            res["margin_dpo"] = preference_margin(out, tok, held)
+            m = preference_margins(out, tok, held)
+            res["pref_dpo"], res["margin_dpo"] = sum(x > 0 for x in m) / len(m), sum(m) / len(m)
     return res
