@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .blockorder import DataPosition
+from .blockorder import DataPosition, merge_positions
 from .errors import CheckpointError, RecipeError
 
 # OUTPUT_DIR/checkpoints/step-NNNNNN (pretraining) and OUTPUT_DIR/checkpoints/checkpoint-N (sft, dpo)
@@ -79,6 +79,50 @@ class TrainState:
         step = int(m.group(1)) if m else int(st["step"])
         return cls(step=step, tokens=int(st["tokens"]), data_position=DataPosition.from_dict(st["data_position"]),
                    skipped_steps=int(st.get("skipped_steps", 0)))
+
+
+# recipe keys a resumed run must keep: they decide which data the saved position points into, or the model
+REFUSED_ON_RESUME = ("data", "seed", "quant")
+# keys whose change a resumed run reports: the schedule and the step's size
+WARNED_ON_RESUME = ("train.max_steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.schedule",
+                    "train.stage2_start", "train.stage2_lr", "train.stage2_min_lr", "train.weight_decay",
+                    "train.weight_decay_schedule", "train.stage2_weight_decay", "train.batch_size", "train.grad_accum",
+                    "train.clip", "quant_warmup")
+
+
+def _flat(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def check_resume_recipe(ck: Path, recipe: dict) -> list[str]:
+    """Compare the recipe a checkpoint was saved with to ``recipe``: a changed data key (data.*,
+    seed, quant) raises a RecipeError naming each key with its old and new value; changed schedule
+    keys are returned as warning lines. A checkpoint that recorded no recipe passes."""
+    try:
+        saved = json.loads((Path(ck) / STATE_FILE).read_text()).get("recipe")
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{Path(ck) / STATE_FILE}: cannot read the training state: {e}") from None
+    if not isinstance(saved, dict):
+        return []
+    old, new = _flat(saved), _flat(recipe)
+    changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+    def under(k, roots):
+        return any(k == r or k.startswith(r + ".") for r in roots)
+
+    refused = [k for k in changed if under(k, REFUSED_ON_RESUME)]
+    if refused:
+        what = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused)
+        raise RecipeError(f"--resume from {ck}: the recipe changed keys that decide the data or the model ({what}); "
+                          "restore them, or start a new run in another output_dir")
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if under(k, WARNED_ON_RESUME)]
 
 
 def rng_state() -> dict:
@@ -159,7 +203,7 @@ class Checkpointer:
         # ranks stop at different blocks of a round; the furthest position has consumed them all
         pos = state.data_position.to_dict()
         positions = gather_object([pos]) if world > 1 else [pos]
-        position = max(positions, key=lambda d: (d["epoch"], d["taken"]))
+        position = merge_positions(positions)
         rngs = gather_object([rng_state()]) if world > 1 else None
         state_dict = acc.get_state_dict(model) if self.fsdp else None
         if final:

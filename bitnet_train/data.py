@@ -21,24 +21,26 @@ record batch at a time. Records whose text is null are skipped and counted; a mi
 field/column, invalid UTF-8, an empty file or a path that matches nothing is a :class:`DataError`
 naming the file.
 
-Documents are tokenized, joined with EOS and cut into blocks of ``seq_len + 1`` tokens. Every
-``period``-th block of the stream (``period = round(1 / val_fraction)``) is held out for
-validation; the rest go through a seeded shuffle buffer. The order depends only on the data and
-the seed, so a position — (epoch, blocks taken this epoch) — identifies where training stands;
-resuming replays the stream up to it, neither repeating nor skipping a block.
+Documents are tokenized, joined with EOS and cut into blocks of ``seq_len + 1`` tokens, read in
+``data.lanes`` contiguous lanes interleaved block by block (:mod:`bitnet_train.stream`): the block
+order depends only on the data, the seed and ``data.lanes`` — not on the world size — and rank
+``r`` trains on blocks ``r, r + world, ...`` of it, reading only the lanes those come from. The
+checkpointed position says where each lane stands (file, byte or record offset, token offset);
+resuming seeks there.
 
-Ranks: every rank walks the same seeded block stream and, in each round of ``world_size``
-consecutive blocks, keeps the block at its own offset, so no two ranks train on the same block;
-the position counts blocks of the whole stream and is the same on every rank. An incomplete last
-round of an epoch is dropped, so ranks always change epoch together.
+Validation is whole documents, read once and never trained on: ``data.val_path`` (anything
+``data.path`` accepts; its first ``data.val_tokens`` tokens of whole documents, all of it when 0),
+or else the documents at the start of ``data.path`` up to ``data.val_tokens`` tokens, which
+training then skips. It is packed and scored as ``bitnet-train eval`` packs (:mod:`bitnet_train.windows`).
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from typing import ClassVar
 
-from .blockorder import DataPosition, check_rank, held_out_period  # noqa: F401 - re-exported
+from .blockorder import DataPosition, check_rank  # noqa: F401 - re-exported
 from .documents import (  # noqa: F401 - re-exported
     BUILTIN_PYDOC,
     DATA_SUFFIXES,
@@ -67,11 +69,28 @@ class DataConfig:
         metadata={"help": "transformers tokenizer name/path, or bpe:<vocab_size> to train one on the data"},
     )
     seq_len: int = field(default=256, metadata={"min": 8, "help": "tokens per training sequence"})
-    val_fraction: float = field(default=0.02, metadata={"min": 0.0, "max": 0.5, "help": "share of blocks held out"})
+    val_tokens: int = field(
+        default=65536, metadata={"min": 0, "help": "validation: tokens of whole documents from the start of data.path "
+                                 "(never trained on; 0 = no validation), or the most read from data.val_path (0 = all)"})
+    val_path: str | None = field(
+        default=None, metadata={"help": "validation documents from a separate source (anything data.path accepts but a "
+                                "tokenized directory); data.path is then trained on whole"})
+    lanes: int = field(
+        default=8, metadata={"min": 1, "help": "streamed data: contiguous lanes of the corpus read side by side; a "
+                             "multiple of the number of processes makes each read only its share"})
     text_field: str = field(default="text", metadata={"help": "the text field of .jsonl records / column of parquet, arrow and hf: data"})
     split: str = field(default="train", metadata={"help": "split of an hf: dataset"})
 
+    REMOVED_KEYS: ClassVar[dict] = {
+        "val_fraction": "removed: validation is now whole documents, never trained on: data.val_tokens (tokens from "
+                        "the start of data.path, default 65536) or data.val_path (a separate source); for the old "
+                        "share, set data.val_tokens to about val_fraction times the corpus's tokens",
+    }
+
     def validate(self):
+        if self.val_path is not None and is_token_dir(self.val_path):
+            raise RecipeError(f"data.val_path {self.val_path!r}: a tokenized directory has no text to score bits per "
+                              "byte on; give the text it was made from")
         if self.tokenizer.startswith("bpe:"):
             n = self.tokenizer[4:]
             if not n.isdigit() or int(n) < 260:
@@ -102,15 +121,17 @@ def make_tokenizer(cfg: DataConfig):
 
 def open_training_data(cfg: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1):
     """The training data a recipe's ``data`` section describes, as seen by one rank: an object
-    with ``validation(n)`` and ``train_blocks(pos)``. The one entry point the loop uses.
+    with ``validation()`` (a :class:`~bitnet_train.stream.HeldOut`) and ``train_blocks(pos)``.
+    The one entry point the loop uses.
 
     A directory written by ``bitnet-train tokenize`` is read with random access
     (:class:`~bitnet_train.shards.ShardData`, after checking ``tokenizer`` is the one it was
     tokenized with); anything else is streamed (:class:`PackedData`)."""
     if is_token_dir(cfg.path):
-        return ShardData(cfg.path, tokenizer, cfg.seq_len, cfg.val_fraction, seed, rank=rank, world_size=world_size)
-    return PackedData(cfg.path, tokenizer, cfg.seq_len, cfg.val_fraction, seed, cfg.text_field,
-                      rank=rank, world_size=world_size, split=cfg.split)
+        return ShardData(cfg.path, tokenizer, cfg.seq_len, seed, rank=rank, world_size=world_size,
+                         val_tokens=cfg.val_tokens, val_path=cfg.val_path, text_field=cfg.text_field, split=cfg.split)
+    return PackedData(cfg.path, tokenizer, cfg.seq_len, seed, cfg.text_field, rank=rank, world_size=world_size,
+                      split=cfg.split, val_tokens=cfg.val_tokens, val_path=cfg.val_path, lanes=cfg.lanes)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, UserError
+from .windows import Packer
 
 IK_ARCHS = ("bitnet-25", "bitnet-b1.58")
 
@@ -274,10 +275,10 @@ def score(rt: Runtime, spec: str, seq_len: int, per_document: bool = False, max_
             bar.update(sum(k for _, k in part))
             del pending[:batch]
 
-    stream = [rt.eos]  # packed: the token before the first prediction, as after a document's end
+    packer = Packer(rt.eos, seq_len)  # packed: EOS before the first prediction, as after a document's end
 
     def scored() -> int:  # predictions made or queued so far
-        return tokens + (0 if per_document else len(stream) - 1)
+        return tokens + (0 if per_document else packer.queued)
 
     t0 = time.perf_counter()
     for pieces, ids in _documents(rt, spec, text_field, split):
@@ -295,20 +296,19 @@ def score(rt: Runtime, spec: str, seq_len: int, per_document: bool = False, max_
             pending.extend(rolling_windows(doc_toks, rt.eos, seq_len))
             tokens += len(doc_toks)
         else:
-            stream += doc_toks
+            packer.push(doc_toks)
             if budget is None or scored() < budget:
-                stream.append(rt.eos)
-            i = 0
-            while len(stream) - i > seq_len + 1:  # a full window: seq_len predictions
-                pending.append((stream[i : i + seq_len + 1], seq_len))
-                tokens, i = tokens + seq_len, i + seq_len
-            del stream[:i]
+                packer.push([rt.eos])
+            for w in packer.windows():  # full windows: seq_len predictions each
+                pending.append((w, seq_len))
+                tokens += seq_len
         flush(least=batch)
         if budget is not None and scored() >= budget:
             break
-    if not per_document and len(stream) > 1:
-        pending.append((stream, len(stream) - 1))
-        tokens += len(stream) - 1
+    if not per_document:
+        for w in packer.rest():
+            pending.append((w, len(w) - 1))
+            tokens += len(w) - 1
     flush()
     bar.close()
     secs = time.perf_counter() - t0

@@ -33,28 +33,43 @@ def _token_loss(model, x, reduction: str = "mean"):
 
 
 class Evaluator:
-    """Mean next-token loss (nats/token) over this rank's share of the validation blocks, summed
-    over all ranks; None when there are no validation blocks."""
+    """Validation: mean next-token loss (nats/token) over the held-out windows
+    (:class:`~bitnet_train.stream.HeldOut`, packed as ``bitnet-train eval`` packs), each rank
+    scoring windows ``rank, rank + world, ...`` of the first ``limit`` (None: all), summed over
+    ranks; None when there are none. ``bits_per_byte`` is set when every window was scored and the
+    text's bytes are known: NLL / ln 2 / UTF-8 bytes, as ``eval`` reports it."""
 
-    def __init__(self, val: list[list[int]], batch_size: int, acc):
-        self.val, self.batch_size, self.acc = val, batch_size, acc
+    def __init__(self, held_out, batch_size: int, acc, limit: int | None = None):
+        wins = held_out.windows if limit is None else held_out.windows[:limit]
+        self.complete = len(wins) == len(held_out.windows)
+        self.n_bytes = held_out.n_bytes
+        self.val = wins[acc.process_index :: acc.num_processes]
+        self.batch_size, self.acc, self.bits_per_byte = batch_size, acc, None
+        self.any = bool(wins)
 
     def __call__(self, model) -> float | None:
         import torch
 
-        if not self.val:
+        if not self.any:
             return None
         acc = self.acc
         model.eval()
         total, n = 0.0, 0
         with torch.no_grad():
-            for i in range(0, len(self.val), self.batch_size):
-                x = torch.tensor(self.val[i : i + self.batch_size], dtype=torch.long, device=acc.device)
-                total += _token_loss(model, x, reduction="sum").item()
+            i = 0
+            while i < len(self.val):
+                j = i + 1  # a batch of windows of one length (all but the last are seq_len + 1)
+                while j < len(self.val) and j - i < self.batch_size and len(self.val[j]) == len(self.val[i]):
+                    j += 1
+                x = torch.tensor(self.val[i:j], dtype=torch.long, device=acc.device)
+                total += _token_loss(model, x, reduction="sum").double().item()
                 n += x[:, 1:].numel()
+                i = j
         model.train()
         if acc.num_processes > 1:
             total, n = acc.reduce(torch.tensor([total, n], dtype=torch.float64, device=acc.device), "sum").tolist()
+        if self.complete and self.n_bytes:
+            self.bits_per_byte = total / math.log(2) / self.n_bytes
         return total / n
 
 
@@ -88,8 +103,8 @@ def train_step(model, opt, blocks, state: TrainState, recipe, acc) -> tuple[dict
         loss_val = acc.reduce(torch.tensor([loss_val], dtype=torch.float64, device=acc.device), "mean").item()
     problem = None if math.isfinite(loss_val) else f"non-finite loss {loss_val}"
     grad_norm = None
-    if problem is None and t.clip > 0:
-        grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.clip))
+    if problem is None:  # with clip 0 the norm is only measured (scaled by 1: the gradients are unchanged)
+        grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else math.inf))
         if not math.isfinite(grad_norm):
             problem = f"non-finite gradient norm {grad_norm}"
     if problem is not None and t.non_finite == "stop":
@@ -144,6 +159,11 @@ class StopSignal:
         return flag
 
 
+def _bpb(evaluate) -> dict:
+    v = getattr(evaluate, "bits_per_byte", None)
+    return {} if v is None else {"val_bits_per_byte": v}
+
+
 def train_loop(model, opt, blocks, state: TrainState, recipe, acc, evaluate: Evaluator, save, log,
                stop: StopSignal, bar, fresh: bool) -> dict:
     """Train from ``state`` to ``train.max_steps``: a step, its metrics, an evaluation every
@@ -155,7 +175,7 @@ def train_loop(model, opt, blocks, state: TrainState, recipe, acc, evaluate: Eva
     if fresh and t.eval_every:
         first_val = evaluate(model)
         if first_val is not None:
-            log({"step": 0, "val_loss": first_val})
+            log({"step": 0, "val_loss": first_val, **_bpb(evaluate)})
     interrupted = False
     while state.step < t.max_steps:
         rec, loss = train_step(model, opt, blocks, state, recipe, acc)
@@ -173,7 +193,7 @@ def train_loop(model, opt, blocks, state: TrainState, recipe, acc, evaluate: Eva
         if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
             last_val = evaluate(model)
             if last_val is not None:
-                log({"step": step, "val_loss": last_val})
+                log({"step": step, "val_loss": last_val, **_bpb(evaluate)})
                 bar.write(f"step {step}: val_loss {last_val:.4f}")
         if step % t.save_every == 0 or step == t.max_steps:
             save()

@@ -112,7 +112,10 @@ def build(cls, data: Any, file: str = "recipe", prefix: str = ""):
         raise RecipeError(f"{file}: {here}: expected a mapping of keys, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    removed = getattr(cls, "REMOVED_KEYS", {})
     for k in data:
+        if k in removed:
+            raise RecipeError(f"{file}: {_join(prefix, str(k))}: {removed[k]}")
         if k not in fields:
             raise RecipeError(
                 f"{file}: unknown key {_join(prefix, str(k))!r}; allowed keys at {here}: {', '.join(sorted(fields))}"
@@ -202,6 +205,8 @@ def apply_overrides(data: dict, overrides: list[str], schema=None) -> dict:
 def _field_type(cls, parts: list[str], text: str):
     fields = {f.name: f for f in dataclasses.fields(cls)}
     name = parts[-1]
+    if name in getattr(cls, "REMOVED_KEYS", {}):
+        raise RecipeError(f"--set {text!r}: {'.'.join(parts)}: {cls.REMOVED_KEYS[name]}")
     if name not in fields:
         raise RecipeError(
             f"--set {text!r}: unknown key {'.'.join(parts)!r}; allowed keys here: {', '.join(sorted(fields))}"

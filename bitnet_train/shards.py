@@ -14,10 +14,11 @@ order, exactly what the streaming reader produces — split into files of at mos
 ``seq_len``: the trainer memory-maps the shards and cuts blocks of ``seq_len + 1`` tokens at
 multiples of ``seq_len + 1``, so the same directory serves any sequence length.
 
-Reading (:class:`ShardData`): block ``i`` is tokens ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))``;
-every ``round(1 / val_fraction)``-th block is held out (the same rule as the streaming reader, so
-both hold out the same blocks); each epoch visits the training blocks in a permutation seeded by
-(seed, epoch). In each round of ``world_size`` consecutive entries of the permutation, rank ``r``
+Reading (:class:`ShardData`): validation is ``data.val_path``'s documents, or the whole documents
+at the start of the stream up to the first EOS at or after ``data.val_tokens`` tokens (the same
+documents the streaming reader holds out when no document is a ``.txt`` file); training block ``i``
+is the ``seq_len + 1`` tokens at ``train_start + i * (seq_len + 1)``, after them. Each epoch visits
+the training blocks in a permutation seeded by (seed, epoch). In each round of ``world_size`` consecutive entries of the permutation, rank ``r``
 takes entry ``r``: ranks never share a block, and the data position (epoch, entries taken) is the
 same on every rank. Resuming jumps straight to the position: no replay.
 """
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .blockorder import DataPosition, check_rank, held_out_period
+from .blockorder import DataPosition, check_rank
 from .documents import SkipCounter, encode_pieces, iter_piece_batches
 from .errors import DataError
 
@@ -297,7 +298,8 @@ def tokenizer_for_token_dir(path, spec: str):
 class ShardData:
     """Train/validation blocks of a tokenized directory, with random access (memory-mapped)."""
 
-    def __init__(self, path, tokenizer, seq_len: int, val_fraction: float, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, path, tokenizer, seq_len: int, seed: int, rank: int = 0, world_size: int = 1,
+                 val_tokens: int = 0, val_path: str | None = None, text_field: str = "text", split: str = "train"):
         import numpy as np
 
         self.path = Path(path).expanduser()
@@ -318,12 +320,12 @@ class ShardData:
         ]
         self._starts = np.cumsum([0] + [a.shape[0] for a in self._arrays])
         self.total_tokens = int(self._starts[-1])
-        self.block = seq_len + 1
+        self.block, self.seq_len, self.tok = seq_len + 1, seq_len, tokenizer
         self.seed = seed
-        self.period = held_out_period(val_fraction)
-        self.n_blocks = self.total_tokens // self.block
-        self.n_val = self.n_blocks // self.period if self.period else 0
-        self.n_train = self.n_blocks - self.n_val
+        self.val_tokens, self.val_path, self.text_field, self.split = val_tokens, val_path, text_field, split
+        self.train_start = 0 if val_path else self._held_out_end(val_tokens)
+        self._held_out = None
+        self.n_blocks = self.n_train = (self.total_tokens - self.train_start) // self.block
         if self.n_train < world_size:
             raise DataError(
                 f"data.path {str(path)!r}: {self.total_tokens} tokens make {self.n_train} training blocks of "
@@ -349,17 +351,41 @@ class ShardData:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def block_at(self, i: int) -> list[int]:
-        return self.tokens(i * self.block, self.block).tolist()
+        """Training block ``i`` (the held-out documents come before block 0)."""
+        return self.tokens(self.train_start + i * self.block, self.block).tolist()
 
-    def _train_block_index(self, j: int) -> int:
-        """Stream block index of the ``j``-th training block (held-out blocks skipped)."""
-        return j + j // (self.period - 1) if self.period else j
+    def _held_out_end(self, val_tokens: int) -> int:
+        """The end of the held-out documents: just after the first EOS at or after ``val_tokens``
+        tokens (0: none held out)."""
+        import numpy as np
 
-    def validation(self, n: int) -> list[list[int]]:
-        """The first ``n`` held-out blocks (fewer if the corpus is small); the same on every rank."""
-        if n <= 0 or not self.period:
-            return []
-        return [self.block_at(m * self.period + self.period - 1) for m in range(min(n, self.n_val))]
+        if val_tokens <= 0:
+            return 0
+        eos, at, step = self.index["eos_token_id"], val_tokens - 1, 1 << 20
+        while at < self.total_tokens:
+            hits = np.flatnonzero(self.tokens(at, min(step, self.total_tokens - at)) == eos)
+            if hits.size:
+                return at + int(hits[0]) + 1
+            at += step
+        raise DataError(f"data.path {str(self.path)!r}: no document ends after data.val_tokens {val_tokens} tokens: "
+                        "holding out whole documents would leave nothing to train on; lower data.val_tokens")
+
+    def validation(self):
+        """The held-out documents as packed windows (:class:`bitnet_train.stream.HeldOut`); the same
+        on every rank."""
+        from .stream import HeldOut, held_out_documents, pack_held_out
+
+        if self._held_out is None:
+            if self.val_path:
+                self._held_out = held_out_documents(self.val_path, self.tok, self.seq_len, self.val_tokens,
+                                                    self.text_field, self.split)
+            elif self.train_start:
+                toks = self.tokens(0, self.train_start).tolist()
+                eos = self.index["eos_token_id"]
+                self._held_out = pack_held_out([toks], eos, self.seq_len, None, toks.count(eos))
+            else:
+                self._held_out = HeldOut([], None, 0, 0)
+        return self._held_out
 
     def permutation(self, epoch: int):
         """The order in which epoch ``epoch`` visits the training blocks."""
@@ -388,7 +414,7 @@ class ShardData:
             while k + w <= self.n_train:
                 j = int(perm[k + r])
                 pos.taken = k + w
-                yield self.block_at(self._train_block_index(j))
+                yield self.block_at(j)
                 k += w
             pos.epoch += 1
             pos.taken = 0

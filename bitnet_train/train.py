@@ -79,7 +79,9 @@ class TrainConfig:
     compile: bool = field(default=False, metadata={"help": "torch.compile the model (inductor)"})
     activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     eval_every: int = field(default=100, metadata={"min": 0, "help": "validate every N steps; 0 = only at the end"})
-    eval_batches: int = field(default=8, metadata={"min": 0, "help": "validation micro-batches per evaluation"})
+    eval_batches: int = field(default=8, metadata={
+        "min": 0, "help": "validation: the first eval_batches x batch_size x processes held-out windows are scored; "
+                          "0 = no validation"})
     keep_last: int = field(default=3, metadata={"min": 1, "help": "checkpoints kept"})
 
     def validate(self):
@@ -277,6 +279,11 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
 
         from .tokenizer import ensure_special_tokens
 
+        from .checkpointer import check_resume_recipe
+
+        changed = check_resume_recipe(ck, to_dict(recipe))
+        if changed and main:
+            print(f"pretrain: resuming with changed schedule keys ({'; '.join(changed)})", file=sys.stderr)
         state = TrainState.read(ck)
         tok = ensure_special_tokens(AutoTokenizer.from_pretrained(ck))
         model = load_checkpoint(ck)
@@ -294,8 +301,8 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
     model, opt = ckpt.prepare(model, opt, ck)
 
     data = open_training_data(recipe.data, tok, recipe.seed, rank=rank, world_size=world)
-    # the same validation blocks at any world size: eval_batches global batches, one share per rank
-    val = data.validation(t.eval_batches * t.batch_size * world)
+    # the same validation windows at any world size: the first eval_batches global batches, one share per rank
+    val = data.validation() if t.eval_batches else None
     blocks = data.train_blocks(state.data_position)
     if main:
         wandb_run = WandbLogger(recipe.wandb, out, recipe_dict, None if ck is None else state.step)
@@ -312,7 +319,9 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
         acc.wait_for_everyone()
         return path
 
-    evaluate = Evaluator(val[: len(val) // world * world][rank::world], t.batch_size, acc)
+    from .stream import HeldOut
+
+    evaluate = Evaluator(val or HeldOut([], None, 0, 0), t.batch_size, acc, limit=t.eval_batches * t.batch_size * world)
     bar = tqdm(total=t.max_steps, initial=state.step, desc="pretrain", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
     try:

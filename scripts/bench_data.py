@@ -98,7 +98,7 @@ def main() -> int:
     train_tps = time_trainer(args.model, len(tok), args.seq_len, args.batch_size, args.steps, warmup=2)
     print(f"trainer ({args.model}, bitnet, fwd+bwd+AdamW): {train_tps:12,.0f} tokens/s  (before the data paths)")
 
-    stream = PackedData(args.data, tok, args.seq_len, 0.02, seed=0)
+    stream = PackedData(args.data, tok, args.seq_len, seed=0)
     s_tps, s_n = time_data(stream, args.batch_size, args.min_tokens, args.min_seconds)
     print(f"streaming path (PackedData):        {s_tps:12,.0f} tokens/s  {s_tps / train_tps:7.1f}x the trainer  ({s_n:,} tokens)")
 
@@ -107,7 +107,7 @@ def main() -> int:
         idx = write_token_dir(args.data, tok, Path(tmp) / "tok", tokenizer_spec=args.tokenizer)
         tk_tps = idx["total_tokens"] / (time.perf_counter() - t0)
         print(f"bitnet-train tokenize (writing):    {tk_tps:12,.0f} tokens/s  ({idx['total_tokens']:,} tokens, {idx['dtype']})")
-        shards = ShardData(Path(tmp) / "tok", tok, args.seq_len, 0.02, seed=0)
+        shards = ShardData(Path(tmp) / "tok", tok, args.seq_len, seed=0)
         h_tps, h_n = time_data(shards, args.batch_size, args.min_tokens, args.min_seconds)
         print(f"shard path (ShardData):             {h_tps:12,.0f} tokens/s  {h_tps / train_tps:7.1f}x the trainer  ({h_n:,} tokens)")
     again = time_trainer(args.model, len(tok), args.seq_len, args.batch_size, args.steps, warmup=2)

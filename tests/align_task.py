@@ -157,7 +157,7 @@ def pretrain_micro(d: Path, seed: int = 0, steps: int = 40) -> Path:
     (d / "micro.yaml").write_text(MICRO)
     r = load_recipe(PretrainRecipe, data={
         "output_dir": str(d / "pre"), "seed": seed, "model": str(d / "micro.yaml"),
-        "data": {"path": "builtin:pydoc", "tokenizer": "bpe:1024", "seq_len": 64, "val_fraction": 0.05},
+        "data": {"path": "builtin:pydoc", "tokenizer": "bpe:1024", "seq_len": 64, "val_tokens": 2048},
         "train": {"max_steps": steps, "save_every": 1000, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5,
                   "min_lr": 3e-4, "eval_every": 0, "eval_batches": 1}})
     pretrain(r, progress=False)

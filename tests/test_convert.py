@@ -244,7 +244,7 @@ def qat_recipe(tmp: Path, name: str, model: str, quant: str, steps: int, warmup:
                data=SHAKESPEARE, **extra) -> Path:
     recipe = {
         "output_dir": str(tmp / name), "seed": 0, "model": model, "quant": quant,
-        "data": {"path": str(data), "seq_len": 64, "val_fraction": 0.05},
+        "data": {"path": str(data), "seq_len": 64, "val_tokens": 2048},
         "train": {"max_steps": steps, "save_every": steps, "batch_size": 8, "lr": lr, "warmup_steps": 5,
                   "min_lr": lr / 10, "eval_every": steps, "eval_batches": 4, "keep_last": 1},
         "quant_warmup": {"steps": warmup, "shape": "linear"},

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bitnet_train.blockorder import merge_positions
 from bitnet_train.data import (DataConfig, DataError, DataPosition, PackedData, iter_blocks, iter_documents,
                                open_training_data, resolve_files)
 from bitnet_train.shards import ShardData, read_index, tokenizer_fingerprint, write_token_dir
@@ -47,10 +48,9 @@ def test_parquet_reads_by_batches_and_counts_null_skips(tmp_path, tok):
     pq_blocks = list(iter_blocks(str(tmp_path / "a.parquet"), tok, 17))
     js_blocks = list(iter_blocks(str(tmp_path / "a.jsonl"), tok, 17))
     assert pq_blocks == js_blocks and len(pq_blocks) > 50
-    data = PackedData(str(tmp_path / "a.parquet"), tok, 16, 0.1, seed=0)
+    data = PackedData(str(tmp_path / "a.parquet"), tok, 16, seed=0, lanes=1)
     it = data.train_blocks(DataPosition())
-    n_train = len(pq_blocks) - len(pq_blocks) // 10
-    take(it, n_train)  # the whole first epoch
+    assert sorted(take(it, len(pq_blocks))) == sorted(pq_blocks)  # the whole first epoch, shuffled
     assert data.skips.total == 2 and "a.parquet: 2 record(s)" in data.skips.report()
 
 
@@ -152,40 +152,63 @@ def test_bad_local_data(tmp_path, tok):
 def test_streaming_ranks_are_disjoint_and_positions_agree(tmp_path, tok):
     write_parquet(tmp_path / "a.parquet", DOCS)
     spec = str(tmp_path / "a.parquet")
-    one = PackedData(spec, tok, 16, 0.1, seed=3)
+    one = PackedData(spec, tok, 16, seed=3, lanes=6)
     p1 = DataPosition()
-    ref = take(one.train_blocks(p1), 12)
-    poss, got = [], []
-    for r in range(3):
-        p = DataPosition()
-        got.append(take(PackedData(spec, tok, 16, 0.1, seed=3, rank=r, world_size=3).train_blocks(p), 4))
-        poss.append(p.to_dict())
-    assert poss == [{"epoch": 0, "taken": 12}] * 3 == [p1.to_dict()] * 3
-    assert [got[k % 3][k // 3] for k in range(12)] == ref  # round k: rank r has block 3k + r
-    # resume the 3 ranks as 2: continues with the next blocks of the same stream
-    nxt = take(one.train_blocks(p1), 4)
-    r0 = take(PackedData(spec, tok, 16, 0.1, seed=3, rank=0, world_size=2).train_blocks(DataPosition(0, 12)), 2)
-    r1 = take(PackedData(spec, tok, 16, 0.1, seed=3, rank=1, world_size=2).train_blocks(DataPosition(0, 12)), 2)
-    assert [r0[0], r1[0], r0[1], r1[1]] == nxt
+    ref = take(one.train_blocks(p1), 60)
+    for w in (2, 3, 4):  # 6 lanes: 2 and 3 ranks read disjoint lanes; 4 ranks share them in pairs
+        poss, got = [], []
+        for r in range(w):
+            p = DataPosition()
+            data = PackedData(spec, tok, 16, seed=3, lanes=6, rank=r, world_size=w)
+            assert data.mine == [x for x in range(6) if x % (2 if w == 4 else w) == r % (2 if w == 4 else w)]
+            got.append(take(data.train_blocks(p), 60 // w))
+            poss.append(p.to_dict())
+        assert [got[k % w][k // w] for k in range(60)] == ref  # the global order is the same at any world size
+        assert {p["taken"] for p in poss} == {60}
+        merged = merge_positions(poss)
+        assert merged == json.loads(json.dumps(p1.to_dict()))  # the ranks' lane states make the one-process position
+    # resume the 4 ranks as 3 from the merged position: the next blocks of the same order
+    nxt = take(one.train_blocks(p1), 12)
+    got = [take(PackedData(spec, tok, 16, seed=3, lanes=6, rank=r, world_size=3).train_blocks(
+        DataPosition.from_dict(merged)), 4) for r in range(3)]
+    assert [got[k % 3][k // 3] for k in range(12)] == nxt
 
 
-def test_parquet_resume_does_not_repeat_or_skip(tmp_path, tok):
+def test_stream_resume_seeks_and_validation_is_never_trained_on(tmp_path, tok, monkeypatch):
+    import bitnet_train.stream as stream
+
+    monkeypatch.setattr(stream, "CHUNK_BLOCKS", 16)  # several chunks per lane
     write_parquet(tmp_path / "a.parquet", DOCS, row_group_size=37)
-    data = PackedData(str(tmp_path / "a.parquet"), tok, 16, 0.1, seed=5)
-    n_blocks = len(list(iter_blocks(str(tmp_path / "a.parquet"), tok, 17)))
-    n_train = n_blocks - n_blocks // 10
+    spec = str(tmp_path / "a.parquet")
+    data = PackedData(spec, tok, 16, seed=5, val_tokens=300, lanes=1)
+    held = data.validation()
+    k = held.documents
+    assert held.tokens >= 300 and 0 < k < 40 and held.n_bytes == sum(len(d.encode()) for d in DOCS[:k])
+    write_parquet(tmp_path / "rest.parquet", DOCS[k:])
+    epoch = list(iter_blocks(str(tmp_path / "rest.parquet"), tok, 17))  # what one epoch must train on
     pos = DataPosition()
-    straight = take(data.train_blocks(pos), n_train + 10)  # crosses into epoch 1
-    assert pos.to_dict() == {"epoch": 1, "taken": 10}
-    for stop in (7, n_train - 1, n_train + 3):
+    straight = take(data.train_blocks(pos), len(epoch) + 10)  # crosses into epoch 1
+    assert sorted(straight[: len(epoch)]) == sorted(epoch) and straight[: len(epoch)] != epoch  # each once, shuffled
+    assert pos.lanes["0"]["epoch"] == 1
+    reads = []
+    for stop in (7, len(epoch) - 1, len(epoch) + 3):
         p = DataPosition()
         first = take(data.train_blocks(p), stop)
-        rest = take(data.train_blocks(DataPosition.from_dict(json.loads(json.dumps(p.to_dict())))), n_train + 10 - stop)
+        reads.clear()
+        again = PackedData(spec, tok, 16, seed=5, val_tokens=300, lanes=1)
+        assert again.validation().windows == held.windows  # reads the held-out documents (from unit 0), once
+        real = again._lane_pieces
+        reads.clear()
+        again._lane_pieces = lambda lane, cursor, *a, **k: reads.append(cursor["u"]) or real(lane, cursor, *a, **k)
+        rest = take(again.train_blocks(DataPosition.from_dict(json.loads(json.dumps(p.to_dict())))),
+                    len(epoch) + 10 - stop)
         assert first + rest == straight
-    epoch0 = sorted(map(tuple, straight[:n_train]))
-    held = set(map(tuple, data.validation(10_000)))
-    every = sorted(map(tuple, iter_blocks(str(tmp_path / "a.parquet"), tok, 17)))
-    assert sorted(epoch0 + sorted(held)) == every  # each block once per epoch, held-out ones never
+        assert reads[0] == p.lanes["0"]["cursor"]["u"] > 0  # seeks: reading starts at the saved record
+    # lanes: the held-out documents are in no lane; every epoch-0 block of every lane is trained on once
+    d3 = PackedData(spec, tok, 16, seed=5, val_tokens=300, lanes=3)
+    assert d3._lane_range(0)[0] == data.train_start == k and d3.validation().windows == held.windows
+    with pytest.raises(DataError, match="format of an older bitnet-train"):
+        next(data.train_blocks(DataPosition(0, 12)))
 
 
 # ----------------------------------------------------------------------------- token shards
@@ -218,18 +241,21 @@ def test_tokenize_writes_index_and_shards(shard_dir, tok):
 
 def test_shards_match_streaming_and_cover_each_block_once(shard_dir, tok):
     tmp, _ = shard_dir
-    cfg = DataConfig(path=str(tmp / "tok"), tokenizer="test-bpe", seq_len=24, val_fraction=0.1)
+    cfg = DataConfig(path=str(tmp / "tok"), tokenizer="test-bpe", seq_len=24, val_tokens=300)
     data = open_training_data(cfg, tok, seed=1)
     assert isinstance(data, ShardData)
-    stream = PackedData(str(tmp / "a.parquet"), tok, 24, 0.1, seed=1)
-    assert data.validation(1000) == stream.validation(1000)  # same held-out blocks on both paths
-    every = list(iter_blocks(str(tmp / "a.parquet"), tok, 25))
+    stream = PackedData(str(tmp / "a.parquet"), tok, 24, seed=1, val_tokens=300)
+    held = data.validation()
+    assert held.windows == stream.validation().windows and held.documents == stream.validation().documents
+    k = held.documents  # the same whole documents held out on both paths
+    write_parquet(tmp / "rest.parquet", DOCS[k:])
+    every = list(iter_blocks(str(tmp / "rest.parquet"), tok, 25))
     assert data.n_blocks == len(every)
     pos = DataPosition()
     epoch0 = take(data.train_blocks(pos), data.n_train)
     assert pos.to_dict() == {"epoch": 0, "taken": data.n_train}
-    assert sorted(map(tuple, epoch0 + data.validation(1000))) == sorted(map(tuple, every))
-    assert epoch0 != [b for i, b in enumerate(every) if i % 10 != 9]  # shuffled
+    assert sorted(map(tuple, epoch0)) == sorted(map(tuple, every))  # each block once; held-out tokens never
+    assert epoch0 != every  # shuffled
     epoch1 = take(data.train_blocks(pos), data.n_train)
     assert epoch1 != epoch0 and sorted(epoch1) == sorted(epoch0)
 
@@ -237,13 +263,13 @@ def test_shards_match_streaming_and_cover_each_block_once(shard_dir, tok):
 def test_shards_ranks_disjoint_and_resume_is_o1(shard_dir, tok):
     tmp, _ = shard_dir
     d = str(tmp / "tok")
-    one = ShardData(d, tok, 24, 0.1, seed=2)
+    one = ShardData(d, tok, 24, seed=2)
     ref = take(one.train_blocks(DataPosition()), 3 * (one.n_train // 3) + 6)
     w = 3
     got, poss = [], []
     for r in range(w):
         p = DataPosition()
-        got.append(take(ShardData(d, tok, 24, 0.1, seed=2, rank=r, world_size=w).train_blocks(p), one.n_train // w + 2))
+        got.append(take(ShardData(d, tok, 24, seed=2, rank=r, world_size=w).train_blocks(p), one.n_train // w + 2))
         poss.append(p.to_dict())
     assert len({json.dumps(p) for p in poss}) == 1 and poss[0] == {"epoch": 1, "taken": 6}
     rounds = one.n_train // w
@@ -255,7 +281,7 @@ def test_shards_ranks_disjoint_and_resume_is_o1(shard_dir, tok):
     # resume from a saved position: a fresh reader jumps there and continues exactly
     p = DataPosition()
     first = take(one.train_blocks(p), 11)
-    again = ShardData(d, tok, 24, 0.1, seed=2)
+    again = ShardData(d, tok, 24, seed=2)
     assert take(again.train_blocks(DataPosition.from_dict(p.to_dict())), 5) == ref[11:16]
     assert first == ref[:11]
 
@@ -264,9 +290,9 @@ def test_shards_uint32_and_any_seq_len(tmp_path, shard_dir, tok):
     src, idx16 = shard_dir
     idx = write_token_dir(str(src / "a.parquet"), tok, tmp_path / "t32", tokenizer_spec="x", dtype="uint32")
     assert idx["dtype"] == "uint32" and idx["total_tokens"] == idx16["total_tokens"] and len(idx["shards"]) == 1
-    a = ShardData(tmp_path / "t32", tok, 50, 0.05, seed=0)
-    b = ShardData(src / "tok", tok, 50, 0.05, seed=0)
-    assert a.validation(5) == b.validation(5) and len(a.validation(5)[0]) == 51
+    a = ShardData(tmp_path / "t32", tok, 50, seed=0, val_tokens=300)
+    b = ShardData(src / "tok", tok, 50, seed=0, val_tokens=300)
+    assert a.validation().windows == b.validation().windows and len(a.validation().windows[0]) == 51
     assert take(a.train_blocks(DataPosition()), 5) == take(b.train_blocks(DataPosition()), 5)
     with pytest.raises(DataError, match="uint16 cannot hold"):
         write_token_dir(str(src / "a.parquet"), type("T", (), {"__len__": lambda s: 70000, "eos_token_id": 1})(), tmp_path / "x",
@@ -281,7 +307,7 @@ def test_shard_tokenizer_mismatch_is_a_clear_error(shard_dir):
     other = train_bpe(DOCS[:50], vocab_size=280)
     with pytest.raises(DataError, match=r"tokenized with 'test-bpe' \(vocab 300, fingerprint [0-9a-f]{16}\), but the "
                                         r"recipe's tokenizer differs \(vocab 280"):
-        ShardData(tmp / "tok", other, 24, 0.1, seed=0)
+        ShardData(tmp / "tok", other, 24, seed=0)
     with pytest.raises(DataError, match=r"tokenized with 'test-bpe', but data.tokenizer is 'bpe:512'"):
         tokenizer_for_token_dir(tmp / "tok", "bpe:512")
     assert len(tokenizer_for_token_dir(tmp / "tok", "test-bpe")) == 300
@@ -301,16 +327,16 @@ def test_corrupt_token_dirs(tmp_path, shard_dir, tok):
     d = fresh("badjson")
     (d / "index.json").write_text("{not json")
     with pytest.raises(DataError, match=r"badjson/index\.json: corrupt index \(not valid JSON"):
-        ShardData(d, tok, 24, 0.1, seed=0)
+        ShardData(d, tok, 24, seed=0)
     d = fresh("trunc")
     f = d / "shard-00001.bin"
     f.write_bytes(f.read_bytes()[:-3])
     with pytest.raises(DataError, match=r"shard-00001\.bin: holds 1997 bytes but index\.json says 1000 uint16 tokens"):
-        ShardData(d, tok, 24, 0.1, seed=0)
+        ShardData(d, tok, 24, seed=0)
     d = fresh("missing")
     (d / "shard-00002.bin").unlink()
     with pytest.raises(DataError, match=r"shard-00002\.bin: shard listed in index\.json is missing"):
-        ShardData(d, tok, 24, 0.1, seed=0)
+        ShardData(d, tok, 24, seed=0)
     d = fresh("total")
     idx = json.loads((d / "index.json").read_text())
     idx["total_tokens"] += 1
@@ -318,7 +344,7 @@ def test_corrupt_token_dirs(tmp_path, shard_dir, tok):
     with pytest.raises(DataError, match=r"total_tokens .* is not the sum of the shards"):
         read_index(d)
     with pytest.raises(DataError, match="fewer than the 1 rank"):
-        ShardData(src / "tok", tok, 100_000, 0.0, seed=0)
+        ShardData(src / "tok", tok, 100_000, seed=0)
 
 
 def test_tokenize_cli(tmp_path, capsys):
@@ -351,7 +377,8 @@ def test_pretrain_on_tokenized_dir_resumes_exactly(tmp_path, shakespeare_path):
         "hidden_size: 32\nintermediate_size: 64\nnum_hidden_layers: 1\nnum_attention_heads: 2\n"
         "num_key_value_heads: 1\nhidden_act: relu2\nmax_position_embeddings: 64\ntie_word_embeddings: true\n")
     recipe = {"seed": 0, "model": str(tmp_path / "micro.yaml"),
-              "data": {"path": str(tk), "tokenizer": "bpe:512", "seq_len": 32, "val_fraction": 0.05},
+              "data": {"path": str(tk), "tokenizer": "bpe:512", "seq_len": 32, "val_tokens": 2048,
+                       "val_path": str(shakespeare_path)},  # one .txt document: none ends after 2048 tokens
               "train": {"max_steps": 4, "save_every": 2, "batch_size": 4, "warmup_steps": 1, "eval_every": 2,
                         "eval_batches": 2}}
     (tmp_path / "r.yaml").write_text(json.dumps(recipe))
@@ -379,7 +406,7 @@ def test_missing_column_is_caught_when_the_reader_opens(tmp_path, tok):
     write_parquet(d / "a.parquet", DOCS[:20])
     write_parquet(d / "b.parquet", DOCS[20:40], column="content")
     with pytest.raises(DataError, match=r"b\.parquet: no column 'text' \(columns: content, id\)"):
-        PackedData(str(d), tok, 16, 0.1, seed=0)  # before a single block is read
+        PackedData(str(d), tok, 16, seed=0)  # before a single block is read
 
 
 def test_tokenize_with_worker_processes_is_identical(tmp_path, shard_dir, tok):
@@ -427,13 +454,13 @@ def test_tokenize_hf_source_and_resume_with_other_world_size(tmp_path, tok):
     assert main(["tokenize", f"hf:{d}", "--tokenizer", str(tmp_path / "tokdir"), "--out", str(tmp_path / "tk"),
                  "--no-progress"]) == 0
     assert read_index(tmp_path / "tk")["documents"] == len(DOCS)
-    one = ShardData(tmp_path / "tk", tok, 16, 0.1, seed=4)
+    one = ShardData(tmp_path / "tk", tok, 16, seed=4)
     ref = take(one.train_blocks(DataPosition()), 20)
     # 2 ranks trained 3 rounds (position 6), then the run resumes on 4 ranks
     p = [DataPosition(), DataPosition()]
     for r in range(2):
-        take(ShardData(tmp_path / "tk", tok, 16, 0.1, seed=4, rank=r, world_size=2).train_blocks(p[r]), 3)
+        take(ShardData(tmp_path / "tk", tok, 16, seed=4, rank=r, world_size=2).train_blocks(p[r]), 3)
     assert p[0] == p[1] == DataPosition(0, 6)
-    nxt = [take(ShardData(tmp_path / "tk", tok, 16, 0.1, seed=4, rank=r, world_size=4).train_blocks(DataPosition(0, 6)), 2)
+    nxt = [take(ShardData(tmp_path / "tk", tok, 16, seed=4, rank=r, world_size=4).train_blocks(DataPosition(0, 6)), 2)
            for r in range(4)]
     assert [nxt[k % 4][k // 4] for k in range(8)] == ref[6:14]

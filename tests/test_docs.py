@@ -93,8 +93,8 @@ def test_describe_reports_types_defaults_and_bounds():
 
     rows = {r[0]: r[1:] for r in describe(recipe_schemas(["pretrain"])["pretrain"])}
     assert rows["train.max_steps"][:2] == ("int", REQUIRED)
-    tp, default, help_, allowed = rows["data.val_fraction"]
-    assert (tp, default, allowed) == ("float", 0.02, "0.0 to 0.5") and "held out" in help_
+    tp, default, help_, allowed = rows["data.val_tokens"]
+    assert (tp, default, allowed) == ("int", 65536, ">= 0") and "whole documents" in help_
     assert rows["convert.exclude"][:2] == ("list of str", [])
     assert rows["train.stage2_lr"][:2] == ("float or null", None)
     assert rows["quant"][3] == "bitnet, none"

@@ -35,7 +35,7 @@ def write_recipe(tmp: Path, data_path, **train) -> Path:
         "output_dir": str(tmp / "run"),
         "seed": 0,
         "model": str(tmp / "micro.yaml"),
-        "data": {"path": str(data_path), "tokenizer": "bpe:512", "seq_len": 64, "val_fraction": 0.05},
+        "data": {"path": str(data_path), "tokenizer": "bpe:512", "seq_len": 64, "val_tokens": 2048},
         "train": t,
     }
     p = tmp / "recipe.yaml"
@@ -175,25 +175,26 @@ def test_data_errors_and_formats(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"hello \xff\xfe world\n")
     tok = train_bpe(["hello world"] * 10, vocab_size=300)
     with pytest.raises(DataError, match="bad.txt: not valid UTF-8"):
-        next(PackedData(str(tmp_path / "bad.txt"), tok, 8, 0.0, 0).train_blocks(DataPosition()))
+        next(PackedData(str(tmp_path / "bad.txt"), tok, 8, 0).train_blocks(DataPosition()))
     d = tmp_path / "corpus"
     d.mkdir()
     (d / "a.jsonl").write_text("\n".join(json.dumps({"text": f"doc {i} hello world"}) for i in range(50)))
     (d / "b.txt").write_text("plain text file\n" * 40)
-    data = PackedData(str(d), tok, 8, 0.1, seed=1)
+    data = PackedData(str(d), tok, 8, seed=1, val_tokens=50)
     pos = DataPosition()
     it = data.train_blocks(pos)
     first = [next(it) for _ in range(5)]
     assert all(len(b) == 9 for b in first) and pos.taken == 5
+    saved = json.loads(json.dumps(pos.to_dict()))
     # a fresh iterator from the saved position continues exactly where the first left off
     nxt = next(it)
-    again = next(data.train_blocks(DataPosition(0, 5)))
+    again = next(data.train_blocks(DataPosition.from_dict(saved)))
     assert nxt == again
     from bitnet_train.data import iter_blocks
 
     every = sum(iter_blocks(str(d), tok, 9), [])
     assert every.count(tok.eos_token_id) >= 50  # 50 JSON lines + 1 text file end in EOS (the tail block may be cut)
-    assert data.validation(2)
+    assert data.validation().windows
     assert resolve_files("builtin:pydoc") == "builtin:pydoc"
 
 
