@@ -67,7 +67,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, shakespeare_path):
     assert "'interrupted': True" in out and "'world_size': 2" in out
     state = json.loads((tmp_path / "two" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
     # both ranks' blocks of steps 1-2 are behind the saved position: 2 steps x 2 ranks x B blocks
-    assert state["world_size"] == 2 and state["data_position"] == {"epoch": 0, "taken": 2 * 2 * B}
+    pos = state["data_position"]
+    assert state["world_size"] == 2 and pos["taken"] == 2 * 2 * B
+    assert sorted(pos["lanes"], key=int) == [str(i) for i in range(8)]  # both ranks' lanes (4 each) in the one position
     out = _launch(tmp_path, p, "resume", ddp)
     assert "'step': 4" in out
 

@@ -492,3 +492,66 @@ def test_shipped_recipes_validate_offline(name):
         assert weight_decay_at(0, t) == 0.1 and weight_decay_at(s2, t) == 0.0
     if name == "125m":
         assert r.data.path.startswith("hf:") and r.data.text_field == "text"
+
+
+# ----------------------------------------------------------------------------- validation, resume checks
+
+
+def test_val_path_is_scored_like_eval(tmp_path, shakespeare_path):
+    from bitnet_train.evaluate import evaluate
+
+    paras = [p.strip() for p in shakespeare_path.read_text()[-40_000:].split("\n\n") if p.strip()]
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[:40]))
+    r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)),
+                             ["train.max_steps=3", "train.eval_every=0", "train.eval_batches=1000",
+                              f"data.val_path={val}", "data.val_tokens=0"])
+    s = pretrain(r, progress=False)
+    last = [m for m in read_metrics(r.output_dir) if "val_loss" in m][-1]
+    e = evaluate(str(Path(r.output_dir) / "final"), str(val), seq_len=64, progress=False)
+    assert e["tokens"] > 64 * 8 and e["documents"] == 40
+    # the same windows, predictions and bytes: equal up to fp32 rounding (loop: fp32 sums per batch, eval: float64)
+    assert s["val_loss"] == last["val_loss"] == pytest.approx(e["loss"], rel=2e-6)
+    assert last["val_bits_per_byte"] == pytest.approx(e["bits_per_byte"], rel=2e-6)
+
+
+def test_clip_zero_still_catches_non_finite_gradients(tmp_path, shakespeare_path, monkeypatch):
+    import torch
+
+    import bitnet_train.loop as loop
+    from bitnet_train.train import TrainingError
+
+    real = loop._token_loss
+
+    def finite_loss_nan_grad(model, x, reduction="mean"):
+        loss = real(model, x, reduction)
+        p = next(model.parameters())
+        return loss + 0 * torch.sqrt(p.sum() * 0) if reduction == "mean" else loss  # value + 0, gradient 0 * inf
+
+    monkeypatch.setattr(loop, "_token_loss", finite_loss_nan_grad)
+    r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)),
+                             ["train.eval_every=0", "train.clip=0"])
+    with pytest.raises(TrainingError, match="non-finite gradient norm nan at step 1"):
+        pretrain(r, progress=False)
+
+
+def test_resume_refuses_changed_data_keys_and_old_positions(tmp_path, shakespeare_path):
+    from test_bad_input import assert_clean_error, cli
+
+    p = write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path), max_steps=2, save_every=1, eval_every=0)
+    r = load_pretrain_recipe(p)
+    assert pretrain(r, progress=False, stop_after=1)["interrupted"]
+    rc, err = cli("pretrain", p, "--resume", "--no-progress", "--set", "data.seq_len=32", "--set", "seed=3")
+    assert_clean_error(rc, err, "data.seq_len: 64 -> 32", "seed: 0 -> 3", "--resume from")
+    assert not (tmp_path / "run" / "checkpoints" / "step-000002").exists()
+    # an old checkpoint: its data position counted blocks replayed from the start
+    state_file = tmp_path / "run" / "checkpoints" / "step-000001" / "trainer_state.json"
+    good = state_file.read_text()
+    st = json.loads(good)
+    st["data_position"] = {"epoch": 0, "taken": 8}
+    state_file.write_text(json.dumps(st))
+    rc, err = cli("pretrain", p, "--resume", "--no-progress")
+    assert_clean_error(rc, err, "format of an older bitnet-train")
+    state_file.write_text(good)
+    rc, err = cli("pretrain", p, "--resume", "--no-progress", "--set", "train.lr=0.002")  # a schedule key: a warning
+    assert rc == 0 and "changed schedule keys (train.lr: 0.003 -> 0.002)" in err, err[-3000:]
