@@ -66,7 +66,7 @@ class TrainConfig:
                   "help": "cosine: weight_decay -> 0 along a cosine over the run (over stage one for two_stage)"},
     )
     stage2_weight_decay: float = field(default=0.0, metadata={"min": 0.0, "help": "two_stage: weight decay in stage two"})
-    clip: float = field(default=1.0, metadata={"min": 0.0, "help": "gradient-norm clip; 0 = off"})
+    clip: float = field(default=1.0, metadata={"min": 0.0, "help": "gradient-norm clip; 0 = off (the norm is still logged and checked)"})
     non_finite: str = field(
         default="stop",
         metadata={"choices": ("stop", "skip"),
