@@ -21,7 +21,8 @@ and re-reads at most one chunk: no replay from the start, at any world size.
 Validation is whole documents, read once: the first ``data.val_tokens`` tokens of ``data.val_path``
 (all of it when 0), or, without ``val_path``, the pieces at the start of lane 0 until
 ``val_tokens`` tokens are reached — never trained on (lane 0 starts after them). A ``.txt`` file is
-one document read in line chunks of 64 KiB, so there the held-out part ends at a chunk boundary.
+one document (read in line chunks): there the held-out part is its first ``val_tokens`` tokens and
+training starts at the next token.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from .documents import (HF_PREFIX, SkipCounter, corpus_sources, encode_pieces, i
 from .errors import DataError
 from .windows import Packer
 
-CHUNK_BLOCKS = 256  # blocks a lane shuffles together (and re-reads, at most, on resume)
+CHUNK_BLOCKS = 64  # blocks a lane shuffles together (and re-reads, at most, on resume)
 PREFETCH_BLOCKS = 64  # blocks the streaming reader prepares ahead, in a background thread
 _TOKENIZE_BATCH = 8
 
@@ -142,7 +143,7 @@ class PackedData:
             self.units = sum(s.units for s in self.sources)
         self.val_tokens, self.val_path = val_tokens, val_path
         self._held_out = None
-        self._start = None if self.hf else 0  # lane 0's first cursor (after the held-out pieces)
+        self._start = {"s": None, "t": 0} if self.hf else {"u": 0, "t": 0}  # lane 0's first cursor
         self._started = bool(val_path) or val_tokens <= 0
         if val_path:
             resolve_files(val_path)
@@ -170,35 +171,44 @@ class PackedData:
         return self._held_out
 
     def _held_out_from_stream(self):
-        pieces, nbytes, docs, total, nxt = [], 0, 0, 0, None
-        first = {"s": None, "t": 0} if self.hf else {"u": 0, "t": 0}
-        for batch in self._batches(self._lane_pieces(0, first, hi=self.units)):
-            for (text, end, _, n), t in zip(batch, self._encode(batch)):
+        """The held-out pieces at the start of the corpus, and the cursor training starts at: whole
+        documents until ``val_tokens``; a ``.txt`` chunk (not a document end) is cut at ``val_tokens``."""
+        pieces, nbytes, docs, total, start = [], 0, 0, 0, dict(self._start)
+        for batch in self._batches(self._lane_pieces(0, start, hi=self.units)):
+            for (text, end, c, n), t in zip(batch, self._encode(batch)):
+                need = self.val_tokens - total
+                if not end and len(t) > need:  # inside a .txt file: the rest of it is trained on
+                    offsets = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+                    pieces.append(t[:need])
+                    nbytes += len(text[: offsets[need - 1][1]].encode("utf-8"))
+                    total += need
+                    start = self._cursor(c) | {"t": need}
+                    break
                 pieces.append(t)
                 nbytes += len(text.encode("utf-8"))
                 total += len(t)
                 docs += int(end)
-                nxt = n
+                start = self._cursor(n)
                 if total >= self.val_tokens:
                     break
             if total >= self.val_tokens:
                 break
         if total == 0:
             raise DataError(f"data.path {self.spec!r}: no text to hold out for validation")
-        return pack_held_out(pieces, self.tok.eos_token_id, self.seq_len, nbytes, docs), nxt
+        return pack_held_out(pieces, self.tok.eos_token_id, self.seq_len, nbytes, docs), start
 
     # ------------------------------------------------------------------ lanes
 
     def _lane_range(self, lane: int) -> tuple[int, int]:
-        lo = self.train_start or 0  # noqa: B018
+        lo = self.train_start["u"]
         n = self.units - lo
         return lo + lane * n // self.n_lanes, lo + (lane + 1) * n // self.n_lanes
 
-    def _lane_cursor(self, lane: int, start) -> dict:
-        """The cursor a lane's epoch starts at."""
-        if self.hf:
-            return {"s": start if lane == 0 else None, "t": 0}
-        return {"u": self._lane_range(lane)[0] if start is None else start, "t": 0}
+    def _lane_cursor(self, lane: int) -> dict:
+        """The cursor a lane's epoch starts at (lane 0: after the held-out pieces)."""
+        if lane == 0:
+            return dict(self.train_start)
+        return {"s": None, "t": 0} if self.hf else {"u": self._lane_range(lane)[0], "t": 0}
 
     def _hf_lane(self, lane: int):
         import datasets
@@ -299,7 +309,7 @@ class PackedData:
     def _lane_blocks(self, lane: int, state: dict | None) -> Iterator[tuple[list[int], dict]]:
         """A lane's blocks from ``state`` on, forever, each with the lane's state after it."""
         if state is None:
-            state = {"epoch": 0, "chunk": 0, "cursor": self._lane_cursor(lane, self.train_start), "taken": 0}
+            state = {"epoch": 0, "chunk": 0, "cursor": self._lane_cursor(lane), "taken": 0}
         epoch, chunk, cursor, taken = state["epoch"], state["chunk"], state["cursor"], state["taken"]
         blocks_this_epoch = chunk * CHUNK_BLOCKS + taken
         while True:
@@ -318,7 +328,7 @@ class PackedData:
                     f"for one training block of {self.block} tokens; lower data.lanes or add data"
                 )
             if nxt is None:
-                after = {"epoch": epoch + 1, "chunk": 0, "cursor": self._lane_cursor(lane, self.train_start), "taken": 0}
+                after = {"epoch": epoch + 1, "chunk": 0, "cursor": self._lane_cursor(lane), "taken": 0}
             else:
                 after = {"epoch": epoch, "chunk": chunk + 1, "cursor": nxt, "taken": 0}
             for i in range(taken, len(blocks)):

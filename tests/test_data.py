@@ -206,9 +206,34 @@ def test_stream_resume_seeks_and_validation_is_never_trained_on(tmp_path, tok, m
         assert reads[0] == p.lanes["0"]["cursor"]["u"] > 0  # seeks: reading starts at the saved record
     # lanes: the held-out documents are in no lane; every epoch-0 block of every lane is trained on once
     d3 = PackedData(spec, tok, 16, seed=5, val_tokens=300, lanes=3)
-    assert d3._lane_range(0)[0] == data.train_start == k and d3.validation().windows == held.windows
+    assert d3._lane_range(0)[0] == data.train_start["u"] == k and d3.validation().windows == held.windows
     with pytest.raises(DataError, match="format of an older bitnet-train"):
         next(data.train_blocks(DataPosition(0, 12)))
+
+
+def test_hf_stream_lanes_resume_from_datasets_state(tmp_path, tok, monkeypatch):
+    import bitnet_train.stream as stream
+
+    monkeypatch.setattr(stream, "CHUNK_BLOCKS", 8)
+    d = tmp_path / "ds"
+    d.mkdir()
+    for i in range(2):
+        write_parquet(d / f"train-0000{i}.parquet", DOCS[i * 150 : (i + 1) * 150])
+    spec = f"hf:{d}"
+
+    def reader(**kw):
+        return PackedData(spec, tok, 16, seed=2, val_tokens=200, lanes=2, **kw)
+
+    ref = take(reader().train_blocks(DataPosition()), 40)
+    p = DataPosition()
+    first = take(reader().train_blocks(p), 13)
+    saved = json.loads(json.dumps(p.to_dict()))
+    assert all(saved["lanes"][k]["cursor"]["s"] is not None for k in ("0", "1"))  # datasets' own state_dict()
+    assert first + take(reader().train_blocks(DataPosition.from_dict(saved)), 27) == ref
+    two = [take(reader(rank=r, world_size=2).train_blocks(DataPosition()), 20) for r in range(2)]
+    assert [two[k % 2][k // 2] for k in range(40)] == ref
+    held = reader().validation()
+    assert held.tokens >= 200 and set(map(tuple, held.windows)).isdisjoint(map(tuple, ref))
 
 
 # ----------------------------------------------------------------------------- token shards
