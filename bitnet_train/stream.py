@@ -22,7 +22,7 @@ Validation is whole documents, read once: the first ``data.val_tokens`` tokens o
 (all of it when 0), or, without ``val_path``, the pieces at the start of lane 0 until
 ``val_tokens`` tokens are reached — never trained on (lane 0 starts after them). A ``.txt`` file is
 one document (read in line chunks): there the held-out part is its first ``val_tokens`` tokens and
-training starts at the next token.
+training starts at the next line.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import random
 from typing import Iterator
 
 from .blockorder import DataPosition, check_rank
-from .documents import (HF_PREFIX, SkipCounter, corpus_sources, encode_pieces, iter_piece_batches, iter_unit_pieces,
-                        parse_hf_spec, resolve_files)
+from .documents import HF_PREFIX, SkipCounter, encode_pieces, iter_piece_batches, parse_hf_spec, resolve_files
+from .units import corpus_sources, iter_unit_pieces
 from .errors import DataError
 from .windows import Packer
 
@@ -177,12 +177,13 @@ class PackedData:
         for batch in self._batches(self._lane_pieces(0, start, hi=self.units)):
             for (text, end, c, n), t in zip(batch, self._encode(batch)):
                 need = self.val_tokens - total
-                if not end and len(t) > need:  # inside a .txt file: the rest of it is trained on
+                if len(t) > need and self._is_txt(c):  # inside a .txt file: training starts at the next line
                     offsets = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
                     pieces.append(t[:need])
-                    nbytes += len(text[: offsets[need - 1][1]].encode("utf-8"))
+                    held = len(text[: offsets[need - 1][1]].encode("utf-8"))
+                    nbytes += held
                     total += need
-                    start = self._cursor(c) | {"t": need}
+                    start = self._cursor(c + held)  # not a line start: reading skips to the next one
                     break
                 pieces.append(t)
                 nbytes += len(text.encode("utf-8"))
@@ -196,6 +197,17 @@ class PackedData:
         if total == 0:
             raise DataError(f"data.path {self.spec!r}: no text to hold out for validation")
         return pack_held_out(pieces, self.tok.eos_token_id, self.seq_len, nbytes, docs), start
+
+    def _is_txt(self, unit) -> bool:
+        """Whether the piece at cursor ``unit`` is from a .txt file (one document per file)."""
+        if self.hf:
+            return False
+        base = 0
+        for src in self.sources:
+            if unit < base + src.units:
+                return src.kind == "txt"
+            base += src.units
+        return False
 
     # ------------------------------------------------------------------ lanes
 
@@ -274,14 +286,22 @@ class PackedData:
     def _cursor(self, c) -> dict:
         return {"s": c, "t": 0} if self.hf else {"u": c, "t": 0}
 
-    def _read_chunk(self, lane: int, cursor: dict, skips: SkipCounter | None) -> tuple[list[list[int]], dict | None]:
-        """Up to CHUNK_BLOCKS blocks of a lane from ``cursor``, and the cursor after them (None:
-        the lane ran out; its partial last block is dropped)."""
+    def _lane_chunks(self, lane: int, cursor: dict, skips: SkipCounter | None):
+        """A lane's chunks from ``cursor`` to its end: (blocks, cursor of the next chunk), CHUNK_BLOCKS
+        blocks each but the last, whose cursor is None (the lane's partial last block is dropped).
+        The pieces are read once, in one pass; the cursors are only for a resume."""
         buf: list[int] = []
         owners: list[tuple[int, dict]] = []  # (index in buf where a piece's tokens begin, cursor of that token)
         blocks: list[list[int]] = []
-        pos = 0
-        first, last_next = True, None
+        pos, first, last_next = 0, True, None
+
+        def cursor_at(i: int) -> dict:
+            if i == len(buf):
+                return last_next
+            j = max(k for k, (s, _) in enumerate(owners) if s <= i)
+            s, c = owners[j]
+            return {**c, "t": c["t"] + i - s}
+
         for batch in self._batches(self._lane_pieces(lane, cursor, skips)):
             for (_, _, c, n), toks in zip(batch, self._encode(batch)):
                 cur = self._cursor(c)
@@ -290,53 +310,48 @@ class PackedData:
                 owners.append((len(buf), cur))
                 buf.extend(toks)
                 last_next = self._cursor(n)
-            while len(buf) - pos >= self.block and len(blocks) < CHUNK_BLOCKS:
+            while len(buf) - pos >= self.block:
                 blocks.append(buf[pos : pos + self.block])
                 pos += self.block
-            if len(blocks) >= CHUNK_BLOCKS:
-                if pos == len(buf):
-                    return blocks, last_next
-                i = max(j for j, (s, _) in enumerate(owners) if s <= pos)
-                s, c = owners[i]
-                return blocks, {**c, "t": c["t"] + pos - s}
-            keep = max(j for j, (s, _) in enumerate(owners) if s <= pos) if owners else 0
-            base = owners[keep][0] if owners else pos
+                if len(blocks) == CHUNK_BLOCKS:
+                    yield blocks, cursor_at(pos)
+                    blocks = []
+            keep = max(k for k, (s, _) in enumerate(owners) if s <= pos)
+            base = owners[keep][0]
             owners = [(s - base, c) for s, c in owners[keep:]]
             del buf[:base]
             pos -= base
-        return blocks, None
+        yield blocks, None
 
     def _lane_blocks(self, lane: int, state: dict | None) -> Iterator[tuple[list[int], dict]]:
         """A lane's blocks from ``state`` on, forever, each with the lane's state after it."""
         if state is None:
             state = {"epoch": 0, "chunk": 0, "cursor": self._lane_cursor(lane), "taken": 0}
         epoch, chunk, cursor, taken = state["epoch"], state["chunk"], state["cursor"], state["taken"]
-        blocks_this_epoch = chunk * CHUNK_BLOCKS + taken
         while True:
+            yielded = chunk > 0 or taken > 0
             # null records are counted on the first pass only (self.skips: the counts of one epoch)
-            blocks, nxt = self._read_chunk(lane, cursor, self.skips if epoch == 0 else None)
-            rng = random.Random(f"{self.seed}/{lane}/{epoch}/{chunk}")
-            rng.shuffle(blocks)
-            if taken > len(blocks):
-                raise DataError(f"saved data position: lane {lane} chunk {chunk} has {len(blocks)} blocks, not "
-                                f"{taken}; did the data change?")
-            blocks_this_epoch += len(blocks) - taken
-            if nxt is None and blocks_this_epoch == 0:
+            for blocks, nxt in self._lane_chunks(lane, cursor, self.skips if epoch == 0 else None):
+                random.Random(f"{self.seed}/{lane}/{epoch}/{chunk}").shuffle(blocks)
+                if taken > len(blocks):
+                    raise DataError(f"saved data position: lane {lane} chunk {chunk} has {len(blocks)} blocks, not "
+                                    f"{taken}; did the data change?")
+                if nxt is None:
+                    after = {"epoch": epoch + 1, "chunk": 0, "cursor": self._lane_cursor(lane), "taken": 0}
+                else:
+                    after = {"epoch": epoch, "chunk": chunk + 1, "cursor": nxt, "taken": 0}
+                for i in range(taken, len(blocks)):
+                    yielded = True
+                    yield blocks[i], after if i + 1 == len(blocks) else {
+                        "epoch": epoch, "chunk": chunk, "cursor": cursor, "taken": i + 1}
+                chunk, cursor, taken = after["chunk"], after["cursor"], 0
+            if not yielded:
                 lo, hi = self._lane_range(lane) if not self.hf else ("start", "end")
                 raise DataError(
                     f"data.path {self.spec!r}: lane {lane} of {self.n_lanes} (units {lo} to {hi}) holds too little text "
                     f"for one training block of {self.block} tokens; lower data.lanes or add data"
                 )
-            if nxt is None:
-                after = {"epoch": epoch + 1, "chunk": 0, "cursor": self._lane_cursor(lane), "taken": 0}
-            else:
-                after = {"epoch": epoch, "chunk": chunk + 1, "cursor": nxt, "taken": 0}
-            for i in range(taken, len(blocks)):
-                st = after if i + 1 == len(blocks) else {"epoch": epoch, "chunk": chunk, "cursor": cursor, "taken": i + 1}
-                yield blocks[i], st
-            epoch, chunk, cursor, taken = after["epoch"], after["chunk"], after["cursor"], 0
-            if nxt is None:
-                blocks_this_epoch = 0
+            epoch += 1
 
     def _rank_blocks(self, taken: int, lanes: dict) -> Iterator[tuple[list[int], int, dict]]:
         w, r, g, n_l = self.world_size, self.rank, self.group, self.n_lanes
