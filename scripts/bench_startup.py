@@ -9,7 +9,7 @@ world_size=N)``), with the 125m recipe's data settings (``seq_len`` 1024, ``val_
 ``lanes`` 64, 16 sequences per micro-batch): the time from constructing the reader to holding the
 validation windows and the first micro-batch as a tensor, and the process's peak RSS. "late" is a
 resume at a position near the end of the corpus: every lane's cursor 90% through its share of the
-corpus, in its chunk 1000 with 32 blocks of it already used (a written position: what it costs to
+corpus, at the start of its chunk 1000 (a written position: what it costs to
 resume does not depend on how it was reached). Then the data path's tokens/s per rank (rank 0 of
 1 and of 8; blocks into tensors as the loop takes them) against the tokens/s the 125m model trains
 at here (forward, backward, AdamW on the CPU; ``--trainer-steps``).
@@ -65,7 +65,7 @@ def one(args) -> None:
         lanes = {}
         for lane in range(LANES):
             lo, hi = data._lane_range(lane)
-            lanes[str(lane)] = {"epoch": 0, "chunk": 1000, "cursor": {"u": lo + (hi - lo) * 9 // 10, "t": 0}, "taken": 32}
+            lanes[str(lane)] = {"epoch": 0, "chunk": 1000, "cursor": {"u": lo + (hi - lo) * 9 // 10, "t": 0}, "taken": 0}
         pos = DataPosition(taken=args.world * 10**6, lanes=lanes)
     it = data.train_blocks(pos)
     x = torch.tensor([next(it) for _ in range(BATCH)], dtype=torch.long)
