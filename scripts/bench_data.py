@@ -5,7 +5,7 @@
 1. the trainer: optimizer steps of the model (forward, backward, AdamW) on random token batches,
    tokens/s (the first steps are warm-up and not timed), timed before and after the data paths
    (the ratios use the faster run, so a busy machine cannot flatter them);
-2. the streaming path (``PackedData``: read, tokenize, pack, shuffle buffer);
+2. the streaming path (``PackedData``: read, tokenize, pack, shuffle, in lanes);
 3. ``bitnet-train tokenize`` (writing the shards), then the shard path (``ShardData``: memory-map,
    permuted blocks).
 
@@ -89,7 +89,7 @@ def main() -> int:
     from bitnet_train.data import DataConfig, PackedData, make_tokenizer
     from bitnet_train.shards import ShardData, write_token_dir
 
-    cfg = DataConfig(path=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len, val_fraction=0.02)
+    cfg = DataConfig(path=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len)
     tok = make_tokenizer(cfg)
     threads = torch.get_num_threads()
     print(f"data {args.data}, tokenizer {args.tokenizer} ({len(tok)} tokens), seq_len {args.seq_len}, "
