@@ -135,6 +135,7 @@ def test_hf_export_into_stock_transformers(silu_ckpt, probe, tmp_path):
     assert ag.positions == len(ids)
     assert ag.ppl_ours == pytest.approx(hand_perplexity(V.our_logits(silu_ckpt, ids), ids), rel=1e-9)
     assert ag.ppl_runtime == pytest.approx(hand_perplexity(V.hf_logits(out, ids), ids), rel=1e-9)
+    print(ag)  # the report line (docs/eval.md's table: pytest -s)
     assert 1.0 < ag.ppl_ours < 512 and ag.ppl_rel < 1e-4, str(ag)  # measured: 1.6e-9 (docs/eval.md)
     ours, theirs, rel = reported_perplexities(next(line for line in logs if line.startswith("verify [hf]")))
     assert ours == pytest.approx(ag.ppl_ours, abs=1e-4) and theirs == pytest.approx(ag.ppl_runtime, abs=1e-4)
@@ -201,6 +202,7 @@ def test_gguf_into_llama_cpp(silu_ckpt, probe, tmp_path, quant):
     theirs, _ = V.gguf_logits(out, ids)
     assert ag.ppl_runtime == pytest.approx(hand_perplexity(theirs, ids), rel=1e-6)
     assert ag.ppl_ours == pytest.approx(hand_perplexity(V.our_logits(silu_ckpt, ids), ids), rel=1e-9)
+    print(ag)
     assert ag.ppl_rel < 2e-3, str(ag)  # measured: TQ2_0/TQ1_0 5.5e-6, F32 1.5e-4 (docs/eval.md)
     if quant == "f32":
         assert ag.emulated_rel < 1e-3  # F32: the same function as our ternary weights, fp activations
@@ -254,6 +256,7 @@ def test_dropped_scales_fail_verification(tmp_path_factory, text, probe, tmp_pat
     with pytest.raises(ExportError, match="verification failed") as e:
         export(silu_ckpt, "gguf", out, quant="tq2_0", probe_text=probe, log=_quiet)
     assert not out.exists() and not list(tmp_path.iterdir())
+    print(f"{good}\n{e.value}")
     ours, theirs, rel = reported_perplexities(str(e.value))  # the failure names both perplexities too
     assert rel == pytest.approx(abs(theirs / ours - 1), abs=1e-3) and ours == pytest.approx(good.ppl_ours, abs=1e-4)
     assert rel > 5 * good.ppl_rel, (str(e.value), str(good))
@@ -278,6 +281,7 @@ def test_relu2_forced_is_written_but_fails_verification(relu2_ckpt, probe, tmp_p
     # barely trained, the ReLU² FFN changes the logits little (1.4e-2, top-1 100% measured): the
     # tight F32 check is what catches it — and why the exporter refuses on the config first
     assert not ag.ok and ag.emulated_rel > 3 * ag.max_emulated_rel, str(ag)
+    print(ag)
     assert any("relu2" in line for line in logs)
 
 
