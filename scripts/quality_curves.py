@@ -19,9 +19,14 @@ the runs can be made one at a time and then plotted::
     python scripts/quality_curves.py run --only tiny/none   --steps 240 --points 8
     python scripts/quality_curves.py run --only tiny4x/bitnet --steps 240 --points 8
     python scripts/quality_curves.py run --only tiny4x/none   --steps 240 --points 8
+    python scripts/quality_curves.py run --only tiny/none --lr 1e-3 --steps 240 --points 8
     python scripts/quality_curves.py plot     # -> docs/quality.png and docs/quality.md
 
-A configuration whose JSON exists is not run again (``--rerun`` to replace it).
+``--lr`` sets the peak LR (default: the recipe's 3e-3) and scales the recipe's ``min_lr`` in the same ratio;
+each result is ``SIZE-QUANT-lrLR.json`` (``tiny-none-lr1e-3.json``). ``plot`` draws each size and quant at its
+best LR among those run (the lowest final held-out bits per byte), tables every run, and computes the
+BitNet - full precision gap best against best. A configuration whose JSON exists is not run again
+(``--rerun`` to replace it).
 """
 
 from __future__ import annotations
@@ -83,6 +88,24 @@ def count_params(ckpt: Path) -> tuple[int, int]:
     return total, total - emb
 
 
+def lr_tag(lr: float) -> str:
+    """``3e-3`` for 0.003: the LR as the result file names carry it."""
+    m, e = f"{lr:.6e}".split("e")
+    return f"{float(m):g}e{int(e)}"
+
+
+def result_file(results: Path, size: str, quant: str, lr: float) -> Path:
+    return results / f"{size}-{quant}-lr{lr_tag(lr)}.json"
+
+
+def recipe_lr() -> tuple[float, float]:
+    """(peak LR, min LR) of ``recipes/tiny.yaml``."""
+    import yaml
+
+    train = yaml.safe_load(RECIPE.read_text())["train"]
+    return float(train["lr"]), float(train["min_lr"])
+
+
 def run_one(size: str, quant: str, args) -> dict:
     import torch
 
@@ -93,6 +116,9 @@ def run_one(size: str, quant: str, args) -> dict:
     if args.points < 1 or args.steps % args.points:
         raise SystemExit(f"--steps {args.steps} must be a multiple of --points {args.points} (the last step is scored)")
     every = args.steps // args.points
+    base_lr, base_min = recipe_lr()
+    lr = base_lr if args.lr is None else args.lr
+    min_lr = round(base_min * lr / base_lr, 12)  # the recipe's min/peak ratio
     with tempfile.TemporaryDirectory(prefix="quality-") as d:
         tmp = Path(d)
         train, held = split_text(args.data, args.held_out, tmp)
@@ -100,7 +126,8 @@ def run_one(size: str, quant: str, args) -> dict:
             f"output_dir={tmp / 'run'}", f"model={model_spec(size, tmp)}", f"quant={quant}", f"seed={args.seed}",
             f"data.path={train}", f"train.max_steps={args.steps}", f"train.save_every={every}",
             f"train.keep_last={args.points + 1}", "train.eval_every=0", "train.eval_batches=2",
-            f"train.warmup_steps={min(20, max(1, args.steps // 10))}", "wandb.enabled=false"])
+            f"train.warmup_steps={min(20, max(1, args.steps // 10))}", f"train.lr={lr!r}", f"train.min_lr={min_lr!r}",
+            "wandb.enabled=false"])
         t0 = time.perf_counter()
         summary = pretrain(recipe, progress=not args.no_progress)
         train_s = time.perf_counter() - t0
@@ -110,6 +137,7 @@ def run_one(size: str, quant: str, args) -> dict:
                "train_chars": len(train.read_text()), "steps": args.steps, "tokens": summary["tokens"],
                "tokens_per_step": tokens_per_step, "train_seconds": train_s,
                "train_tokens_per_s": summary["tokens"] / train_s, "lr": recipe.train.lr,
+               "min_lr": recipe.train.min_lr,
                "model_overrides": SIZES[size], "threads": args.threads, "points": []}
         ckpts = sorted((tmp / "run" / "checkpoints").glob("step-*"))
         if args.trial:
@@ -137,7 +165,7 @@ def cmd_run(args) -> int:
         if size not in SIZES or quant not in QUANTS:
             raise SystemExit(f"--only {item!r}: give SIZE/QUANT with SIZE in {', '.join(SIZES)} and QUANT in "
                              f"{', '.join(QUANTS)}")
-        f = args.results / f"{size}-{quant}.json"
+        f = result_file(args.results, size, quant, recipe_lr()[0] if args.lr is None else args.lr)
         if f.exists() and not args.rerun and not args.trial:
             print(f"{f}: exists, not run again (--rerun to replace it)")
             continue
@@ -154,43 +182,71 @@ def cmd_run(args) -> int:
 
 
 def load_results(results: Path) -> dict:
+    """{(size, quant, lr): result} from every ``SIZE-QUANT-lrLR.json`` in ``results``."""
     runs = {}
-    for size in SIZES:
-        for quant in QUANTS:
-            f = results / f"{size}-{quant}.json"
-            if f.exists():
-                runs[size, quant] = json.loads(f.read_text())
+    for f in sorted(results.glob("*.json")):
+        try:
+            r = json.loads(f.read_text())
+            key = (r["size"], r["quant"], float(r["lr"]))
+            r["points"][-1]["bits_per_byte"]
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise SystemExit(f"{f}: not a quality_curves.py result ({type(e).__name__}: {e})")
+        if key[0] not in SIZES or key[1] not in QUANTS:
+            raise SystemExit(f"{f}: size {key[0]!r} / quant {key[1]!r} is not one this script runs")
+        if f != result_file(results, *key):
+            raise SystemExit(f"{f}: holds {key[0]}/{key[1]} at lr {key[2]:g}; expected the name "
+                             f"{result_file(results, *key).name}")
+        runs[key] = r
     if not runs:
         raise SystemExit(f"{results}: no results (run `quality_curves.py run --only SIZE/QUANT` first)")
     return runs
 
 
+def final_bpb(r: dict) -> float:
+    return r["points"][-1]["bits_per_byte"]
+
+
+def best_runs(runs: dict) -> dict:
+    """{(size, quant): (lr, result)}: for each configuration, the LR with the lowest final held-out bits per byte."""
+    best = {}
+    for (size, quant, lr), r in runs.items():
+        if (size, quant) not in best or final_bpb(r) < final_bpb(best[size, quant][1]):
+            best[size, quant] = (lr, r)
+    return best
+
+
+def ordered(runs: dict) -> list:
+    return sorted(runs, key=lambda k: (list(SIZES).index(k[0]), QUANTS.index(k[1]), k[2]))
+
+
+def label(quant: str) -> str:
+    return "BitNet b1.58" if quant == "bitnet" else "full precision"
+
+
 def table(runs: dict) -> str:
-    """The markdown table of final figures, the gaps, and the paper's anchor."""
-    lines = ["| size | parameters (non-embedding) | tokens | quant | held-out bits per byte | perplexity per token |",
-             "|---|---|---|---|---|---|"]
-    gaps = []
-    for size in SIZES:
-        for quant in QUANTS:
-            r = runs.get((size, quant))
-            if r is None:
-                continue
-            p = r["points"][-1]
-            label = "BitNet b1.58" if quant == "bitnet" else "full precision"
-            lines.append(f"| {size} | {r['params'] / 1e6:.2f}M ({r['non_embedding_params'] / 1e6:.2f}M) | "
-                         f"{p['tokens']:,} | {label} | {p['bits_per_byte']:.4f} | {p['perplexity']:.2f} |")
-        if (size, "bitnet") in runs and (size, "none") in runs:
-            b, f = runs[size, "bitnet"]["points"][-1], runs[size, "none"]["points"][-1]
-            gaps.append((size, b, f))
+    """The markdown table of every run's final figures, the best-vs-best gaps, and the paper's anchor."""
+    best = best_runs(runs)
+    lines = ["| size | parameters (non-embedding) | tokens | quant | peak LR | held-out bits per byte | "
+             "perplexity per token |", "|---|---|---|---|---|---|---|"]
+    for size, quant, lr in ordered(runs):
+        r = runs[size, quant, lr]
+        p = r["points"][-1]
+        mark = " (best)" if sum(k[:2] == (size, quant) for k in runs) > 1 and best[size, quant][0] == lr else ""
+        lines.append(f"| {size} | {r['params'] / 1e6:.2f}M ({r['non_embedding_params'] / 1e6:.2f}M) | "
+                     f"{p['tokens']:,} | {label(quant)} | {lr_tag(lr)}{mark} | {p['bits_per_byte']:.4f} | "
+                     f"{p['perplexity']:.2f} |")
     out = "\n".join(lines) + "\n"
+    gaps = [(s, best[s, "bitnet"], best[s, "none"]) for s in SIZES if (s, "bitnet") in best and (s, "none") in best]
     if gaps:
-        out += ("\n| size | gap in bits per byte (BitNet - fp) | relative | perplexity ratio BitNet / fp |\n"
-                "|---|---|---|---|\n")
-        for size, b, f in gaps:
+        out += ("\nEach quant at its best peak LR among those run:\n\n"
+                "| size | BitNet LR | fp LR | gap in bits per byte (BitNet - fp) | relative | "
+                "perplexity ratio BitNet / fp |\n|---|---|---|---|---|---|\n")
+        for size, (lb, rb), (lf, rf) in gaps:
+            b, f = rb["points"][-1], rf["points"][-1]
             d = b["bits_per_byte"] - f["bits_per_byte"]
-            out += (f"| {size} | {d:+.4f} | {d / f['bits_per_byte']:+.2%} | "
+            out += (f"| {size} | {lr_tag(lb)} | {lr_tag(lf)} | {d:+.4f} | {d / f['bits_per_byte']:+.2%} | "
                     f"{b['perplexity'] / f['perplexity']:.3f} |\n")
-        out += ("| paper 700M / 1.3B / 3B | | | " + " / ".join(f"{b / f:.3f}" for b, f in PAPER.values())
+        out += ("| paper 700M / 1.3B / 3B | | | | | " + " / ".join(f"{b / f:.3f}" for b, f in PAPER.values())
                 + " (" + ", ".join(f"{k}: {b} vs {f}" for k, (b, f) in PAPER.items()) + ") |\n")
     return out
 
@@ -204,19 +260,24 @@ def cmd_plot(args) -> int:
     from bitnet_train.fsutil import atomic_path
 
     runs = load_results(args.results)
+    best = best_runs(runs)
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     colors = dict(zip(SIZES, ("tab:blue", "tab:red", "tab:green")))
-    for (size, quant), r in sorted(runs.items()):
+    for size, quant in sorted(best, key=lambda k: (list(SIZES).index(k[0]), QUANTS.index(k[1]))):
+        lr, r = best[size, quant]
         x = [p["tokens"] for p in r["points"]]
         y = [p["bits_per_byte"] for p in r["points"]]
-        label = f"{size} ({r['params'] / 1e6:.1f}M), {'BitNet b1.58' if quant == 'bitnet' else 'full precision'}"
-        ax.plot(x, y, marker="o", ms=3, color=colors[size], ls="-" if quant == "bitnet" else "--", label=label)
+        tried = sorted(k[2] for k in runs if k[:2] == (size, quant))
+        of = f" (best of {', '.join(map(lr_tag, tried))})" if len(tried) > 1 else ""
+        ax.plot(x, y, marker="o", ms=3, color=colors[size], ls="-" if quant == "bitnet" else "--",
+                label=f"{size} ({r['params'] / 1e6:.1f}M), {label(quant)}, lr {lr_tag(lr)}{of}")
     any_run = next(iter(runs.values()))
     ax.set_xlabel("training tokens")
     ax.set_ylabel("held-out bits per byte")
-    ax.set_title(f"tinyshakespeare, last {any_run['held_out_chars']:,} characters held out", fontsize=10)
+    ax.set_title(f"tinyshakespeare, last {any_run['held_out_chars']:,} characters held out; "
+                 "each quant at its best peak LR", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(args.png) as tmp:
         fig.savefig(tmp, format="png")
@@ -231,22 +292,28 @@ def cmd_plot(args) -> int:
 def page(runs: dict, png) -> str:
     """docs/quality.md: what was run, the picture and the tables (written by ``plot``; edit this script)."""
     r = next(iter(runs.values()))
+    base_lr, base_min = recipe_lr()
     sizes = ", ".join(f"`{s}` ({'the preset' if o is None else 'tiny with ' + ', '.join(f'{k} {v}' for k, v in o.items())})"
                       for s, o in SIZES.items())
-    cmds = "\n".join(f"python scripts/quality_curves.py run --only {s}/{q} --steps {runs[s, q]['steps']} "
-                      f"--points {len(runs[s, q]['points'])}" for s, q in runs) + "\npython scripts/quality_curves.py plot"
+    cmds = "\n".join(f"python scripts/quality_curves.py run --only {s}/{q} "
+                     + ("" if lr == base_lr else f"--lr {lr_tag(lr)} ")
+                     + f"--steps {runs[s, q, lr]['steps']} --points {len(runs[s, q, lr]['points'])}"
+                     for s, q, lr in ordered(runs)) + "\npython scripts/quality_curves.py plot"
     return f"""# Quality at CPU scale: BitNet b1.58 vs full precision
 
 <!-- written by `python scripts/quality_curves.py plot` from docs/quality/*.json; edit the script, not this page -->
 
-`recipes/tiny.yaml` (peak LR {r['lr']:g}, cosine, batch 16 x 128 tokens, BPE 2,048 trained on the training
-text) with `quant: bitnet` and `quant: none`, seed {r['seed']}, the same tokens in the same order, at two
+`recipes/tiny.yaml` (cosine schedule, batch 16 x 128 tokens, BPE 2,048 trained on the training text; its peak
+LR {lr_tag(base_lr)} and min LR {lr_tag(base_min)}, or the peak LR of the table's LR column with the min LR in the
+same 1/{base_lr / base_min:g} ratio) with `quant: bitnet` and `quant: none`, seed {r['seed']}, the same tokens in the same order, at two
 sizes: {sizes}. Data: `{r['data']}`, its first {r['train_chars']:,} characters for training (5% of their
 blocks go to the loop's own validation) and its last {r['held_out_chars']:,} characters held out: never trained
 on, not seen by the tokenizer. Every {r['steps'] // len(r['points'])} steps a checkpoint is scored on the
 held-out text with `bitnet_train.evaluate.evaluate` (as `bitnet-train eval CKPT --data held_out.txt`: packed
 windows of 128 tokens, bits per UTF-8 byte; {r['points'][0]['eval_tokens']:,} tokens). CPU, {r['threads']}
-torch threads. Interpretation: [eval.md](eval.md#quality-curves-bitnet-vs-full-precision).
+torch threads. The picture shows each size and quant at its best peak LR among those run (lowest final
+held-out bits per byte; the legend names it), the first table lists every run, and the gap compares best
+with best. Interpretation: [eval.md](eval.md#quality-curves-bitnet-vs-full-precision).
 
 ```bash
 {cmds}
@@ -256,8 +323,8 @@ torch threads. Interpretation: [eval.md](eval.md#quality-curves-bitnet-vs-full-p
 
 {table(runs)}
 Wall time of each run (training, then scoring): """ + "; ".join(
-        f"{s}/{q} {v['train_seconds']:.0f} s + {v['eval_seconds']:.0f} s ({v['train_tokens_per_s']:,.0f} tokens/s)"
-        for (s, q), v in runs.items()) + ".\n"
+        f"{s}/{q} lr {lr_tag(lr)} {runs[s, q, lr]['train_seconds']:.0f} s + {runs[s, q, lr]['eval_seconds']:.0f} s "
+        f"({runs[s, q, lr]['train_tokens_per_s']:,.0f} tokens/s)" for s, q, lr in ordered(runs)) + ".\n"
 
 
 def main(argv=None) -> int:
@@ -270,6 +337,8 @@ def main(argv=None) -> int:
     r.add_argument("--held-out", type=int, default=60_000, help="characters at the end of the text held out")
     r.add_argument("--data", type=Path, default=SHAKESPEARE, help="the text (default: tinyshakespeare)")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--lr", type=float, default=None,
+                   help="peak LR (default: the recipe's); min_lr is scaled in the recipe's min/peak ratio")
     r.add_argument("--threads", type=int, default=2, help="torch threads")
     r.add_argument("--trial", action="store_true", help="time the run, score only its last checkpoint, keep nothing")
     r.add_argument("--rerun", action="store_true", help="replace an existing result")
