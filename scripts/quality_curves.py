@@ -268,7 +268,7 @@ def cmd_plot(args) -> int:
         x = [p["tokens"] for p in r["points"]]
         y = [p["bits_per_byte"] for p in r["points"]]
         tried = sorted(k[2] for k in runs if k[:2] == (size, quant))
-        of = f" (best of {', '.join(map(lr_tag, tried))})" if len(tried) > 1 else ""
+        of = f" (best of {', '.join(map(lr_tag, tried))})" if len(tried) > 1 else " (the only LR run)"
         ax.plot(x, y, marker="o", ms=3, color=colors[size], ls="-" if quant == "bitnet" else "--",
                 label=f"{size} ({r['params'] / 1e6:.1f}M), {label(quant)}, lr {lr_tag(lr)}{of}")
     any_run = next(iter(runs.values()))
