@@ -20,9 +20,19 @@ from .schedule import lr_at, weight_decay_at
 
 
 def _next_batch(blocks, batch_size: int, device):
+    """The next ``batch_size`` blocks as one ``[batch_size, seq_len + 1]`` ``torch.long`` tensor on
+    ``device``. Blocks are lists of ints (the streaming reader) or 1-D ``numpy`` arrays (the token
+    shards' memory-map views, copied straight into the tensor's memory, pinned on CUDA)."""
+    import numpy as np
     import torch
 
-    return torch.tensor([next(blocks) for _ in range(batch_size)], dtype=torch.long, device=device)
+    rows = [next(blocks) for _ in range(batch_size)]
+    if not isinstance(rows[0], np.ndarray):
+        return torch.tensor(rows, dtype=torch.long, device=device)
+    device = torch.device(device)
+    out = torch.empty((batch_size, rows[0].shape[0]), dtype=torch.long, pin_memory=device.type == "cuda")
+    np.stack(rows, out=out.numpy(), casting="safe")
+    return out.to(device, non_blocking=True) if device.type != "cpu" else out
 
 
 def _token_loss(model, x, reduction: str = "mean"):
