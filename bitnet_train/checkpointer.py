@@ -185,9 +185,9 @@ class Checkpointer:
         else:
             state_dict = None
             if self.fsdp:  # final/: the model only, gathered one parameter at a time onto the main process's CPU
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+                from .distributed import full_model_state_dict
 
-                state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                state_dict = full_model_state_dict(model)
             if not acc.is_main_process:
                 return ck_dir
             unwrapped = acc.unwrap_model(model, keep_torch_compile=False)

@@ -176,6 +176,19 @@ def set_gradient_sync(model, on: bool) -> None:
 # ----------------------------------------------------------------------------- sharded checkpoints
 
 
+def full_model_state_dict(model) -> dict:
+    """Collective: the whole model's state dict on the main process's CPU (empty elsewhere),
+    gathered one parameter at a time; a tied parameter (the head tied to the embeddings) once,
+    under the name transformers keeps."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    for dst, _src in _tied_pairs(model):
+        sd.pop(dst, None)
+    return sd
+
+
+
 def save_sharded(model, opt, directory: Path) -> None:
     """Collective: every rank writes its shard of the model and the optimizer into ``directory``."""
     import torch.distributed.checkpoint as dcp
@@ -183,6 +196,12 @@ def save_sharded(model, opt, directory: Path) -> None:
 
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def load_sharded(model, opt, ck: Path) -> None:
@@ -193,10 +212,14 @@ def load_sharded(model, opt, ck: Path) -> None:
     d = Path(ck) / DCP_DIR
     if not (d / ".metadata").is_file():
         raise CheckpointError(f"{d}/.metadata: missing (sharded model and optimizer state); the checkpoint is incomplete")
+    from torch.distributed.checkpoint.api import CheckpointException
+
     msd, osd = get_state_dict(model, opt)
     try:
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(d))
-    except Exception as e:  # noqa: BLE001 - DCP wraps reader errors (truncated shard, bad metadata) in many kinds
+        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(d), no_dist=not _distributed())
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a reader error (truncated shard, bad metadata) of many kinds
+        if isinstance(e, CheckpointException) and e.failures:  # a BaseException holding each rank's error
+            e = next(iter(e.failures.values()))[0]
         first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
         raise CheckpointError(
             f"{d}: cannot read the sharded model and optimizer state (truncated or corrupt?): {first}; "

@@ -386,6 +386,7 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
         if main:
             metrics.close()
             wandb_run.finish()
+    summary["fsdp"] = fsdp
     if summary.get("interrupted"):
         if main:
             print(f"pretrain: stopped at step {state.step}; checkpoint saved, continue with --resume", file=sys.stderr)
