@@ -17,12 +17,13 @@ multiples of ``seq_len + 1``, so the same directory serves any sequence length.
 Reading (:class:`ShardData`): block ``i`` is tokens ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))``;
 every ``round(1 / val_fraction)``-th block is held out (the same rule as the streaming reader, so
 both hold out the same blocks); each epoch visits the training blocks in a permutation seeded by
-(seed, epoch): a :class:`BlockPermutation`, a keyed Feistel network computed per index (O(1)
-memory at any corpus size, where a materialized ``numpy`` permutation of 4 T tokens' blocks
-would take gigabytes per rank). A training block is handed out as a 1-D ``numpy`` view of the
-memory map (no Python list); the loop copies a micro-batch of them into one tensor. In each round of ``world_size`` consecutive entries of the permutation, rank ``r``
-takes entry ``r``: ranks never share a block, and the data position (epoch, entries taken) is the
-same on every rank. Resuming jumps straight to the position: no replay.
+(seed, epoch): a :class:`~bitnet_train.blockorder.BlockPermutation`, a keyed Feistel network
+computed per index (O(1) memory at any corpus size, where a materialized permutation of 4 T
+tokens' blocks takes gigabytes per rank). A training block is handed out as a 1-D ``numpy`` view
+of the memory map (no Python list); the loop copies a micro-batch of them into one tensor. In
+each round of ``world_size`` consecutive entries of the permutation, rank ``r`` takes entry
+``r``: ranks never share a block, and the data position (epoch, entries taken) is the same on
+every rank. Resuming jumps straight to the position: no replay.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .blockorder import DataPosition, check_rank, held_out_period
+from .blockorder import BlockPermutation, DataPosition, check_rank, held_out_period
 from .documents import SkipCounter, encode_pieces, iter_piece_batches
 from .errors import DataError
 
@@ -398,60 +399,3 @@ class ShardData:
             pos.epoch += 1
             pos.taken = 0
 
-
-# ----------------------------------------------------------------------------- the block order
-
-_M64 = (1 << 64) - 1
-_FEISTEL_ROUNDS = 6
-
-
-def _mix64(x: int) -> int:
-    """splitmix64's finalizer: a bijective 64-bit mixing function."""
-    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _M64
-    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _M64
-    return x ^ (x >> 31)
-
-
-class BlockPermutation:
-    """A seeded pseudo-random permutation of ``range(n)``, computed per index in O(1) memory.
-
-    A balanced Feistel network over ``2 * h`` bits (the smallest even width with
-    ``2 ** (2 * h) >= n``; round keys from ``(seed, epoch)``, round function :func:`_mix64`) is a
-    bijection of ``[0, 4 ** h)``; cycle walking (apply it again until the value is below ``n``)
-    restricts it to a bijection of ``[0, n)``. The domain is less than ``4 * n``, so an index takes
-    fewer than 4 walks on average. The same ``(n, seed, epoch)`` always gives the same order."""
-
-    def __init__(self, n: int, seed: int, epoch: int):
-        if n < 0:
-            raise ValueError(f"n {n} is negative")
-        self.n = n
-        bits = max(2, (max(n - 1, 1)).bit_length())
-        self.half = (bits + 1) // 2
-        self.mask = (1 << self.half) - 1
-        digest = hashlib.blake2b(f"bitnet-train block order {int(seed)} {int(epoch)}".encode(),
-                                 digest_size=8 * _FEISTEL_ROUNDS).digest()
-        self.keys = [int.from_bytes(digest[8 * i : 8 * i + 8], "little") for i in range(_FEISTEL_ROUNDS)]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def _feistel(self, x: int) -> int:
-        h, m = self.half, self.mask
-        left, right = x >> h, x & m
-        for key in self.keys:
-            left, right = right, left ^ (_mix64(right ^ key) & m)
-        return (left << h) | right
-
-    def __getitem__(self, k: int) -> int:
-        k = int(k)
-        if k < 0:
-            k += self.n
-        if not 0 <= k < self.n:
-            raise IndexError(f"permutation index {k} out of range for {self.n} blocks")
-        x = self._feistel(k)
-        while x >= self.n:
-            x = self._feistel(x)
-        return x
-
-    def __iter__(self):
-        return (self[k] for k in range(self.n))

@@ -264,7 +264,7 @@ def test_shards_ranks_disjoint_and_resume_is_o1(shard_dir, tok):
 def test_block_permutation_is_a_seeded_bijection_in_constant_memory():
     import tracemalloc
 
-    from bitnet_train.shards import BlockPermutation
+    from bitnet_train.blockorder import BlockPermutation
 
     for n in (0, 1, 2, 3, 4, 5, 17, 64, 65, 1000, 4097):  # powers of 4 and the sizes around them
         p = BlockPermutation(n, seed=3, epoch=1)

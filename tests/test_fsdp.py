@@ -38,11 +38,15 @@ COMMON = ["train.max_steps=4", "train.save_every=2", "train.eval_every=2", "trai
           "train.warmup_steps=1", "train.lr=0.01", "train.min_lr=0.001"]
 
 # FSDP reduce-scatters the gradients and sums the shards' squared norms in another order than one
-# process: fp32 rounding. Measured (this test's recipe at seeds 0, 1, 2; worst relative difference
-# over the 4 steps, FSDP 2 x B vs 1 x 2B): loss 1.3e-5, val_loss 1.3e-5, grad_norm 2.9e-4; after the
-# 2 -> 1 resharded resume: loss 1.0e-5, val_loss 1.4e-5, grad_norm 3.5e-4. A sharding or averaging bug
-# moves the loss by more than 1e-2.
-TOLERANCE = {"loss": 5e-4, "val_loss": 5e-4, "grad_norm": 5e-3}
+# process: fp32 rounding, which the ternary quantization can amplify (a latent weight on a threshold
+# flips its ternary value). Measured (this test's recipe at seeds 0, 1, 2; worst relative difference
+# over the 4 steps, FSDP 2 x B vs 1 x 2B; python scripts/measure_fsdp.py, see docs/performance.md):
+# loss 9.0e-6 / 5.7e-6 / 2.1e-6, val_loss 9.0e-6 / 1.3e-5 / 8.0e-6, grad_norm 2.2e-3 / 8.8e-5 / 1.5e-3;
+# after the 2 -> 1 resharded resume (steps 3-4) the same to two digits. The final models' logits
+# differ by at most 5.6e-3 / 3.4e-2 / 4.9e-2 (LOGITS_ATOL). A sharding or averaging bug moves the
+# loss by more than 1e-2.
+TOLERANCE = {"loss": 5e-4, "val_loss": 5e-4, "grad_norm": 1e-2}
+LOGITS_ATOL = 0.15
 
 
 def _free_port() -> int:
@@ -141,7 +145,7 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, shakespeare_p
         ls, lo = stock(input_ids=x).logits, ours(input_ids=x).logits
         l1 = load_checkpoint(tmp_path / "one" / "final").eval()(input_ids=x).logits
     assert torch.allclose(ls, lo, atol=1e-4), (ls - lo).abs().max()
-    assert torch.allclose(lo, l1, atol=5e-2), (lo - l1).abs().max()
+    assert torch.allclose(lo, l1, atol=LOGITS_ATOL), (lo - l1).abs().max()
 
     # a truncated rank file: resume names the sharded state, exits 2 without a traceback, writes nothing
     from bitnet_train.cli import main
