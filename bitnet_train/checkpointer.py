@@ -111,6 +111,20 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _by_name(model, opt, full: dict, f: Path) -> dict:
+    """A whole checkpoint's ``optimizer.pt`` (``torch.optim`` numbers its parameters in the order of
+    the parameter groups) keyed by parameter name, the form FSDP's ``set_optimizer_state_dict`` shards.
+    ``opt`` was built with the same groups, in the same order, as the optimizer that saved it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    flat = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    n_saved = sum(len(g["params"]) for g in full["param_groups"])
+    if n_saved != len(flat):
+        raise CheckpointError(f"{f}: holds the state of {n_saved} parameters, the model has {len(flat)}")
+    return {"state": {flat[int(i)]: v for i, v in full["state"].items()},
+            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [flat[int(i)] for i in g["params"]]}
+                             for g in full["param_groups"]]}
+
+
 class Checkpointer:
     """Saves and restores a pretraining run under ``out`` through an ``accelerate`` Accelerator:
     every rank calls :meth:`save` (the gathers are collective), the main process writes.
@@ -142,7 +156,8 @@ class Checkpointer:
         elif ck is not None and self.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            full = load_state_file(ck / "optimizer.pt", "optimizer state")
+            f = ck / "optimizer.pt"
+            full = _by_name(model, opt, load_state_file(f, "optimizer state"), f)
             set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
         elif ck is not None:
             opt.load_state_dict(load_state_file(ck / "optimizer.pt", "optimizer state"))

@@ -3,8 +3,9 @@ the model sharded by ``fully_shard`` per decoder layer + root (:mod:`bitnet_trai
 accelerate itself runs FSDP launches on the CPU as DDP), checkpoints sharded with
 ``torch.distributed.checkpoint``.
 
-One launch runs three pretrainings: A, 4 steps straight through; B, stopped after step 2 (a sharded
-checkpoint) and resumed with ``--resume`` to step 4. A and B must be bit for bit equal (exact resume
+One launch runs four pretrainings: A, 4 steps straight through; B, stopped after step 2 (a sharded
+checkpoint) and resumed with ``--resume`` to step 4; D, resuming one process's (whole) step-2
+checkpoint under FSDP. A and B must be bit for bit equal (exact resume
 under FSDP); A must match one process with the doubled batch within the tolerance below (the same
 blocks at every step, see tests/test_ddp.py). Then B's step-2 checkpoint resumes in one process
 (DCP reshards 2 -> 1), ``final/`` loads in stock transformers, and a truncated shard is a clear error."""
@@ -27,7 +28,7 @@ WORKER = """\
 import sys
 from bitnet_train.train import load_pretrain_recipe, pretrain
 recipe, out = sys.argv[1], sys.argv[2]
-for name, mode in (("a", "full"), ("b", "stop"), ("b", "resume")):
+for name, mode in (("a", "full"), ("b", "stop"), ("b", "resume"), ("d", "resume")):
     r = load_pretrain_recipe(recipe, sys.argv[3:] + [f"output_dir={out}/{name}"])
     s = pretrain(r, progress=False, resume=(mode == "resume"), stop_after=(2 if mode == "stop" else None))
     print("SUMMARY", name, mode, s, flush=True)
@@ -101,8 +102,12 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, shakespeare_p
     s1 = pretrain(one, progress=False)
     assert s1["world_size"] == 1 and s1["fsdp"] is False
 
+    # d: FSDP resumes the one-process (whole) step-2 checkpoint
+    d1 = tmp_path / "fsdp" / "d"
+    shutil.copytree(tmp_path / "one" / "checkpoints" / "step-000002", d1 / "checkpoints" / "step-000002")
+    shutil.copy(tmp_path / "one" / "metrics.jsonl", d1 / "metrics.jsonl")
     out = _launch(tmp_path, p, tmp_path / "fsdp", COMMON + [f"train.batch_size={B}"])
-    assert out.count("'fsdp': True") == 6 and out.count("'world_size': 2") == 6, out  # 3 runs x 2 ranks
+    assert out.count("'fsdp': True") == 8 and out.count("'world_size': 2") == 8, out  # 4 runs x 2 ranks
     a, b = tmp_path / "fsdp" / "a", tmp_path / "fsdp" / "b"
 
     # the step-2 checkpoint is sharded: one file per rank, no gathered model or optimizer
@@ -123,6 +128,8 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, shakespeare_p
     _close(m1, ma)
     losses = [r["loss"] for r in m1 if "loss" in r]
     assert len(losses) == 4 and len({round(x, 6) for x in losses}) == 4  # a real curve, not a constant
+
+    _close(m1, read_metrics(d1), steps={3, 4})
 
     # the sharded checkpoint resumes in one process (DCP reshards 2 -> 1) and continues like one process
     c = tmp_path / "c"
@@ -162,3 +169,40 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, shakespeare_p
     after = sorted(q.relative_to(d) for q in d.rglob("*") if q.name != "metrics.jsonl")
     assert after == before
 
+
+
+def test_meta_build_depends_only_on_the_seed_and_module_names():
+    """The meta-device build: every tensor initialised (norms 1, rotary frequencies as an eager
+    build), the head tied to the embeddings, the global RNG untouched, and a module's values set by
+    (seed, its name) alone: a deeper model shares the shallower one's layers exactly."""
+    import torch
+
+    from bitnet_train.distributed import materialize
+    from bitnet_train.model import build_model
+
+    spec = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "max_position_embeddings": 64, "rope_theta": 10000.0, "tie_word_embeddings": True, "vocab_size": 97}
+
+    def meta(layers, seed=0):
+        with torch.device("meta"):
+            m = build_model({**spec, "num_hidden_layers": layers})
+        before = torch.get_rng_state()
+        materialize(m, seed, "cpu")
+        assert torch.equal(before, torch.get_rng_state())
+        return m
+
+    two, three, other = meta(2), meta(3), meta(2, seed=1)
+    eager = build_model({**spec, "num_hidden_layers": 2}, seed=0)
+    p2, p3 = dict(two.named_parameters()), dict(three.named_parameters())
+    assert set(p2) <= set(p3) and all(torch.equal(p2[k], p3[k]) for k in p2)
+    assert all(not torch.equal(v, dict(other.named_parameters())[k]) for k, v in p2.items() if v.ndim == 2)
+    assert two.lm_head.weight is two.model.embed_tokens.weight
+    assert not torch.equal(p2["model.layers.0.self_attn.q_proj.weight"], p2["model.layers.1.self_attn.q_proj.weight"])
+    for k, v in p2.items():
+        assert torch.isfinite(v).all(), k
+        if v.ndim == 1:
+            assert torch.equal(v, torch.ones_like(v)), k
+        else:
+            assert abs(v.std().item() - two.config.initializer_range) < 0.004, k
+    for (k, b), (_, e) in zip(two.named_buffers(), eager.named_buffers()):
+        assert torch.equal(b, e), k
