@@ -11,14 +11,14 @@ parameters at a time.
 
 FSDP2 (:func:`shard_model`): when ``accelerate launch`` is asked for FSDP (``--use_fsdp``, i.e.
 ``ACCELERATE_USE_FSDP=true`` in the environment, or an accelerate config with
-``distributed_type: FSDP``) and more than one process runs, we apply torch's ``fully_shard`` to
-every decoder layer and then to the root ourselves, as torchtitan does: accelerate does not shard
-on the CPU (it runs FSDP launches there as DDP), and on GPUs this keeps one code path. accelerate
-still gives the process group, the device, ``backward`` and the collectives of the loop; the
-model and optimizer do not go through ``accelerator.prepare``. bf16 on GPUs is FSDP2's
-``MixedPrecisionPolicy`` (bf16 parameters and compute, fp32 gradient reduction, fp32 master
-weights and optimizer state). The accelerate FSDP plugin's other options (sharding strategy,
-wrap policy, CPU offload, FSDP version 1) are not read.
+``distributed_type: FSDP``) and more than one process runs (``WORLD_SIZE``), we apply torch's
+``fully_shard`` to every decoder layer and then to the root ourselves, as torchtitan does:
+accelerate does not shard on the CPU (it runs FSDP launches there as DDP), and on GPUs this keeps
+one code path. accelerate still gives the process group, the device, ``backward`` and the
+collectives of the loop; the model and optimizer do not go through ``accelerator.prepare``. bf16
+on GPUs is FSDP2's ``MixedPrecisionPolicy`` (bf16 parameters and compute, fp32 gradient
+reduction, fp32 master weights and optimizer state). The accelerate FSDP plugin's other options
+(sharding strategy, wrap policy, CPU offload, FSDP version 1) are not read.
 
 Sharded checkpoints (:func:`save_sharded`, :func:`load_sharded`): under FSDP a checkpoint holds
 ``dcp/``, written by ``torch.distributed.checkpoint`` from ``get_state_dict(model, optimizer)``:
@@ -128,9 +128,15 @@ def _retie(model, pairs) -> None:
 
 
 def fsdp_requested() -> bool:
-    """Whether the launch asks for FSDP: ``accelerate launch --use_fsdp`` (or its config) sets
-    ``ACCELERATE_USE_FSDP`` in every process's environment."""
-    return os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes", "on")
+    """Whether the launch asks for FSDP over several processes: ``accelerate launch --use_fsdp``
+    (or its config) sets ``ACCELERATE_USE_FSDP`` in every process's environment, and the launcher
+    ``WORLD_SIZE``. One process trains unsharded."""
+    on = os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        world = 1
+    return on and world > 1
 
 
 def is_fsdp(model) -> bool:

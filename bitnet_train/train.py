@@ -3,16 +3,18 @@ and the setting up of a run (tokenizer, model, optimizer, data, the checkpoint i
 the loop itself is :mod:`bitnet_train.loop`, the checkpoints :mod:`bitnet_train.checkpointer`.
 
 On ``accelerate``: one process (CPU, or one GPU), or several started by ``accelerate launch``
-(DDP; FSDP2 with ``--use_fsdp`` or an accelerate config that selects FSDP: we then shard the model
-ourselves with ``fully_shard``, on the CPU too, see :mod:`bitnet_train.distributed`). A preset is
-built on the meta device and materialized per rank from the seed, the same weights at any world
-size. bf16 autocast on GPUs, fp32 on the CPU (``train.mixed_precision``). AdamW (betas 0.9/0.95), a warm-up + cosine or the 2B4T two-stage LR
-schedule with an optional weight-decay schedule, gradient clipping and accumulation, the
-quantization warm-up, optional ``torch.compile`` and activation checkpointing. Every process
-trains on its own blocks of the one data stream (``open_training_data(rank=, world_size=)``):
-the global batch is ``batch_size * grad_accum * processes`` sequences.
+(DDP; FSDP2 with ``--use_fsdp`` or an accelerate config that selects FSDP: we then shard the
+model ourselves with ``fully_shard``, on the CPU too, see :mod:`bitnet_train.distributed`). A
+preset is built on the meta device and materialized per rank from the seed: the same weights at
+any world size. bf16 autocast on GPUs, fp32 on the CPU (``train.mixed_precision``). AdamW (betas
+0.9/0.95), a warm-up + cosine or the 2B4T two-stage LR schedule with an optional weight-decay
+schedule, gradient clipping and accumulation, the quantization warm-up, optional
+``torch.compile`` and activation checkpointing. Every process trains on its own blocks of the
+one data stream (``open_training_data(rank=, world_size=)``): the global batch is
+``batch_size * grad_accum * processes`` sequences.
 
-Output directory (written by the main process only)::
+Output directory (written by the main process only; under FSDP every rank writes its shard of
+``dcp/``)::
 
     OUTPUT_DIR/metrics.jsonl            one line per optimizer step, one per evaluation
     OUTPUT_DIR/checkpoints/step-NNNNNN/ every train.save_every steps (the last keep_last kept):
@@ -23,8 +25,9 @@ Output directory (written by the main process only)::
     OUTPUT_DIR/final/                   the model and tokenizer at the end
 
 ``--resume`` continues from the newest checkpoint, bit for bit on the CPU at the same world size
-(one process, DDP or FSDP): the same losses as a run that was never interrupted. The LR and weight decay are functions of the
-step, so the step restores the schedule. SIGINT/SIGTERM save a checkpoint and exit.
+(one process, DDP or FSDP): the same losses as a run that was never interrupted. The LR and
+weight decay are functions of the step, so the step restores the schedule. SIGINT/SIGTERM save a
+checkpoint and exit.
 """
 
 from __future__ import annotations
