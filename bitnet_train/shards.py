@@ -17,9 +17,13 @@ multiples of ``seq_len + 1``, so the same directory serves any sequence length.
 Reading (:class:`ShardData`): block ``i`` is tokens ``[i * (seq_len + 1), (i + 1) * (seq_len + 1))``;
 every ``round(1 / val_fraction)``-th block is held out (the same rule as the streaming reader, so
 both hold out the same blocks); each epoch visits the training blocks in a permutation seeded by
-(seed, epoch). In each round of ``world_size`` consecutive entries of the permutation, rank ``r``
-takes entry ``r``: ranks never share a block, and the data position (epoch, entries taken) is the
-same on every rank. Resuming jumps straight to the position: no replay.
+(seed, epoch): a :class:`~bitnet_train.blockorder.BlockPermutation`, a keyed Feistel network
+computed per index (O(1) memory at any corpus size, where a materialized permutation of 4 T
+tokens' blocks takes gigabytes per rank). A training block is handed out as a 1-D ``numpy`` view
+of the memory map (no Python list); the loop copies a micro-batch of them into one tensor. In
+each round of ``world_size`` consecutive entries of the permutation, rank ``r`` takes entry
+``r``: ranks never share a block, and the data position (epoch, entries taken) is the same on
+every rank. Resuming jumps straight to the position: no replay.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .blockorder import DataPosition, check_rank, held_out_period
+from .blockorder import BlockPermutation, DataPosition, check_rank, held_out_period
 from .documents import SkipCounter, encode_pieces, iter_piece_batches
 from .errors import DataError
 
@@ -361,19 +365,21 @@ class ShardData:
             return []
         return [self.block_at(m * self.period + self.period - 1) for m in range(min(n, self.n_val))]
 
-    def permutation(self, epoch: int):
-        """The order in which epoch ``epoch`` visits the training blocks."""
-        import numpy as np
-
+    def permutation(self, epoch: int) -> "BlockPermutation":
+        """The order in which epoch ``epoch`` visits the training blocks: entry ``k`` is the
+        training block taken ``k``-th (computed on demand, O(1) memory)."""
         if self._perm_epoch != epoch:
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, epoch])
-            p = rng.permutation(self.n_train)
-            self._perm = p.astype(np.uint32) if self.n_train < 1 << 32 else p
+            self._perm = BlockPermutation(self.n_train, self.seed, epoch)
             self._perm_epoch = epoch
         return self._perm
 
-    def train_blocks(self, pos: DataPosition) -> Iterator[list[int]]:
-        """Training blocks from ``pos`` on, forever; updates ``pos`` in place. Round ``k`` (from
+    def block_array(self, i: int):
+        """Stream block ``i`` as a 1-D array (a view of the memory map when it lies in one shard)."""
+        return self.tokens(i * self.block, self.block)
+
+    def train_blocks(self, pos: DataPosition) -> Iterator:
+        """Training blocks (1-D ``numpy`` arrays of ``seq_len + 1`` token ids, read from the memory
+        map) from ``pos`` on, forever; updates ``pos`` in place. Round ``k`` (from
         the position the iterator started at) gives rank ``r`` permutation entry
         ``pos.taken + k * world_size + r``; ``pos.taken`` moves a whole round at a time."""
         w, r = self.world_size, self.rank
@@ -386,9 +392,10 @@ class ShardData:
             perm = self.permutation(pos.epoch)
             k = pos.taken
             while k + w <= self.n_train:
-                j = int(perm[k + r])
+                j = perm[k + r]
                 pos.taken = k + w
-                yield self.block_at(self._train_block_index(j))
+                yield self.block_array(self._train_block_index(j))
                 k += w
             pos.epoch += 1
             pos.taken = 0
+
