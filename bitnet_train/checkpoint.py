@@ -69,12 +69,14 @@ def save_checkpoint(
     extra: dict | None = None,
     write_extra=None,
     state_dict: dict | None = None,
+    weights: bool = True,
 ) -> Path:
     """Write ``model`` (and ``tokenizer``) as a checkpoint directory at ``path``, atomically.
 
     ``extra`` is a JSON-able dict saved as ``bitnet_train.json``; ``write_extra(tmpdir)`` may add
     more files (optimizer state, ...) into the directory before it is moved into place.
     ``state_dict`` (e.g. the full state gathered from FSDP shards) is written instead of ``model``'s.
+    ``weights=False`` writes the config only (a sharded checkpoint's weights are ``write_extra``'s).
     """
     path = Path(path)
     qc = quantization_config_for(model)
@@ -91,7 +93,10 @@ def save_checkpoint(
             elif had_qc is not None:
                 del cfg.quantization_config
             cfg.bitnet_train = meta
-            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            if weights:
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
+            else:
+                cfg.save_pretrained(tmp)
         finally:
             if had_qc is not None:
                 cfg.quantization_config = had_qc

@@ -155,34 +155,59 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _by_name(model, opt, full: dict, f: Path) -> dict:
+    """A whole checkpoint's ``optimizer.pt`` (``torch.optim`` numbers its parameters in the order of
+    the parameter groups) keyed by parameter name, the form FSDP's ``set_optimizer_state_dict`` shards.
+    ``opt`` was built with the same groups, in the same order, as the optimizer that saved it."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    flat = [names[id(p)] for g in opt.param_groups for p in g["params"]]
+    n_saved = sum(len(g["params"]) for g in full["param_groups"])
+    if n_saved != len(flat):
+        raise CheckpointError(f"{f}: holds the state of {n_saved} parameters, the model has {len(flat)}")
+    return {"state": {flat[int(i)]: v for i, v in full["state"].items()},
+            "param_groups": [{**{k: v for k, v in g.items() if k != "params"}, "params": [flat[int(i)] for i in g["params"]]}
+                             for g in full["param_groups"]]}
+
+
 class Checkpointer:
     """Saves and restores a pretraining run under ``out`` through an ``accelerate`` Accelerator:
-    every rank calls :meth:`save` (the gathers are collective), the main process writes."""
+    every rank calls :meth:`save` (the gathers are collective), the main process writes.
+
+    A model sharded with FSDP2 (:mod:`bitnet_train.distributed`) is checkpointed sharded: each
+    rank writes its shard of the model and the optimizer into ``dcp/`` (``torch.distributed.checkpoint``),
+    the main process the config, tokenizer, RNG states and ``trainer_state.json``; ``final/`` is
+    the model gathered parameter by parameter on the main process (never the optimizer)."""
 
     def __init__(self, out: Path, acc, tokenizer, recipe_dict: dict, keep_last: int):
-        from accelerate.utils import DistributedType
-
         self.out, self.acc, self.tok, self.recipe_dict, self.keep_last = Path(out), acc, tokenizer, recipe_dict, keep_last
-        self.fsdp = acc.distributed_type == DistributedType.FSDP
+        self.fsdp = False
 
     def newest(self) -> tuple[int, Path] | None:
         found = list_checkpoints(self.out)
         return found[-1] if found else None
 
     def prepare(self, model, opt, ck: Path | None):
-        """``acc.prepare(model, opt)``, restoring the optimizer and the RNGs of checkpoint ``ck``
-        (each at the point of preparation it must be restored at)."""
+        """``acc.prepare(model, opt)`` (a model sharded with FSDP2 is used as it is), restoring the
+        model and optimizer of a sharded checkpoint ``ck`` (``dcp/``, at any world size), or the
+        optimizer of a whole one, and the RNGs (each at the point it must be restored at)."""
         from .checkpoint import load_state_file
+        from .distributed import DCP_DIR, is_fsdp, load_sharded
 
-        if ck is not None and not self.fsdp:
+        self.fsdp = is_fsdp(model)
+        sharded_ck = ck is not None and (Path(ck) / DCP_DIR).is_dir()
+        if sharded_ck:
+            load_sharded(model, opt, ck)
+        elif ck is not None and self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            f = ck / "optimizer.pt"
+            full = _by_name(model, opt, load_state_file(f, "optimizer state"), f)
+            set_optimizer_state_dict(model, opt, full, options=StateDictOptions(full_state_dict=True))
+        elif ck is not None:
             opt.load_state_dict(load_state_file(ck / "optimizer.pt", "optimizer state"))
-        model, opt = self.acc.prepare(model, opt)
+        if not self.fsdp:
+            model, opt = self.acc.prepare(model, opt)
         if ck is not None:
-            if self.fsdp:
-                from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-                full = load_state_file(ck / "optimizer.pt", "optimizer state")
-                set_optimizer_state_dict(model, opt.optimizer, full, options=StateDictOptions(full_state_dict=True))
             rng = load_state_file(ck / "rng.pt", "random number generator state")
             if "per_rank" in rng:
                 rank = self.acc.process_index
@@ -205,33 +230,58 @@ class Checkpointer:
         positions = gather_object([pos]) if world > 1 else [pos]
         position = merge_positions(positions)
         rngs = gather_object([rng_state()]) if world > 1 else None
-        state_dict = acc.get_state_dict(model) if self.fsdp else None
-        if final:
-            opt_state = None
-        elif self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-            opt_state = get_optimizer_state_dict(
-                model, opt.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        else:
-            opt_state = opt.state_dict()
-        if not acc.is_main_process:
-            return ck_dir
         saved = {"step": state.step, "tokens": state.tokens, "data_position": position, "world_size": world,
                  "skipped_steps": state.skipped_steps, "recipe": self.recipe_dict}
 
-        def extra(tmp: Path):
-            torch.save(opt_state, tmp / "optimizer.pt")
+        def extra(tmp: Path, opt_state=None):
+            if opt_state is not None:
+                torch.save(opt_state, tmp / "optimizer.pt")
             torch.save(rng_state() if rngs is None else {"per_rank": rngs}, tmp / "rng.pt")
             (tmp / STATE_FILE).write_text(json.dumps(saved, indent=2))
 
-        unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
-        if final:
-            save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok, state_dict=state_dict,
-                            extra={"stage": "pretrain", "step": state.step, "recipe": self.recipe_dict})
+        if self.fsdp and not final:
+            self._save_sharded(model, opt, ck_dir, lambda tmp: extra(tmp), state)
         else:
-            save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok, state_dict=state_dict,
-                            extra={"stage": "pretrain", "step": state.step}, write_extra=extra)
+            state_dict = None
+            if self.fsdp:  # final/: the model only, gathered one parameter at a time onto the main process's CPU
+                from .distributed import full_model_state_dict
+
+                state_dict = full_model_state_dict(model)
+            if not acc.is_main_process:
+                return ck_dir
+            unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
+            if final:
+                save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok, state_dict=state_dict,
+                                extra={"stage": "pretrain", "step": state.step, "recipe": self.recipe_dict})
+            else:
+                opt_state = opt.state_dict()
+                save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok,
+                                extra={"stage": "pretrain", "step": state.step},
+                                write_extra=lambda tmp: extra(tmp, opt_state))
+        if acc.is_main_process and not final:
             for _, old in list_checkpoints(self.out)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         return ck_dir
+
+    def _save_sharded(self, model, opt, ck_dir: Path, write_extra, state: TrainState) -> None:
+        """A sharded checkpoint, atomically: the main process opens the temporary directory and
+        tells the others its name, every rank writes its shard into ``dcp/``, then the main
+        process adds the config, tokenizer and state files and puts the directory in place."""
+        import torch.distributed as dist
+
+        from .checkpoint import save_checkpoint
+        from .distributed import DCP_DIR, save_sharded
+
+        if not self.acc.is_main_process:
+            name = [None]
+            dist.broadcast_object_list(name, src=0)
+            save_sharded(model, opt, Path(name[0]) / DCP_DIR)
+            return
+
+        def write(tmp: Path):
+            dist.broadcast_object_list([str(tmp)], src=0)
+            save_sharded(model, opt, tmp / DCP_DIR)
+            write_extra(tmp)
+
+        save_checkpoint(model, ck_dir, tokenizer=self.tok, extra={"stage": "pretrain", "step": state.step},
+                        write_extra=write, weights=False)

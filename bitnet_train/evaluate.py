@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import DataError, UserError
 from .windows import Packer
+from .nll import window_nll
 
 IK_ARCHS = ("bitnet-25", "bitnet-b1.58")
 
@@ -41,15 +42,6 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int):
         end = done + n
         yield tokens[max(end - max_len - 1, 0) : end], n
         done = end
-
-
-def window_nll(logits: np.ndarray, seq: list[int], n_pred: int) -> float:
-    """Summed NLL (float64 log-softmax) of ``seq``'s last ``n_pred`` tokens, from the logits ``[len(seq) - 1, vocab]``
-    of the model fed ``seq[:-1]``."""
-    x = np.asarray(logits[len(seq) - 1 - n_pred : len(seq) - 1], dtype=np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return float(-(x[np.arange(n_pred), np.asarray(seq[-n_pred:])] - np.log(np.exp(x).sum(-1))).sum())
-
 
 
 class Runtime:

@@ -20,9 +20,19 @@ from .schedule import lr_at, weight_decay_at
 
 
 def _next_batch(blocks, batch_size: int, device):
+    """The next ``batch_size`` blocks as one ``[batch_size, seq_len + 1]`` ``torch.long`` tensor on
+    ``device``. Blocks are lists of ints (the streaming reader) or 1-D ``numpy`` arrays (the token
+    shards' memory-map views, copied straight into the tensor's memory, pinned on CUDA)."""
+    import numpy as np
     import torch
 
-    return torch.tensor([next(blocks) for _ in range(batch_size)], dtype=torch.long, device=device)
+    rows = [next(blocks) for _ in range(batch_size)]
+    if not isinstance(rows[0], np.ndarray):
+        return torch.tensor(rows, dtype=torch.long, device=device)
+    device = torch.device(device)
+    out = torch.empty((batch_size, rows[0].shape[0]), dtype=torch.long, pin_memory=device.type == "cuda")
+    np.stack(rows, out=out.numpy(), casting="safe")
+    return out.to(device, non_blocking=True) if device.type != "cpu" else out
 
 
 def _token_loss(model, x, reduction: str = "mean"):
@@ -80,6 +90,7 @@ def train_step(model, opt, blocks, state: TrainState, recipe, acc) -> tuple[dict
     ``state``; returns the step's metrics record and its (global mean) loss."""
     import torch
 
+    from .distributed import clip_grad_norm, is_fsdp, set_gradient_sync
     from .warmup import apply_warmup
 
     t, world = recipe.train, acc.num_processes
@@ -90,11 +101,15 @@ def train_step(model, opt, blocks, state: TrainState, recipe, acc) -> tuple[dict
     opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = lr
     opt.param_groups[0]["weight_decay"] = wd  # group 1 (vectors) is never decayed
     opt.zero_grad(set_to_none=True)
+    fsdp = is_fsdp(model)
     loss_sum = 0.0
     for i in range(t.grad_accum):
         x = _next_batch(blocks, t.batch_size, acc.device)
-        # gradients are all-reduced across ranks only on the last micro-batch
-        with acc.no_sync(model) if i < t.grad_accum - 1 else contextlib.nullcontext():
+        # gradients are all-reduced (FSDP: reduce-scattered) across ranks only on the last micro-batch
+        last = i == t.grad_accum - 1
+        if fsdp:
+            set_gradient_sync(model, last)
+        with acc.no_sync(model) if not (last or fsdp) else contextlib.nullcontext():
             loss = _token_loss(model, x)
             acc.backward(loss / t.grad_accum)
         loss_sum += loss.item()
@@ -104,7 +119,8 @@ def train_step(model, opt, blocks, state: TrainState, recipe, acc) -> tuple[dict
     problem = None if math.isfinite(loss_val) else f"non-finite loss {loss_val}"
     grad_norm = None
     if problem is None:  # with clip 0 the norm is only measured (scaled by 1: the gradients are unchanged)
-        grad_norm = float(acc.clip_grad_norm_(model.parameters(), t.clip if t.clip > 0 else math.inf))
+        max_norm = t.clip if t.clip > 0 else math.inf
+        grad_norm = clip_grad_norm(model, max_norm) if fsdp else float(acc.clip_grad_norm_(model.parameters(), max_norm))
         if not math.isfinite(grad_norm):
             problem = f"non-finite gradient norm {grad_norm}"
     if problem is not None and t.non_finite == "stop":

@@ -18,9 +18,14 @@ Reading (:class:`ShardData`): validation is ``data.val_path``'s documents, or th
 at the start of the stream up to the first EOS at or after ``data.val_tokens`` tokens (the same
 documents the streaming reader holds out when no document is a ``.txt`` file); training block ``i``
 is the ``seq_len + 1`` tokens at ``train_start + i * (seq_len + 1)``, after them. Each epoch visits
-the training blocks in a permutation seeded by (seed, epoch). In each round of ``world_size`` consecutive entries of the permutation, rank ``r``
-takes entry ``r``: ranks never share a block, and the data position (epoch, entries taken) is the
-same on every rank. Resuming jumps straight to the position: no replay.
+the training blocks in a permutation seeded by (seed, epoch): a
+:class:`~bitnet_train.blockorder.BlockPermutation`, a keyed Feistel network computed per index (O(1)
+memory at any corpus size, where a materialized permutation of 4 T tokens' blocks takes gigabytes
+per rank). A training block is handed out as a 1-D ``numpy`` view of the memory map (no Python
+list); the loop copies a micro-batch of them into one tensor. In each round of ``world_size``
+consecutive entries of the permutation, rank ``r`` takes entry ``r``: ranks never share a block,
+and the data position (epoch, entries taken) is the same on every rank. Resuming jumps straight to
+the position: no replay.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .blockorder import DataPosition, check_rank
+from .blockorder import BlockPermutation, DataPosition, check_rank
 from .documents import SkipCounter, encode_pieces, iter_piece_batches
 from .errors import DataError
 
@@ -350,9 +355,6 @@ class ShardData:
             i += 1
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def block_at(self, i: int) -> list[int]:
-        """Training block ``i`` (the held-out documents come before block 0)."""
-        return self.tokens(self.train_start + i * self.block, self.block).tolist()
 
     def _held_out_end(self, val_tokens: int) -> int:
         """The end of the held-out documents: just after the first EOS at or after ``val_tokens``
@@ -387,19 +389,22 @@ class ShardData:
                 self._held_out = HeldOut([], None, 0, 0)
         return self._held_out
 
-    def permutation(self, epoch: int):
-        """The order in which epoch ``epoch`` visits the training blocks."""
-        import numpy as np
-
+    def permutation(self, epoch: int) -> "BlockPermutation":
+        """The order in which epoch ``epoch`` visits the training blocks: entry ``k`` is the
+        training block taken ``k``-th (computed on demand, O(1) memory)."""
         if self._perm_epoch != epoch:
-            rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, epoch])
-            p = rng.permutation(self.n_train)
-            self._perm = p.astype(np.uint32) if self.n_train < 1 << 32 else p
+            self._perm = BlockPermutation(self.n_train, self.seed, epoch)
             self._perm_epoch = epoch
         return self._perm
 
-    def train_blocks(self, pos: DataPosition) -> Iterator[list[int]]:
-        """Training blocks from ``pos`` on, forever; updates ``pos`` in place. Round ``k`` (from
+    def block_array(self, i: int):
+        """Training block ``i`` as a 1-D array (a view of the memory map when it lies in one shard);
+        the held-out documents come before block 0."""
+        return self.tokens(self.train_start + i * self.block, self.block)
+
+    def train_blocks(self, pos: DataPosition) -> Iterator:
+        """Training blocks (1-D ``numpy`` arrays of ``seq_len + 1`` token ids, read from the memory
+        map) from ``pos`` on, forever; updates ``pos`` in place. Round ``k`` (from
         the position the iterator started at) gives rank ``r`` permutation entry
         ``pos.taken + k * world_size + r``; ``pos.taken`` moves a whole round at a time."""
         w, r = self.world_size, self.rank
@@ -412,9 +417,10 @@ class ShardData:
             perm = self.permutation(pos.epoch)
             k = pos.taken
             while k + w <= self.n_train:
-                j = int(perm[k + r])
+                j = perm[k + r]
                 pos.taken = k + w
-                yield self.block_at(j)
+                yield self.block_array(j)
                 k += w
             pos.epoch += 1
             pos.taken = 0
+

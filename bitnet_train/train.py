@@ -3,24 +3,31 @@ and the setting up of a run (tokenizer, model, optimizer, data, the checkpoint i
 the loop itself is :mod:`bitnet_train.loop`, the checkpoints :mod:`bitnet_train.checkpointer`.
 
 On ``accelerate``: one process (CPU, or one GPU), or several started by ``accelerate launch``
-(DDP; FSDP when the accelerate config selects it). bf16 autocast on GPUs, fp32 on the CPU
-(``train.mixed_precision``). AdamW (betas 0.9/0.95), a warm-up + cosine or the 2B4T two-stage LR
-schedule with an optional weight-decay schedule, gradient clipping and accumulation, the
-quantization warm-up, optional ``torch.compile`` and activation checkpointing. Every process
-trains on its own blocks of the one data stream (``open_training_data(rank=, world_size=)``):
-the global batch is ``batch_size * grad_accum * processes`` sequences.
+(DDP; FSDP2 with ``--use_fsdp`` or an accelerate config that selects FSDP: we then shard the
+model ourselves with ``fully_shard``, on the CPU too, see :mod:`bitnet_train.distributed`). A
+preset is built on the meta device and materialized per rank from the seed: the same weights at
+any world size. bf16 autocast on GPUs, fp32 on the CPU (``train.mixed_precision``). AdamW (betas
+0.9/0.95), a warm-up + cosine or the 2B4T two-stage LR schedule with an optional weight-decay
+schedule, gradient clipping and accumulation, the quantization warm-up, optional
+``torch.compile`` and activation checkpointing. Every process trains on its own blocks of the
+one data stream (``open_training_data(rank=, world_size=)``): the global batch is
+``batch_size * grad_accum * processes`` sequences.
 
-Output directory (written by the main process only)::
+Output directory (written by the main process only; under FSDP every rank writes its shard of
+``dcp/``)::
 
     OUTPUT_DIR/metrics.jsonl            one line per optimizer step, one per evaluation
     OUTPUT_DIR/checkpoints/step-NNNNNN/ every train.save_every steps (the last keep_last kept):
                                         a model checkpoint plus optimizer.pt, rng.pt and
-                                        trainer_state.json (step, tokens, data position), atomic
+                                        trainer_state.json (step, tokens, data position), atomic;
+                                        under FSDP dcp/ (each rank's shard of the model and the
+                                        optimizer) instead of the weights and optimizer.pt
     OUTPUT_DIR/final/                   the model and tokenizer at the end
 
-``--resume`` continues from the newest checkpoint, bit for bit on the CPU in one process: the
-same losses as a run that was never interrupted. The LR and weight decay are functions of the
-step, so the step restores the schedule. SIGINT/SIGTERM save a checkpoint and exit.
+``--resume`` continues from the newest checkpoint, bit for bit on the CPU at the same world size
+(one process, DDP or FSDP): the same losses as a run that was never interrupted. The LR and
+weight decay are functions of the step, so the step restores the schedule. SIGINT/SIGTERM save a
+checkpoint and exit.
 """
 
 from __future__ import annotations
@@ -156,17 +163,64 @@ def _make_tokenizer(recipe: PretrainRecipe):
     return make_tokenizer(recipe.data)
 
 
-def _make_model(recipe: PretrainRecipe, tok):
-    """The recipe's ``model:`` (see :func:`bitnet_train.model.load_model`) as a float32 model for ``tok``."""
+def _make_model(recipe: PretrainRecipe, tok, device="cpu", fsdp: bool = False):
+    """The recipe's ``model:`` (see :func:`bitnet_train.model.load_model`) as a float32 model for
+    ``tok`` on ``device``, sharded with FSDP2 when ``fsdp``. A preset is built on the meta device
+    and materialized per rank (:func:`bitnet_train.distributed.materialize`: the same weights at
+    any world size, each rank allocating only its shard); a checkpoint or ``hf:`` model is read
+    whole, then sharded."""
     import torch
 
-    from .model import load_model
+    from .distributed import materialize
+    from .model import load_model, model_kind
 
-    model = load_model(recipe.model, quant=recipe.quant, convert=recipe.convert, tokenizer=tok, seed=recipe.seed)
+    fresh = model_kind(recipe.model) == "preset"
+    model = load_model(recipe.model, quant=recipe.quant, convert=recipe.convert, tokenizer=tok, seed=recipe.seed,
+                       device="meta" if fresh else None)
     maxpos = getattr(model.config, "max_position_embeddings", None)
     if maxpos and recipe.data.seq_len > maxpos:
         raise RecipeError(f"data.seq_len {recipe.data.seq_len} exceeds the model's max_position_embeddings {maxpos}")
-    return model.to(torch.float32)
+    model = model.to(torch.float32)
+    if not fresh:
+        model.to(device)
+    return _finish_model(model, recipe, fsdp, lambda m: materialize(m, recipe.seed, device) if fresh else None)
+
+
+def _resumed_model(recipe: PretrainRecipe, ck: Path, device, fsdp: bool):
+    """The model of checkpoint ``ck``: with a sharded (``dcp/``) checkpoint, the architecture on
+    the meta device, materialized per rank (its weights are then read with the optimizer, see
+    :meth:`~bitnet_train.checkpointer.Checkpointer.prepare`); else the whole checkpoint."""
+    import torch
+
+    from .checkpoint import load_checkpoint
+    from .distributed import DCP_DIR, materialize
+
+    if (Path(ck) / DCP_DIR).is_dir():
+        model = load_checkpoint(ck, device="meta").to(torch.float32)
+        return _finish_model(model, recipe, fsdp, lambda m: materialize(m, recipe.seed, device, params=False))
+    model = load_checkpoint(ck)
+    model.to(device)
+    return _finish_model(model, recipe, fsdp, lambda m: None)
+
+
+def _finish_model(model, recipe: PretrainRecipe, fsdp: bool, materialize):
+    """Activation checkpointing and (FSDP) per-layer compile, then sharding, then ``materialize``."""
+    from .distributed import shard_model
+
+    t = recipe.train
+    if t.activation_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if fsdp:
+        if t.compile:  # accelerate compiles what it prepares; under FSDP each decoder layer is compiled in place
+            for layer in model.model.layers:
+                layer.compile(backend="inductor")
+        shard_model(model, _mixed_precision(t))
+    materialize(model)
+    return model
 
 
 def _param_groups(model, weight_decay: float):
@@ -197,17 +251,39 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | Non
             hf_logging.enable_progress_bar()
 
 
-def _accelerator(t: TrainConfig):
+def _mixed_precision(t: TrainConfig) -> str:
     import torch
-    from accelerate import Accelerator
 
     mp = t.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() else "no"
+    return mp
+
+
+def _accelerator(t: TrainConfig):
+    """The Accelerator: process group, device, backward and the loop's collectives. Under FSDP
+    (:func:`bitnet_train.distributed.fsdp_requested`) the model is sharded by us, not by
+    ``prepare``, so accelerate gets neither mixed precision (FSDP2's policy does it) nor dynamo."""
+    import torch
+    from accelerate import Accelerator
+
+    from .distributed import fsdp_requested
+
+    mp = _mixed_precision(t)
+    if fsdp_requested():
+        mp, dynamo = "no", None
+    else:
+        dynamo = "inductor" if t.compile else None
     # cpu=True without CUDA: several launched processes then form a gloo group (MULTI_CPU) instead
     # of each training alone
-    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(),
-                       dynamo_backend="inductor" if t.compile else None)
+    return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), dynamo_backend=dynamo)
+
+
+def _use_fsdp(acc) -> bool:
+    """FSDP2 when the launch asks for it and several processes run (one process trains unsharded)."""
+    from .distributed import fsdp_requested
+
+    return fsdp_requested() and acc.num_processes > 1
 
 
 def _reset_accelerate(acc) -> None:
@@ -253,7 +329,6 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
     import torch
     from tqdm.auto import tqdm
 
-    from .checkpoint import load_checkpoint
     from .checkpointer import Checkpointer, TrainState, resume_point, seed_all
     from .data import open_training_data
     from .fsutil import clean_stale
@@ -269,10 +344,11 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
         clean_stale(out)  # and an interrupted overwrite of final/ (its previous copy comes back)
     ck = start[1] if start is not None else None
 
+    fsdp = _use_fsdp(acc)
     if ck is None:
         seed_all(recipe.seed)
         tok = _get_tokenizer(recipe, acc, out)
-        model = _make_model(recipe, tok)
+        model = _make_model(recipe, tok, acc.device, fsdp)
         state = TrainState()
     else:
         from transformers import AutoTokenizer
@@ -286,14 +362,8 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
             print(f"pretrain: resuming with changed schedule keys ({'; '.join(changed)})", file=sys.stderr)
         state = TrainState.read(ck)
         tok = ensure_special_tokens(AutoTokenizer.from_pretrained(ck))
-        model = load_checkpoint(ck)
-    if t.activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    model.to(acc.device).train()
+        model = _resumed_model(recipe, ck, acc.device, fsdp)
+    model.train()
 
     recipe_dict = to_dict(recipe)
     ckpt = Checkpointer(out, acc, tok, recipe_dict, t.keep_last)
@@ -332,6 +402,7 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
         if main:
             metrics.close()
             wandb_run.finish()
+    summary["fsdp"] = fsdp
     if summary.get("interrupted"):
         if main:
             print(f"pretrain: stopped at step {state.step}; checkpoint saved, continue with --resume", file=sys.stderr)

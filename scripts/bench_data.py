@@ -10,7 +10,7 @@
    permuted blocks).
 
 Both data paths are timed the way the loop uses them: ``batch_size`` blocks from
-``train_blocks`` turned into one ``torch.long`` tensor per micro-batch. Prints tokens/s and the
+``train_blocks`` turned into one ``torch.long`` tensor per micro-batch (the loop's ``_next_batch``). Prints tokens/s and the
 ratio data / trainer for each path (goal: at least 5x).
 """
 
@@ -29,16 +29,15 @@ SHAKESPEARE = next(p for p in (REPO.parent / "shared" / "data" / "tinyshakespear
 
 
 def time_data(data, batch_size: int, min_tokens: int, min_seconds: float) -> tuple[float, int]:
-    import torch
-
     from bitnet_train.data import DataPosition
+    from bitnet_train.loop import _next_batch
 
     it = data.train_blocks(DataPosition())
-    torch.tensor([next(it) for _ in range(batch_size)], dtype=torch.long)  # opens the files, first tokenizer call
+    _next_batch(it, batch_size, "cpu")  # opens the files, first tokenizer call
     n = 0
     t0 = time.perf_counter()
     while n < min_tokens or time.perf_counter() - t0 < min_seconds:
-        x = torch.tensor([next(it) for _ in range(batch_size)], dtype=torch.long)
+        x = _next_batch(it, batch_size, "cpu")
         n += x[:, 1:].numel()
     return n / (time.perf_counter() - t0), n
 

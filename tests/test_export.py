@@ -7,7 +7,9 @@ near-uniform logits, which makes top-1 agreement meaningless), probed on held-ou
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,6 +91,30 @@ def _quiet(*_a, **_k):
     pass
 
 
+def hand_perplexity(logits, ids: list[int]) -> float:
+    """exp(mean cross-entropy) of ``ids[1:]`` from ``logits[:-1]``, in torch float64: independent of
+    verify's numpy log-softmax."""
+    x = torch.as_tensor(np.asarray(logits), dtype=torch.float64)[:-1]
+    return math.exp(float(torch.nn.functional.cross_entropy(x, torch.tensor(ids[1:]))))
+
+
+def probe_ids_of(ckpt: Path, probe: str, n: int = 128) -> list[int]:
+    """The probe tokens export feeds both sides (the checkpoint's tokenizer, as export loads it)."""
+    from bitnet_train.export.source import CheckpointSource, load_tokenizer_for
+
+    return V.probe_ids(load_tokenizer_for(CheckpointSource(ckpt), None), probe, n)
+
+
+# the probe perplexities in the report line (verify.Agreement.__str__)
+PPL_REPORT = re.compile(r"probe perplexity ours ([0-9.]+), runtime ([0-9.]+) \(relative difference ([0-9.e+-]+)\)")
+
+
+def reported_perplexities(line: str) -> tuple[float, float, float]:
+    m = PPL_REPORT.search(line)
+    assert m, f"no probe perplexity in the report: {line}"
+    return tuple(float(g) for g in m.groups())
+
+
 # ---------------------------------------------------------------------------------------------
 # hf: stock transformers
 # ---------------------------------------------------------------------------------------------
@@ -100,9 +126,19 @@ def test_hf_export_into_stock_transformers(silu_ckpt, probe, tmp_path):
     from bitnet_train.quant import unpack_hf, weight_quant
 
     out = tmp_path / "hf"
-    r = export(silu_ckpt, "hf", out, probe_text=probe, log=_quiet)
+    logs = []
+    r = export(silu_ckpt, "hf", out, probe_text=probe, log=logs.append)
     ag = r["agreement"]
     assert ag.ok and ag.rel_error < 1e-3 and ag.top1 == 1.0, str(ag)
+    # the probe's perplexity in both, each from its own logits, reported beside the logit error
+    ids = probe_ids_of(silu_ckpt, probe)
+    assert ag.positions == len(ids)
+    assert ag.ppl_ours == pytest.approx(hand_perplexity(V.our_logits(silu_ckpt, ids), ids), rel=1e-9)
+    assert ag.ppl_runtime == pytest.approx(hand_perplexity(V.hf_logits(out, ids), ids), rel=1e-9)
+    print(ag)  # the report line (docs/eval.md's table: pytest -s)
+    assert 1.0 < ag.ppl_ours < 512 and ag.ppl_rel < 1e-4, str(ag)  # measured: 1.6e-9 (docs/eval.md)
+    ours, theirs, rel = reported_perplexities(next(line for line in logs if line.startswith("verify [hf]")))
+    assert ours == pytest.approx(ag.ppl_ours, abs=1e-4) and theirs == pytest.approx(ag.ppl_runtime, abs=1e-4)
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
     assert (qc["quant_method"], qc["linear_class"], qc["quantization_mode"]) == ("bitnet", "bitlinear", "offline")
@@ -160,6 +196,14 @@ def test_gguf_into_llama_cpp(silu_ckpt, probe, tmp_path, quant):
     ag = r["agreement"]
     assert ag.ok, str(ag)
     assert ag.tokenization.startswith("identical"), ag.tokenization
+    assert r["runtime"] == "llama.cpp" and r["quant"] == quant
+    ids = probe_ids_of(silu_ckpt, probe)
+    assert ag.positions == len(ids)
+    theirs, _ = V.gguf_logits(out, ids)
+    assert ag.ppl_runtime == pytest.approx(hand_perplexity(theirs, ids), rel=1e-6)
+    assert ag.ppl_ours == pytest.approx(hand_perplexity(V.our_logits(silu_ckpt, ids), ids), rel=1e-9)
+    print(ag)
+    assert ag.ppl_rel < 2e-3, str(ag)  # measured: TQ2_0/TQ1_0 5.5e-6, F32 1.5e-4 (docs/eval.md)
     if quant == "f32":
         assert ag.emulated_rel < 1e-3  # F32: the same function as our ternary weights, fp activations
     reader = gguf.GGUFReader(str(out))
@@ -196,8 +240,11 @@ def test_dropped_scales_fail_verification(tmp_path_factory, text, probe, tmp_pat
     On a model whose layers matter. Measured (TQ2_0, this probe): after 40 training steps the logits
     are mostly the embedding's unigram guess and dropping every scale moves them by only 3.5e-2 (inside
     the 5e-2 tolerance, top-1 still 100%); after 100 steps 5.1e-2 (86.7%); after 200 steps 1.1e-1
-    (71.9%), while the correct export of that model is at 2.8e-3."""
+    (71.9%), while the correct export of that model is at 2.8e-3. The probe perplexity is blunter: 63.27
+    ours, 63.25 correct (4.3e-4 relative), 64.76 with the scales dropped (2.3e-2, 55x the correct one)."""
     silu_ckpt = make_checkpoint(tmp_path_factory.mktemp("silu200") / "ckpt", text, steps=200)
+    good = export(silu_ckpt, "gguf", tmp_path_factory.mktemp("good") / "good.gguf", quant="tq2_0", probe_text=probe,
+                  log=_quiet)["agreement"]
     real = G._encode
 
     def no_scales(src, key, kind, storage, scales, *rest):
@@ -206,9 +253,13 @@ def test_dropped_scales_fail_verification(tmp_path_factory, text, probe, tmp_pat
 
     monkeypatch.setattr(G, "_encode", no_scales)
     out = tmp_path / "bad.gguf"
-    with pytest.raises(ExportError, match="verification failed"):
+    with pytest.raises(ExportError, match="verification failed") as e:
         export(silu_ckpt, "gguf", out, quant="tq2_0", probe_text=probe, log=_quiet)
     assert not out.exists() and not list(tmp_path.iterdir())
+    print(f"{good}\n{e.value}")
+    ours, theirs, rel = reported_perplexities(str(e.value))  # the failure names both perplexities too
+    assert rel == pytest.approx(abs(theirs / ours - 1), abs=1e-3) and ours == pytest.approx(good.ppl_ours, abs=1e-4)
+    assert rel > 5 * good.ppl_rel, (str(e.value), str(good))
 
 
 def test_relu2_model_refused(relu2_ckpt, tmp_path):
@@ -230,6 +281,7 @@ def test_relu2_forced_is_written_but_fails_verification(relu2_ckpt, probe, tmp_p
     # barely trained, the ReLU² FFN changes the logits little (1.4e-2, top-1 100% measured): the
     # tight F32 check is what catches it — and why the exporter refuses on the config first
     assert not ag.ok and ag.emulated_rel > 3 * ag.max_emulated_rel, str(ag)
+    print(ag)
     assert any("relu2" in line for line in logs)
 
 
@@ -313,6 +365,34 @@ def test_cli_progress_bar(silu_ckpt, tmp_path, capsys):
     assert main(["export", str(silu_ckpt), "--format", "gguf", "--quant", "f16", "--no-verify", "--no-progress",
                  "--out", str(tmp_path / "q.gguf")]) == 0
     assert "export gguf/f16" not in capsys.readouterr().err
+
+
+@pytest.mark.llama
+@pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python is not installed")
+def test_cli_json_report(silu_ckpt, probe, tmp_path, capsys):
+    """``export --json``: one JSON object on stdout with the verification figures, the report on stderr;
+    the probe perplexities are each side's own (recomputed here from the runtime's and our logits)."""
+    from bitnet_train.cli import main
+
+    pf, out = tmp_path / "probe.txt", tmp_path / "m.gguf"
+    pf.write_text(probe, encoding="utf-8")
+    assert main(["export", str(silu_ckpt), "--format", "gguf", "--out", str(out), "--probe-file", str(pf),
+                 "--json", "--no-progress"]) == 0
+    cap = capsys.readouterr()
+    r = json.loads(cap.out)
+    assert (r["ok"], r["verified"], r["quant"], r["runtime"], r["path"]) == (True, True, "tq2_0", "llama.cpp", str(out))
+    ag = r["agreement"]
+    assert ag["ok"] and ag["fmt"] == "tq2_0" and ag["rel_error"] <= ag["max_rel"]
+    ids = probe_ids_of(silu_ckpt, probe)
+    assert ag["positions"] == len(ids)
+    assert ag["ppl_runtime"] == pytest.approx(hand_perplexity(V.gguf_logits(out, ids)[0], ids), rel=1e-6)
+    assert ag["ppl_ours"] == pytest.approx(hand_perplexity(V.our_logits(silu_ckpt, ids), ids), rel=1e-9)
+    assert ag["ppl_rel"] == pytest.approx(abs(ag["ppl_runtime"] / ag["ppl_ours"] - 1), rel=1e-9)
+    line = next(x for x in cap.err.splitlines() if x.startswith("verify [tq2_0] OK"))
+    assert reported_perplexities(line)[0] == pytest.approx(ag["ppl_ours"], abs=1e-4)
+    assert main(["export", str(silu_ckpt), "--format", "hf", "--out", str(tmp_path / "h"), "--no-verify", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert (r["ok"], r["verified"], r["agreement"], r["runtime"]) == (True, False, None, "transformers")
 
 
 def test_cli_errors(silu_ckpt, tmp_path, capsys):
@@ -480,6 +560,7 @@ def test_i2s_into_bitnet_cpp(silu_ckpt, probe, tmp_path, monkeypatch):
     ag = r["agreement"]
     assert ag is not None and ag.ok and ag.rel_error < 5e-3 and ag.top1 >= 0.99, str(ag)
     assert ag.tokenization.startswith("identical"), ag.tokenization  # the GGUF's tokenizer in bitnet.cpp
+    assert ag.ppl_rel < 1e-2, str(ag)  # the probe perplexity in both (measured in llama.cpp: docs/eval.md)
     # bitnet.cpp's AVX2 dot product has a loop over groups of 32 blocks (4,096 values) and a tail
     # loop; rows of 256 and 768 reach only the tail, an FFN of 4352 (34 blocks) both
     wide = make_checkpoint(tmp_path / "wide", probe * 100, steps=20, intermediate_size=4352)

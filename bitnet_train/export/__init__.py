@@ -79,10 +79,17 @@ def register(sub) -> None:
     p.add_argument("--probe-text", help="text to compare logits on (default: a built-in paragraph)")
     p.add_argument("--probe-file", help="file whose start is the probe text")
     p.add_argument("--probe-tokens", type=int, default=128, help="probe length in tokens (default 128)")
+    p.add_argument("--json", action="store_true",
+                   help="print the result as one JSON object on stdout (the report lines go to stderr): path, "
+                   "format, quant, runtime, ok and the verification figures (logit error, top-1, probe perplexity "
+                   "ours and runtime's)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
+    import json
+    import sys
+
     probe = args.probe_text
     if args.probe_file:
         try:
@@ -104,7 +111,13 @@ def cmd_export(args) -> int:
         bitnet_cpp=args.bitnet_cpp,
         progress=not args.no_progress,
         runtime=args.runtime,
+        log=(lambda *a: print(*a, file=sys.stderr)) if args.json else print,
     )
+    if args.json:
+        ag = result["agreement"]
+        out = {k: v for k, v in result.items() if k != "agreement"}
+        print(json.dumps({**out, "verified": ag is not None, "agreement": ag.as_dict() if ag is not None else None},
+                         default=str))
     return 0 if result["ok"] else 1
 
 
@@ -140,6 +153,8 @@ def export(
     tok = load_tokenizer_for(src, tokenizer)
     _clean_leftovers(out)
     result: dict = {"path": str(out), "format": fmt, "ok": True, "agreement": None}
+    if fmt == "hf":
+        result["runtime"] = "transformers"
     text = probe_text or DEFAULT_PROBE
 
     if fmt == "hf":
@@ -171,7 +186,7 @@ def export(
     from . import ik
 
     target = _target(src, quant, runtime)
-    result["runtime"] = target
+    result["runtime"], result["quant"] = target, quant
     if tq_fallback and not (quant.startswith("tq") or quant == "i2_s"):
         raise ExportError("--tq-fallback applies to --quant tq2_0/tq1_0/i2_s only")
     if target == "ik_llama.cpp":
@@ -272,7 +287,7 @@ def _verify(src, tok, text, probe_tokens, fmt, path, log, bitnet_cpp=None, i2s_l
     emulated = None
     if V.TOLERANCES[fmt][2] is not None:
         emulated = V.our_logits(src.path, ids, emulate=fmt.removeprefix("ik_"))
-    ag = V.compare(fmt, theirs, ours, tokenization, ours_emulated=emulated)
+    ag = V.compare(fmt, theirs, ours, tokenization, ours_emulated=emulated, ids=ids)
     log(str(ag))
     return ag
 

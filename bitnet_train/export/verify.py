@@ -9,7 +9,9 @@ same token ids (``eval(ids)``, so a tokenizer difference cannot hide a weight er
 agreement is checked separately).
 
 Metrics over all probe positions: relative error ``||runtime - ours|| / ||ours||`` of the logits
-and top-1 agreement (share of positions whose argmax token is the same).
+and top-1 agreement (share of positions whose argmax token is the same). Reported beside them, not a
+gate: the probe's perplexity in both, ``exp(mean NLL)`` of its tokens ``ids[1:]`` from each side's own
+logits (float64 log-softmax, :func:`bitnet_train.nll.window_nll`, as ``bitnet-train eval`` sums it).
 
 Tolerances (:data:`TOLERANCES`) were set from measurements on trained tiny models (README,
 "Export"), with margin; a ReLU² model in llama.cpp or a ternary export with its scales dropped
@@ -84,6 +86,21 @@ class Agreement:
     tokenization: str = "not checked"
     emulated_rel: float | None = None
     max_emulated_rel: float | None = None
+    ppl_ours: float | None = None
+    ppl_runtime: float | None = None
+
+    @property
+    def ppl_rel(self) -> float | None:
+        """|runtime's probe perplexity / ours - 1|."""
+        if self.ppl_ours is None or self.ppl_runtime is None:
+            return None
+        return abs(self.ppl_runtime / self.ppl_ours - 1.0)
+
+    def as_dict(self) -> dict:
+        """The figures as JSON values (``export --json``)."""
+        from dataclasses import asdict
+
+        return {**asdict(self), "ppl_rel": self.ppl_rel, "ok": self.ok}
 
     @property
     def ok(self) -> bool:
@@ -103,6 +120,9 @@ class Agreement:
                 f"; vs our model with {self.fmt}'s arithmetic emulated {self.emulated_rel:.3e} "
                 f"(tolerance {self.max_emulated_rel:.0e})"
             )
+        if self.ppl_rel is not None:
+            s += (f"; probe perplexity ours {self.ppl_ours:.4f}, runtime {self.ppl_runtime:.4f} "
+                  f"(relative difference {self.ppl_rel:.2e})")
         return s + f"; tokenization: {self.tokenization}"
 
 
@@ -114,18 +134,32 @@ def rel_error(runtime: np.ndarray, ours: np.ndarray) -> float:
     return float(np.linalg.norm(runtime - ours) / max(np.linalg.norm(ours), 1e-30))
 
 
+def probe_perplexity(logits: np.ndarray, ids: list[int]) -> float:
+    """exp(mean NLL) of ``ids[1:]`` from ``logits`` ``[len(ids), vocab]`` of the model fed ``ids``
+    (position i predicts token i + 1; the last position predicts nothing here)."""
+    from ..nll import window_nll
+
+    logits = np.asarray(logits)
+    if len(ids) < 2 or logits.shape[0] != len(ids):
+        raise ValueError(f"probe perplexity: {logits.shape[0]} logit rows for {len(ids)} tokens")
+    n = len(ids) - 1
+    return float(np.exp(window_nll(logits[:n], list(ids), n) / n))
+
+
 def compare(
     fmt: str, runtime: np.ndarray, ours: np.ndarray, tokenization: str = "not checked",
-    ours_emulated: np.ndarray | None = None,
+    ours_emulated: np.ndarray | None = None, ids: list[int] | None = None,
 ) -> Agreement:
     """``ours``: the trainer's forward; ``ours_emulated``: :func:`our_logits` with ``emulate=fmt``
-    (needed for the formats that have an emulation tolerance)."""
+    (needed for the formats that have an emulation tolerance); ``ids``: the probe tokens both were fed,
+    for the probe perplexity of each."""
     rel = rel_error(runtime, ours)
     top1 = float(np.mean(np.asarray(runtime).argmax(-1) == np.asarray(ours).argmax(-1)))
     max_rel, min_top1, max_w = TOLERANCES[fmt]
     w = rel_error(runtime, ours_emulated) if ours_emulated is not None else None
+    ppl = (probe_perplexity(ours, ids), probe_perplexity(runtime, ids)) if ids is not None else (None, None)
     return Agreement(fmt, rel, top1, int(np.asarray(ours).shape[0]), max_rel, min_top1, tokenization, w,
-                     max_w)
+                     max_w, *ppl)
 
 
 def probe_ids(tokenizer, text: str, max_tokens: int = 128) -> list[int]:
