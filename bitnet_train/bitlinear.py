@@ -3,19 +3,54 @@
 The quantization math lives in :mod:`bitnet_train.quant`; this file only wires it into a layer.
 Backends:
 
-* ``torch``  — the plain PyTorch reference (fake quantization + ``F.linear``), always available.
+* ``torch``  — the PyTorch reference, always available: one ``torch.autograd.Function``
+  (:class:`_BitLinearFn`, below) that keeps for backward only the int8 activation codes with
+  their per-token scales and the int8 ternary weight codes with their scale.
 * ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward).
 * ``auto``   — the fastest measured: ``torch`` for now (the Triton kernels are correct but not yet
   faster on an H100, see docs/performance.md); ``triton`` on CUDA once ``AUTO_PREFERS_TRITON`` is set.
 
-The backend is set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model)
-and the environment variable ``BITNET_TRAIN_BACKEND`` overrides it for every layer.
+The backend is set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model);
+the environment variable ``BITNET_TRAIN_BACKEND`` overrides it for every layer. Both are read
+when the backend is resolved — once per layer and device type, at its first forward after
+construction, ``set_backend``, an assignment to ``.backend`` or a move (``.to``) — not per forward.
+
+What the ``torch`` backend computes (``quant_lambda`` = 1):
+
+* **Under autocast** (bf16/fp16, CPU or CUDA): the exact integer product, as the deployed kernels
+  (I2_S, TQ2_0, IQ2_BN, our Triton kernels) compute it: :func:`quant.int_linear` — int8 codes x
+  ternary codes accumulated exactly (``torch._int_mm``, int32), rescaled ``/ a / (1/s)`` in fp32,
+  rounded once to the autocast dtype. ``F.linear`` on the dequantized ``q/a`` and ``t*s`` (what
+  autocast did before) rounds both operands to bf16 first: only 57.3% of the outputs of a
+  2560x2560 layer at 64 tokens equalled the exact result. On this CPU the int8 GEMM is also the
+  fastest of the three (docs/performance.md).
+* **Without autocast** (fp32, or a model held in bf16): ``F.linear`` on the dequantized operands
+  rebuilt from the codes, the arithmetic of stock transformers' ``AutoBitLinear`` (online) — so
+  stock transformers (eager) reproduces our fp32 logits bit for bit, which the round-trip test
+  asserts, and the fp32 forward is the one the straight-through estimator has always trained.
+  (In fp32 the product of dequantized operands differs from the exact one only by fp32 rounding.)
+* Backward (both): the straight-through gradients of the fake-quantized product, from the codes:
+  ``grad_x = g @ W_deq``, ``grad_W = g^T @ x_deq``, ``grad_b = sum(g)``, with ``W_deq``/``x_deq``
+  in the dtype the old fake-quant path multiplied in (the autocast dtype under autocast), so the
+  gradients are those of ``quant.bitlinear_reference``.
+
+Shared inputs: q/k/v (and gate/up) projections that read the same tensor quantize it once
+(:func:`share_input_quantization`, applied by :func:`convert_to_bitlinear`); each keeps its own
+weight scale. The weight's codes are computed once per weight version and kept until that
+layer's backward has run, so activation-checkpointing recomputes do not quantize the weight
+again, and inference (no backward) quantizes it once.
+
+``quant_lambda`` (the warm-up blend) lives in a 0-dim fp32 buffer (not in the state dict): the
+blend ``x + λ (q(x) - x)`` reads it without branching on its value, so a compiled model does not
+recompile when λ changes. The layer branches only on the regime (λ = 0, 0 < λ < 1, λ = 1), at
+most two changes per warm-up.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import weakref
 from typing import Iterable
 
 import torch
@@ -30,6 +65,9 @@ BACKEND_ENV = "BITNET_TRAIN_BACKEND"
 
 # Modules never converted: embeddings and norms are not nn.Linear; the output head is.
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "output", "score", "classifier")
+
+# sibling projections that read the same input tensor (transformers' Llama-family attention and MLP)
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 class BitLinearRMSNorm(nn.Module):
@@ -77,12 +115,83 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return name
 
 
+class _BitLinearFn(torch.autograd.Function):
+    """The ``torch`` backend at ``quant_lambda`` = 1 (see the module notes for what it computes).
+
+    Saved for backward: the int8 activation codes and their fp32 per-token scales, the int8
+    ternary weight codes and their fp32 scale — no fake-quantized float copy of the input or
+    of the weight (and not the latent weight itself)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, xq, a, wq, s, compute_dtype, release):
+        if compute_dtype is None:
+            # stock transformers' arithmetic: F.linear on the dequantized operands, in their dtypes
+            y = F.linear(quant.act_dequant(xq, a, x.dtype), quant.weight_dequant(wq, s, weight.dtype), bias)
+        else:
+            y = quant.int_linear(xq, a, wq, s, bias, compute_dtype)
+        ctx.save_for_backward(xq, a, wq, s)
+        ctx.compute_dtype = compute_dtype
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.release = release
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        xq, a, wq, s = ctx.saved_tensors
+        if ctx.release is not None:
+            ctx.release()  # this step's weight codes are not needed by any later forward
+        n, k = wq.shape
+        g2 = grad.reshape(-1, n)
+        grad_x = grad_w = grad_b = None
+        # the dtypes the fake-quant product multiplied in: under autocast both operands were cast
+        # to the autocast dtype, without it they stayed in the input's and the weight's dtype
+        dx = ctx.compute_dtype or ctx.w_dtype
+        dw = ctx.compute_dtype or ctx.x_dtype
+        if ctx.needs_input_grad[0]:
+            grad_x = g2.mm(quant.weight_dequant(wq, s, dx)).reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = g2.t().mm(quant.act_dequant(xq.reshape(-1, k), a.reshape(-1, 1), dw)).to(ctx.w_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+class _SharedActQuant:
+    """The activation codes of one input tensor, shared by the ``size`` sibling projections that
+    read it (q/k/v, gate/up). The first caller quantizes; the others find the same tensor object
+    (a weak reference, and the same autograd version: not modified in place since) and reuse the
+    codes; the last one drops them, so nothing outlives the forward."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entry = None  # [weakref to x, key, (codes, scale), uses left]
+
+    def __getstate__(self):  # pickling / deepcopy: the transient entry is not part of the state
+        return {"size": self.size, "_entry": None}
+
+    def codes(self, x: torch.Tensor):
+        if x.is_inference():  # inference tensors carry no version counter: in-place writes are unseen
+            return quant.act_quant(x)
+        key = (x._version, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        e = self._entry
+        if e is not None and e[0]() is x and e[1] == key:
+            e[3] -= 1
+            if e[3] <= 0:
+                self._entry = None
+            return e[2]
+        value = quant.act_quant(x)
+        self._entry = [weakref.ref(x), key, value, self.size - 1] if self.size > 1 else None
+        return value
+
+
 class BitLinear(nn.Linear):
     """A linear layer with absmean ternary weights and per-token absmax int8 activations.
 
     Parameters and state dict are those of ``nn.Linear`` (``weight``, optional ``bias``), holding
     the latent full-precision weights that the straight-through estimator trains. ``quant_lambda``
-    in [0, 1] blends quantization in (0 = full precision, 1 = fully quantized).
+    in [0, 1] blends quantization in (0 = full precision, 1 = fully quantized); it is held in the
+    non-persistent fp32 buffer ``quant_lambda_t``.
     """
 
     def __init__(
@@ -98,8 +207,10 @@ class BitLinear(nn.Linear):
         rms_norm_eps: float = 1e-6,
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.backend = _check_backend(backend, "BitLinear(backend=...)")
-        self.quant_lambda = float(quant_lambda)
+        self.backend = backend
+        self.register_buffer("quant_lambda_t", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        self.quant_lambda = quant_lambda
+        self._act_share = None  # a _SharedActQuant when siblings read the same input
         self.rms_norm = BitLinearRMSNorm(in_features, rms_norm_eps) if use_rms_norm else None
         if self.rms_norm is not None and device is not None:
             self.rms_norm.to(device=device, dtype=dtype)
@@ -113,20 +224,68 @@ class BitLinear(nn.Linear):
         new.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        new.quant_lambda_t = torch.full((), new.quant_lambda, dtype=torch.float32, device=w.device)
         if new.rms_norm is not None:
             new.rms_norm = BitLinearRMSNorm(linear.in_features, new.rms_norm.variance_epsilon).to(
                 device=w.device, dtype=w.dtype
             )
         return new
 
+    # -- backend: resolved once per device type, not per forward ---------------------------------
+
+    @property
+    def backend(self) -> str:
+        return self.__dict__["_backend"]
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.__dict__["_backend"] = _check_backend(name, "BitLinear(backend=...)")
+        self.__dict__["_resolved"] = {}
+
+    def _backend_for(self, device: torch.device) -> str:
+        resolved = self._resolved
+        name = resolved.get(device.type)
+        if name is None:
+            name = resolved[device.type] = resolve_backend(self.backend, device)
+        return name
+
+    # -- quant_lambda: a tensor the forward reads, a float mirror for Python ----------------------
+
+    @property
+    def quant_lambda(self) -> float:
+        return self.__dict__["_lam"]
+
+    @quant_lambda.setter
+    def quant_lambda(self, value: float) -> None:
+        value = float(value)
+        with torch.no_grad():
+            self.quant_lambda_t.fill_(value)
+        self.__dict__["_lam"] = value
+        # the regime is the only Python-level branch: it changes at most twice per warm-up
+        self.__dict__["_lam_mode"] = "off" if value <= 0.0 else ("quant" if value >= 1.0 else "blend")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        lam = self._buffers.get("quant_lambda_t")
+        if lam is not None and lam.dtype != torch.float32:  # .to(bfloat16) must not round λ
+            self._buffers["quant_lambda_t"] = torch.full((), self.quant_lambda, dtype=torch.float32, device=lam.device)
+        self.__dict__["_resolved"] = {}  # a device move resolves the backend again
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        lam = self.quant_lambda
-        if lam <= 0.0:
+        mode = self._lam_mode
+        if mode == "off":
             return F.linear(x, self.weight, self.bias)
-        backend = resolve_backend(self.backend, x.device)
-        if backend == "triton" and lam >= 1.0:
+        if mode == "blend":
+            # branch-free in λ (a tensor): the same arithmetic as quant.bitlinear_reference(x, w, b, λ)
+            lam = self.quant_lambda_t
+            xb = quant.blend(x, quant.act_fake_quant_values(x), lam)
+            wb = quant.blend(self.weight, quant.weight_fake_quant_values(self.weight), lam)
+            return F.linear(xb, wb, self.bias)
+        backend = self._backend_for(x.device)
+        if backend == "triton":
             from .kernels import bitlinear_triton, matmul
 
             wq = self._quantized_weight()
@@ -140,23 +299,52 @@ class BitLinear(nn.Linear):
                 # the int8 ones); the same int32 products and rescale, so the same output bits
                 return matmul.ternary_matmul(x, self._packed_weight(), wq[1], self.bias)
             return bitlinear_triton(x, self.weight, self.bias, wq)
-        return quant.bitlinear_reference(x, self.weight, self.bias, lam)
+        compiling = torch.compiler.is_compiling()
+        share = self._act_share
+        # under torch.compile the Python-side caches are skipped (the compiler sees the whole graph)
+        xq, a = share.codes(x) if share is not None and not compiling else quant.act_quant(x)
+        wq, s = quant.weight_quant(self.weight) if compiling else self._torch_weight_codes()
+        dev = x.device.type
+        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        release = None if compiling else self._release_torch_weight_codes
+        return _BitLinearFn.apply(x, self.weight, self.bias, xq, a, wq, s, cdt, release)
 
-    # Triton backend: the weight's ternary codes and scale are computed once per weight version
-    # and reused by every forward until the weight changes, so gradient-accumulation micro-batches
-    # (and activation-checkpointing recomputes) quantize it once per optimizer step. The key is
-    # the parameter's identity, storage pointer, shape, dtype and autograd version counter: any
-    # in-place update (optimizer step, load_state_dict, copy_) bumps the version, and .to() or
-    # assigning .data changes the storage. Writes that bypass autograd's version counter (through
-    # .data of an alias or raw storage) are not seen; call clear_weight_cache() after such writes.
+    # Weight codes are computed once per weight version and reused by every forward until the
+    # weight changes. The key is the parameter's identity, storage pointer, shape, dtype and
+    # autograd version counter: any in-place update (optimizer step, load_state_dict, copy_) bumps
+    # the version, and .to() or assigning .data changes the storage. Writes that bypass autograd's
+    # version counter (through .data of an alias or raw storage) are not seen; call
+    # clear_weight_cache() after such writes.
+    #   torch backend: the codes (int8, a quarter of an fp32 weight) are kept from the forward to
+    #   this layer's backward (activation-checkpointing recomputes reuse them), then dropped, so
+    #   they cost no memory at the optimizer step; without a backward (inference) they stay.
+    #   triton backend: kept until the weight changes (gradient-accumulation micro-batches too).
     cache_quantized_weight = True
+
+    def _weight_cache_key(self, w):
+        return (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())
+
+    def _torch_weight_codes(self):
+        w = self.weight
+        if not self.cache_quantized_weight or w.is_inference():
+            return quant.weight_quant(w)
+        key = self._weight_cache_key(w)
+        cached = self.__dict__.get("_wq_torch")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = quant.weight_quant(w)
+        self.__dict__["_wq_torch"] = (key, value)
+        return value
+
+    def _release_torch_weight_codes(self) -> None:
+        self.__dict__.pop("_wq_torch", None)
 
     def _quantized_weight(self):
         w = self.weight
         if not self.cache_quantized_weight or w.is_inference():
             return None
         # codes made under inference_mode are inference tensors, which autograd cannot save
-        key = (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())
+        key = self._weight_cache_key(w)
         cached = self.__dict__.get("_wq_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -178,9 +366,10 @@ class BitLinear(nn.Linear):
         return packed[1]
 
     def clear_weight_cache(self) -> None:
-        """Drop the cached ternary codes of the Triton backend (they are rebuilt on demand)."""
+        """Drop the cached ternary codes (they are rebuilt on demand)."""
         self.__dict__.pop("_wq_cache", None)
         self.__dict__.pop("_wq_packed", None)
+        self.__dict__.pop("_wq_torch", None)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", backend={self.backend}"
@@ -282,7 +471,29 @@ def convert_to_bitlinear(
             f"convert_to_bitlinear: no {what} nn.Linear found in {type(model).__name__} "
             f"(excluded patterns: {', '.join(patterns) or 'none'})"
         )
+    share_input_quantization(model)
     return converted
+
+
+def share_input_quantization(model: nn.Module) -> list[tuple[str, ...]]:
+    """Let sibling BitLinear layers that read the same input (``SHARED_INPUT_GROUPS``: q/k/v,
+    gate/up) quantize it once. Only siblings with the same input width and no input RMSNorm of
+    their own (whose inputs would differ) are grouped; the state dict is unchanged. The sharing is
+    a check at run time (the same tensor object, not modified since), so a group whose members are
+    called on different inputs still computes each one's own codes. Returns the grouped names."""
+    groups = []
+    for pname, parent in model.named_modules():
+        for names in SHARED_INPUT_GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, BitLinear) and m.rms_norm is None for m in members):
+                continue
+            if len({m.in_features for m in members}) != 1:
+                continue
+            share = _SharedActQuant(len(members))
+            for m in members:
+                m._act_share = share
+            groups.append(tuple(f"{pname}.{n}" if pname else n for n in names))
+    return groups
 
 
 def bitlinear_modules(model: nn.Module) -> list[tuple[str, BitLinear]]:
