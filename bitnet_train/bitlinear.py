@@ -225,6 +225,7 @@ class BitLinear(nn.Linear):
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         new.quant_lambda_t = torch.full((), new.quant_lambda, dtype=torch.float32, device=w.device)
+        new._resolve_now()
         if new.rms_norm is not None:
             new.rms_norm = BitLinearRMSNorm(linear.in_features, new.rms_norm.variance_epsilon).to(
                 device=w.device, dtype=w.dtype
@@ -240,7 +241,19 @@ class BitLinear(nn.Linear):
     @backend.setter
     def backend(self, name: str) -> None:
         self.__dict__["_backend"] = _check_backend(name, "BitLinear(backend=...)")
-        self.__dict__["_resolved"] = {}
+        self._resolve_now()
+
+    def _resolve_now(self) -> None:
+        """Resolve for the weight's device now (so a compiled forward finds it done); a backend
+        that cannot run there (triton on the CPU) is reported by the first forward instead."""
+        resolved = {}
+        w = self.__dict__.get("_parameters", {}).get("weight")
+        if w is not None and w.device.type != "meta":
+            try:
+                resolved[w.device.type] = resolve_backend(self.backend, w.device)
+            except RuntimeError:
+                pass
+        self.__dict__["_resolved"] = resolved
 
     def _backend_for(self, device: torch.device) -> str:
         resolved = self._resolved
@@ -269,7 +282,7 @@ class BitLinear(nn.Linear):
         lam = self._buffers.get("quant_lambda_t")
         if lam is not None and lam.dtype != torch.float32:  # .to(bfloat16) must not round λ
             self._buffers["quant_lambda_t"] = torch.full((), self.quant_lambda, dtype=torch.float32, device=lam.device)
-        self.__dict__["_resolved"] = {}  # a device move resolves the backend again
+        self._resolve_now()  # a device move resolves the backend again
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -161,8 +161,11 @@ class _STE(torch.autograd.Function):
 
 def blend(x: torch.Tensor, fq: torch.Tensor, quant_lambda) -> torch.Tensor:
     """The warm-up blend ``x + lambda * (fq - x)`` of ``x`` and its fake-quantized values ``fq``,
-    with an identity gradient. ``quant_lambda`` may be a float or a 0-dim tensor (no branch on it)."""
-    return x + (quant_lambda * (fq - x.detach())).detach()
+    with an identity gradient. ``quant_lambda`` may be a float or a 0-dim fp32 tensor (no branch on
+    it): the product is formed in fp32 and rounded to ``x``'s dtype, which is what torch does for a
+    python-float ``lambda`` with a bf16/fp16 ``x`` (a 0-dim tensor would be rounded to bf16 first)."""
+    d = fq - x.detach()
+    return x + (quant_lambda * d.float()).to(d.dtype).detach()
 
 
 def _blend(x: torch.Tensor, fn, quant_lambda: float) -> torch.Tensor:
