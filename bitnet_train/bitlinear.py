@@ -17,22 +17,28 @@ construction, ``set_backend``, an assignment to ``.backend`` or a move (``.to``)
 
 What the ``torch`` backend computes (``quant_lambda`` = 1):
 
-* **Under autocast** (bf16/fp16, CPU or CUDA): the exact integer product, as the deployed kernels
-  (I2_S, TQ2_0, IQ2_BN, our Triton kernels) compute it: :func:`quant.int_linear` — int8 codes x
-  ternary codes accumulated exactly (``torch._int_mm``, int32), rescaled ``/ a / (1/s)`` in fp32,
-  rounded once to the autocast dtype. ``F.linear`` on the dequantized ``q/a`` and ``t*s`` (what
-  autocast did before) rounds both operands to bf16 first: only 57.3% of the outputs of a
-  2560x2560 layer at 64 tokens equalled the exact result. On this CPU the int8 GEMM is also the
-  fastest of the three (docs/performance.md).
-* **Without autocast** (fp32, or a model held in bf16): ``F.linear`` on the dequantized operands
-  rebuilt from the codes, the arithmetic of stock transformers' ``AutoBitLinear`` (online) — so
-  stock transformers (eager) reproduces our fp32 logits bit for bit, which the round-trip test
-  asserts, and the fp32 forward is the one the straight-through estimator has always trained.
-  (In fp32 the product of dequantized operands differs from the exact one only by fp32 rounding.)
-* Backward (both): the straight-through gradients of the fake-quantized product, from the codes:
-  ``grad_x = g @ W_deq``, ``grad_W = g^T @ x_deq``, ``grad_b = sum(g)``, with ``W_deq``/``x_deq``
-  in the dtype the old fake-quant path multiplied in (the autocast dtype under autocast), so the
-  gradients are those of ``quant.bitlinear_reference``.
+* **Training** (autograd recording, i.e. grad enabled and the input or weight requiring grad),
+  and anything **under autocast** (bf16/fp16, CPU or CUDA): the exact integer product, as the
+  deployed kernels (I2_S, TQ2_0, IQ2_BN, our Triton kernels) compute it — :func:`quant.int_linear`:
+  int8 codes x ternary codes accumulated exactly (``torch._int_mm``, int32), rescaled
+  ``/ a / (1/s)`` in fp32, rounded once to the output dtype (the autocast dtype, else the input's).
+  ``F.linear`` on the dequantized ``q/a`` and ``t*s`` (what autocast ran before) rounds both
+  operands to bf16 first: only 57.3% of a 2560x2560 layer's outputs at 64 tokens equalled the
+  exact result (issue 15). On the development CPU the int8 GEMM is also ~5x faster than the
+  fp32 GEMM, which is what makes a BitNet training step as fast as a full-precision one
+  (docs/performance.md, ``scripts/bench_memory.py``).
+* **Inference without autocast** (no autograd: ``torch.no_grad``/``inference_mode``/frozen
+  weights): ``F.linear`` on the dequantized operands rebuilt from the codes, in the input's and
+  weight's dtypes — the arithmetic of stock transformers' ``AutoBitLinear`` (online), so stock
+  transformers (eager) reproduces our logits bit for bit (tests/test_model.py asserts it). In
+  fp32 it differs from the exact product by fp32 rounding only (about 1e-7 relative), so a
+  training loss and an evaluation loss of the same batch agree to that. ``exact_training_forward
+  = False`` (class or instance attribute) keeps this arithmetic in training too.
+* **Backward** (all cases): the straight-through gradients of the fake-quantized product, from the
+  codes: ``grad_x = g @ W_deq``, ``grad_W = g^T @ x_deq``, ``grad_b = sum(g)``, with
+  ``W_deq``/``x_deq`` rebuilt bit for bit in the dtype the fake-quant product multiplied in (the
+  autocast dtype under autocast): the gradients equal those of ``quant.bitlinear_reference``
+  exactly (``torch.equal``, tested).
 
 Shared inputs: q/k/v (and gate/up) projections that read the same tensor quantize it once
 (:func:`share_input_quantization`, applied by :func:`convert_to_bitlinear`); each keeps its own
@@ -318,7 +324,12 @@ class BitLinear(nn.Linear):
         xq, a = share.codes(x) if share is not None and not compiling else quant.act_quant(x)
         wq, s = quant.weight_quant(self.weight) if compiling else self._torch_weight_codes()
         dev = x.device.type
-        cdt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+        if torch.is_autocast_enabled(dev):
+            cdt = torch.get_autocast_dtype(dev)
+        elif self.exact_training_forward and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            cdt = x.dtype  # training: the exact product in the model's own dtype
+        else:
+            cdt = None  # inference without autocast: stock transformers' arithmetic
         release = None if compiling else self._release_torch_weight_codes
         return _BitLinearFn.apply(x, self.weight, self.bias, xq, a, wq, s, cdt, release)
 
@@ -333,6 +344,9 @@ class BitLinear(nn.Linear):
     #   they cost no memory at the optimizer step; without a backward (inference) they stay.
     #   triton backend: kept until the weight changes (gradient-accumulation micro-batches too).
     cache_quantized_weight = True
+    # training forwards (autograd recording) without autocast compute the exact integer product too;
+    # False keeps stock transformers' fake-quant arithmetic there (see the module notes)
+    exact_training_forward = True
 
     def _weight_cache_key(self, w):
         return (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())

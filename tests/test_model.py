@@ -34,7 +34,8 @@ def test_bitlinear_is_a_linear_with_plain_state_dict():
     assert set(bl.state_dict()) == {"weight", "bias"}
     assert torch.equal(bl.weight, lin.weight) and bl.weight is not lin.weight
     x = torch.randn(3, 16)
-    assert torch.equal(bl(x), quant.bitlinear_reference(x, lin.weight, lin.bias))
+    with torch.no_grad():  # inference: stock transformers' fake-quant arithmetic, bit for bit
+        assert torch.equal(bl(x), quant.bitlinear_reference(x, lin.weight, lin.bias))
     bl.quant_lambda = 0.0
     assert torch.equal(bl(x), lin(x))
 
@@ -295,18 +296,32 @@ def test_bitlinear_gradients_equal_the_fake_quant_path(shape, bias, mode):
     assert x.grad.dtype == torch.float32 and lin.weight.grad.dtype == torch.float32
     if bias:
         assert torch.equal(lin.bias.grad, gb)
-    if not autocast:  # the forward too (under autocast it is the exact product instead, below)
+    if mode in ("blend", "off"):  # the warm-up regimes keep the fake-quant forward
         assert torch.equal(y, ry)
+    else:  # training at λ = 1 (with or without autocast): the exact integer product, rounded once
+        xq, a = quant.act_quant(x)
+        wq, s = quant.weight_quant(lin.weight)
+        assert torch.equal(y, quant.int_linear(xq, a, wq, s, lin.bias, y.dtype))
+        if mode == "fp32":  # fp32 rounding apart, the same numbers as the fake-quant product
+            torch.testing.assert_close(y, ry, rtol=1e-5, atol=1e-5)
+            with torch.no_grad():  # and inference is the fake-quant product itself
+                assert torch.equal(lin(x), ry)
 
 
-def test_bitlinear_bf16_weights_without_autocast_keep_the_fake_quant_arithmetic():
-    lin = BitLinear(32, 24, bias=False, backend="torch", dtype=torch.bfloat16)
-    x = torch.randn(3, 32, dtype=torch.bfloat16, requires_grad=True)
+def test_bitlinear_bf16_weights_without_autocast():
+    # a model held in bf16: training computes the exact product rounded once to bf16, the gradients
+    # are the fake-quant path's, and inference keeps stock transformers' bf16 arithmetic
+    lin = BitLinear(64, 24, bias=False, backend="torch", dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16, requires_grad=True)
     y = lin(x)
     g = torch.randn_like(y)
     y.backward(g)
     ry, gx, gw, _ = _reference_grads(x, lin.weight, None, g)
-    assert torch.equal(y, ry) and torch.equal(x.grad, gx) and torch.equal(lin.weight.grad, gw)
+    assert torch.equal(x.grad, gx) and torch.equal(lin.weight.grad, gw)
+    xq, a = quant.act_quant(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, quant.int_linear(xq, a, *quant.weight_quant(lin.weight), None, torch.bfloat16))
+    with torch.no_grad():
+        assert torch.equal(lin(x), ry)
 
 
 def test_bitlinear_saves_codes_not_fake_quantized_copies():
@@ -384,12 +399,13 @@ def test_shared_input_is_checked_at_run_time():
     attn = m.model.layers[0].self_attn
     h = torch.randn(2, 5, m.config.hidden_size)
     h2 = torch.randn(2, 5, m.config.hidden_size)
-    y_q = attn.q_proj(h)
-    y_k = attn.k_proj(h2)
-    assert torch.equal(y_k, quant.bitlinear_reference(h2, attn.k_proj.weight))
-    h.mul_(2)
-    assert torch.equal(attn.v_proj(h), quant.bitlinear_reference(h, attn.v_proj.weight))
-    assert torch.equal(y_q, quant.bitlinear_reference(h / 2, attn.q_proj.weight))
+    with torch.no_grad():  # inference arithmetic: comparable bit for bit with the fake-quant reference
+        y_q = attn.q_proj(h)
+        y_k = attn.k_proj(h2)
+        assert torch.equal(y_k, quant.bitlinear_reference(h2, attn.k_proj.weight))
+        h.mul_(2)
+        assert torch.equal(attn.v_proj(h), quant.bitlinear_reference(h, attn.v_proj.weight))
+        assert torch.equal(y_q, quant.bitlinear_reference(h / 2, attn.q_proj.weight))
 
 
 def test_checkpoint_recompute_does_not_requantize_the_weight(monkeypatch):
