@@ -135,7 +135,12 @@ class _BitLinearFn(torch.autograd.Function):
             y = F.linear(quant.act_dequant(xq, a, x.dtype), quant.weight_dequant(wq, s, weight.dtype), bias)
         else:
             y = quant.int_linear(xq, a, wq, s, bias, compute_dtype)
-        ctx.save_for_backward(xq, a, wq, s)
+        if release == "recompute":
+            # keep no weight codes: the backward quantizes the (saved, not copied) latent weight again
+            ctx.save_for_backward(xq, a, weight)
+            release = None
+        else:
+            ctx.save_for_backward(xq, a, wq, s)
         ctx.compute_dtype = compute_dtype
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -144,7 +149,12 @@ class _BitLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        xq, a, wq, s = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if len(saved) == 3:
+            xq, a, weight = saved
+            wq, s = quant.weight_quant(weight)  # autograd checked that weight is unchanged since
+        else:
+            xq, a, wq, s = saved
         if ctx.release is not None:
             ctx.release()  # this step's weight codes are not needed by any later forward
         n, k = wq.shape
@@ -322,7 +332,11 @@ class BitLinear(nn.Linear):
         share = self._act_share
         # under torch.compile the Python-side caches are skipped (the compiler sees the whole graph)
         xq, a = share.codes(x) if share is not None and not compiling else quant.act_quant(x)
-        wq, s = quant.weight_quant(self.weight) if compiling else self._torch_weight_codes()
+        recompute = self.recompute_weight_codes and torch.is_grad_enabled() and self.weight.requires_grad
+        if compiling or recompute:
+            wq, s = quant.weight_quant(self.weight)
+        else:
+            wq, s = self._torch_weight_codes()
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             cdt = torch.get_autocast_dtype(dev)
@@ -330,7 +344,7 @@ class BitLinear(nn.Linear):
             cdt = x.dtype  # training: the exact product in the model's own dtype
         else:
             cdt = None  # inference without autocast: stock transformers' arithmetic
-        release = None if compiling else self._release_torch_weight_codes
+        release = "recompute" if recompute else (None if compiling else self._release_torch_weight_codes)
         return _BitLinearFn.apply(x, self.weight, self.bias, xq, a, wq, s, cdt, release)
 
     # Weight codes are computed once per weight version and reused by every forward until the
@@ -347,6 +361,10 @@ class BitLinear(nn.Linear):
     # training forwards (autograd recording) without autocast compute the exact integer product too;
     # False keeps stock transformers' fake-quant arithmetic there (see the module notes)
     exact_training_forward = True
+    # True: training keeps no weight codes between forward and backward (the backward quantizes the
+    # weight again): less memory at the activation peak (a quarter of the fp32 linear weights), one
+    # more weight quantization per layer and step, and checkpoint recomputes quantize again
+    recompute_weight_codes = False
 
     def _weight_cache_key(self, w):
         return (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())

@@ -75,6 +75,8 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     quant = "none" if args.quant == "stock" else args.quant
     model = bitnet_train.build_model(args.preset, quant=quant, seed=0, **({"backend": "torch"} if quant == "bitnet" else {}))
+    if args.recompute_weight:
+        bitnet_train.BitLinear.recompute_weight_codes = True
     if args.quant == "stock":
         assert os.environ.get("TORCHDYNAMO_DISABLE") == "1"
         _stockify(model)
@@ -120,6 +122,8 @@ def run_one(args, preset: str, quant: str) -> dict:
         env["PYTHONPATH"] = os.path.abspath(args.code) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset, "--quant", quant,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
+    if args.recompute_weight:
+        cmd.append("--recompute-weight")
     if args.lock:
         cmd = ["flock", args.lock] + cmd
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -141,6 +145,8 @@ def main() -> None:
     ap.add_argument("--code", default=None, help="a checkout whose bitnet_train the workers import")
     ap.add_argument("--lock", default=None, help="run each worker under `flock LOCK`")
     ap.add_argument("--json", default=None, help="also write all results to this file")
+    ap.add_argument("--recompute-weight", action="store_true",
+                    help="BitLinear.recompute_weight_codes = True (no weight codes kept for backward)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
     ap.add_argument("--quant", choices=QUANTS, help=argparse.SUPPRESS)

@@ -324,8 +324,10 @@ def test_bitlinear_bf16_weights_without_autocast():
         assert torch.equal(lin(x), ry)
 
 
-def test_bitlinear_saves_codes_not_fake_quantized_copies():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_bitlinear_saves_codes_not_fake_quantized_copies(recompute):
     lin = BitLinear(96, 80, bias=True, backend="torch")
+    lin.recompute_weight_codes = recompute
     x = torch.randn(4, 6, 96, requires_grad=True)
     for autocast in (False, True):
         saved = []
@@ -338,11 +340,18 @@ def test_bitlinear_saves_codes_not_fake_quantized_copies():
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 y = lin(x)
         big = [t for t in saved if t.numel() >= 96]
-        # the activation codes [4, 6, 96] and the weight codes [80, 96], both int8; no float copy of
-        # x or W (nor the latent weight itself); the scales are [4, 6, 1] and a 0-dim fp32
-        assert sorted((tuple(t.shape), t.dtype) for t in big) == [((4, 6, 96), torch.int8), ((80, 96), torch.int8)]
+        if recompute:  # the latent weight itself (no copy), re-quantized by the backward
+            assert len(big) == 2 and big[0].dtype == torch.int8 and big[1] is lin.weight
+        else:
+            # the activation codes [4, 6, 96] and the weight codes [80, 96], both int8; no float copy
+            # of x or W (nor the latent weight itself); the scales are [4, 6, 1] and a 0-dim fp32
+            assert sorted((tuple(t.shape), t.dtype) for t in big) == [((4, 6, 96), torch.int8), ((80, 96), torch.int8)]
         assert all(t.dtype == torch.float32 and t.numel() in (1, 24) for t in saved if t.numel() < 96)
         y.float().sum().backward()
+        g = lin.weight.grad.clone()
+        lin.weight.grad = None
+        _, _, gw, _ = _reference_grads(x, lin.weight, lin.bias, torch.ones_like(y), autocast=autocast)
+        assert torch.equal(g, gw)
 
 
 def test_bitlinear_under_bf16_autocast_is_the_exact_integer_product():
