@@ -42,9 +42,11 @@ What the ``torch`` backend computes (``quant_lambda`` = 1):
 
 Shared inputs: q/k/v (and gate/up) projections that read the same tensor quantize it once
 (:func:`share_input_quantization`, applied by :func:`convert_to_bitlinear`); each keeps its own
-weight scale. The weight's codes are computed once per weight version and kept until that
-layer's backward has run, so activation-checkpointing recomputes do not quantize the weight
-again, and inference (no backward) quantizes it once.
+weight scale. Training keeps no weight codes for backward by default (``recompute_weight_codes``:
+the backward quantizes the saved latent weight again, which measured cheaper in memory and no
+slower); with ``recompute_weight_codes = False`` the codes are computed once per weight version
+and kept until that layer's backward has run, so activation-checkpointing recomputes do not
+quantize the weight again. Inference (no backward) quantizes each weight once per version.
 
 ``quant_lambda`` (the warm-up blend) lives in a 0-dim fp32 buffer (not in the state dict): the
 blend ``x + λ (q(x) - x)`` reads it without branching on its value, so a compiled model does not
@@ -361,10 +363,12 @@ class BitLinear(nn.Linear):
     # training forwards (autograd recording) without autocast compute the exact integer product too;
     # False keeps stock transformers' fake-quant arithmetic there (see the module notes)
     exact_training_forward = True
-    # True: training keeps no weight codes between forward and backward (the backward quantizes the
-    # weight again): less memory at the activation peak (a quarter of the fp32 linear weights), one
-    # more weight quantization per layer and step, and checkpoint recomputes quantize again
-    recompute_weight_codes = False
+    # True (the default): training keeps no weight codes between forward and backward (the backward
+    # quantizes the saved latent weight again): a quarter of the fp32 linear weights less memory at
+    # the activation peak, for one more weight quantization per layer and step (not measurable in
+    # the 125m step of docs/performance.md); activation-checkpointing recomputes quantize again.
+    # False: the codes are cached from the forward to the backward (recomputes reuse them).
+    recompute_weight_codes = True
 
     def _weight_cache_key(self, w):
         return (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())

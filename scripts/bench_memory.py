@@ -11,6 +11,8 @@ of those steady-state steps, tokens/s the median step. The configurations altern
 round (``--rounds``) so machine load affects them alike; ratios are to ``none`` of the same round.
 "step MiB" is the peak above the RSS of the built model (before the first step), the step's own
 memory without the interpreter, libraries and weights that every configuration holds alike.
+"saved MiB" is exact rather than sampled: the bytes of the distinct storages autograd keeps for
+backward in one forward (``saved_tensors_hooks``; parameters excluded).
 
     python scripts/bench_memory.py [--presets tiny,125m,350m] [--batch 4] [--seq 256]
         [--steps 3] [--rounds 1] [--threads 2] [--code DIR] [--lock /tmp/cpu.lock]
@@ -75,8 +77,8 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     quant = "none" if args.quant == "stock" else args.quant
     model = bitnet_train.build_model(args.preset, quant=quant, seed=0, **({"backend": "torch"} if quant == "bitnet" else {}))
-    if args.recompute_weight:
-        bitnet_train.BitLinear.recompute_weight_codes = True
+    if args.weight_codes is not None and hasattr(bitnet_train.BitLinear, "recompute_weight_codes"):
+        bitnet_train.BitLinear.recompute_weight_codes = args.weight_codes == "recompute"
     if args.quant == "stock":
         assert os.environ.get("TORCHDYNAMO_DISABLE") == "1"
         _stockify(model)
@@ -86,8 +88,21 @@ def worker(args) -> None:
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
 
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):  # the tensors autograd keeps for backward, by storage (no parameters)
+        st = t.untyped_storage()
+        if st.data_ptr() not in param_storages and t.device.type != "meta":
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    def step(track=False):
+        if track:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -95,7 +110,7 @@ def worker(args) -> None:
         return loss.item()
 
     rss_built = _rss_kib("VmRSS")
-    step()  # warm-up; creates AdamW's state
+    step(track=True)  # warm-up; creates AdamW's state; records what the forward saves for backward
     rss_before = _rss_kib("VmRSS")
     reset = _reset_peak()
     times = []
@@ -105,7 +120,7 @@ def worker(args) -> None:
         times.append(time.perf_counter() - t0)
     out = {
         "preset": args.preset, "quant": args.quant, "params": params, "tokens": args.batch * args.seq,
-        "peak_mib": _rss_kib("VmHWM") / 1024, "rss_built_mib": rss_built / 1024, "rss_before_mib": rss_before / 1024,
+        "peak_mib": _rss_kib("VmHWM") / 1024, "saved_mib": sum(saved.values()) / 2**20, "rss_built_mib": rss_built / 1024, "rss_before_mib": rss_before / 1024,
         "peak_reset": reset, "step_s": statistics.median(times), "tokens_per_s": args.batch * args.seq / statistics.median(times),
         "code": os.path.dirname(os.path.dirname(bitnet_train.__file__)), "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -122,8 +137,8 @@ def run_one(args, preset: str, quant: str) -> dict:
         env["PYTHONPATH"] = os.path.abspath(args.code) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset, "--quant", quant,
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
-    if args.recompute_weight:
-        cmd.append("--recompute-weight")
+    if args.weight_codes:
+        cmd += ["--weight-codes", args.weight_codes]
     if args.lock:
         cmd = ["flock", args.lock] + cmd
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -145,8 +160,8 @@ def main() -> None:
     ap.add_argument("--code", default=None, help="a checkout whose bitnet_train the workers import")
     ap.add_argument("--lock", default=None, help="run each worker under `flock LOCK`")
     ap.add_argument("--json", default=None, help="also write all results to this file")
-    ap.add_argument("--recompute-weight", action="store_true",
-                    help="BitLinear.recompute_weight_codes = True (no weight codes kept for backward)")
+    ap.add_argument("--weight-codes", choices=("recompute", "cache"), default=None,
+                    help="BitLinear.recompute_weight_codes True (recompute) or False (cache); default: the library's")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
     ap.add_argument("--quant", choices=QUANTS, help=argparse.SUPPRESS)
@@ -161,7 +176,7 @@ def main() -> None:
     print(f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps after 1 warm-up, {args.threads} threads, "
           f"fp32 AdamW, code: {args.code or 'this checkout'}", flush=True)
     print(f"{'preset':<6} {'round':>5} {'quant':<7} {'params':>11} {'peak MiB':>9} {'/ none':>7} "
-          f"{'step MiB':>9} {'/ none':>7} {'tok/s':>8} {'/ none':>7}", flush=True)
+          f"{'step MiB':>9} {'/ none':>7} {'saved MiB':>9} {'/ none':>7} {'tok/s':>8} {'/ none':>7}", flush=True)
     for preset in [p for p in args.presets.split(",") if p]:
         for rnd in range(args.rounds):
             row = {q: run_one(args, preset, q) for q in quants}
@@ -176,7 +191,8 @@ def main() -> None:
                 r["speed_ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
                 results.append(r)
                 print(f"{preset:<6} {rnd:>5} {q:<7} {r['params']:>11,} {r['peak_mib']:>9.0f} {r['peak_ratio']:>6.3f}x "
-                      f"{r['step_mib']:>9.0f} {r['step_ratio']:>6.3f}x {r['tokens_per_s']:>8.1f} {r['speed_ratio']:>6.3f}x",
+                      f"{r['step_mib']:>9.0f} {r['step_ratio']:>6.3f}x {r['saved_mib']:>9.0f} "
+                      f"{r['saved_mib'] / base['saved_mib']:>6.3f}x {r['tokens_per_s']:>8.1f} {r['speed_ratio']:>6.3f}x",
                       flush=True)
             if "stock" in row and "bitnet" in row:
                 b, s = row["bitnet"], row["stock"]

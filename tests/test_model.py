@@ -417,7 +417,9 @@ def test_shared_input_is_checked_at_run_time():
         assert torch.equal(y_q, quant.bitlinear_reference(h / 2, attn.q_proj.weight))
 
 
-def test_checkpoint_recompute_does_not_requantize_the_weight(monkeypatch):
+@pytest.mark.parametrize("recompute", [False, True])
+def test_checkpoint_recompute_and_weight_codes(monkeypatch, recompute):
+    monkeypatch.setattr(BitLinear, "recompute_weight_codes", recompute)
     m = bitnet_train.build_model("tiny", seed=9, backend="torch", num_hidden_layers=2)
     m.gradient_checkpointing_enable()
     m.train()
@@ -430,7 +432,9 @@ def test_checkpoint_recompute_does_not_requantize_the_weight(monkeypatch):
     for _ in range(2):
         calls.clear()
         m(ids, labels=ids).loss.backward()
-        assert len(calls) == n_bit  # once per layer per step, not again in the recompute
+        # cached codes: once per layer per step, not again in the recompute; recomputed codes:
+        # forward, checkpoint recompute and backward
+        assert len(calls) == (3 * n_bit if recompute else n_bit)
         opt.step()
         opt.zero_grad()
     # after the backward no layer keeps its codes (no memory at the optimizer step) ...
