@@ -3,13 +3,21 @@
 The quantization math lives in :mod:`bitnet_train.quant`; this file only wires it into a layer.
 Backends:
 
-* ``torch``  — the plain PyTorch reference (fake quantization + ``F.linear``), always available.
+* ``torch``  — the PyTorch reference, always available: one ``torch.autograd.Function``
+  (``bitlinear_autograd._BitLinearFn``) that keeps for backward only the int8 activation codes with
+  their per-token scales and the int8 ternary weight codes with their scale.
 * ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward).
 * ``auto``   — the fastest measured: ``torch`` for now (the Triton kernels are correct but not yet
   faster on an H100, see docs/performance.md); ``triton`` on CUDA once ``AUTO_PREFERS_TRITON`` is set.
 
-The backend is set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model)
-and the environment variable ``BITNET_TRAIN_BACKEND`` overrides it for every layer.
+The backend is set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model);
+the environment variable ``BITNET_TRAIN_BACKEND`` overrides it for every layer. Both are read
+when the backend is resolved — once per layer and device type, at its first forward after
+construction, ``set_backend``, an assignment to ``.backend`` or a move (``.to``) — not per forward.
+
+What the ``torch`` backend computes, and why: :mod:`bitnet_train.bitlinear_autograd`.
+Shared activation codes (q/k/v, gate/up), the weight codes' lifetime and the ``quant_lambda``
+buffer: the same module.
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quant
+from .bitlinear_autograd import BitLinearRMSNorm, _BitLinearFn, _SharedActQuant  # noqa: F401 (re-exported)
 
 BACKENDS = ("torch", "triton", "auto")
 AUTO_PREFERS_TRITON = False  # flip when kernels/bench.py shows the Triton path ahead of torch
@@ -31,20 +40,8 @@ BACKEND_ENV = "BITNET_TRAIN_BACKEND"
 # Modules never converted: embeddings and norms are not nn.Linear; the output head is.
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "output", "score", "classifier")
 
-
-class BitLinearRMSNorm(nn.Module):
-    """RMSNorm applied to a BitLinear's input (transformers' ``use_rms_norm`` option)."""
-
-    def __init__(self, hidden_size: int, eps: float = 1e-6):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return self.weight * xf.to(dtype)
+# sibling projections that read the same input tensor (transformers' Llama-family attention and MLP)
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def _check_backend(name: str, where: str) -> str:
@@ -82,7 +79,8 @@ class BitLinear(nn.Linear):
 
     Parameters and state dict are those of ``nn.Linear`` (``weight``, optional ``bias``), holding
     the latent full-precision weights that the straight-through estimator trains. ``quant_lambda``
-    in [0, 1] blends quantization in (0 = full precision, 1 = fully quantized).
+    in [0, 1] blends quantization in (0 = full precision, 1 = fully quantized); it is held in the
+    non-persistent fp32 buffer ``quant_lambda_t``.
     """
 
     def __init__(
@@ -98,8 +96,10 @@ class BitLinear(nn.Linear):
         rms_norm_eps: float = 1e-6,
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.backend = _check_backend(backend, "BitLinear(backend=...)")
-        self.quant_lambda = float(quant_lambda)
+        self.backend = backend
+        self.register_buffer("quant_lambda_t", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
+        self.quant_lambda = quant_lambda
+        self._act_share = None  # a _SharedActQuant when siblings read the same input
         self.rms_norm = BitLinearRMSNorm(in_features, rms_norm_eps) if use_rms_norm else None
         if self.rms_norm is not None and device is not None:
             self.rms_norm.to(device=device, dtype=dtype)
@@ -113,20 +113,81 @@ class BitLinear(nn.Linear):
         new.weight = nn.Parameter(w.detach().clone(), requires_grad=w.requires_grad)
         if linear.bias is not None:
             new.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        new.quant_lambda_t = torch.full((), new.quant_lambda, dtype=torch.float32, device=w.device)
+        new._resolve_now()
         if new.rms_norm is not None:
             new.rms_norm = BitLinearRMSNorm(linear.in_features, new.rms_norm.variance_epsilon).to(
                 device=w.device, dtype=w.dtype
             )
         return new
 
+    # -- backend: resolved once per device type, not per forward ---------------------------------
+
+    @property
+    def backend(self) -> str:
+        return self.__dict__["_backend"]
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.__dict__["_backend"] = _check_backend(name, "BitLinear(backend=...)")
+        self._resolve_now()
+
+    def _resolve_now(self) -> None:
+        """Resolve for the weight's device now (so a compiled forward finds it done); a backend
+        that cannot run there (triton on the CPU) is reported by the first forward instead."""
+        resolved = {}
+        w = self.__dict__.get("_parameters", {}).get("weight")
+        if w is not None and w.device.type != "meta":
+            try:
+                resolved[w.device.type] = resolve_backend(self.backend, w.device)
+            except RuntimeError:
+                pass
+        self.__dict__["_resolved"] = resolved
+
+    def _backend_for(self, device: torch.device) -> str:
+        resolved = self._resolved
+        name = resolved.get(device.type)
+        if name is None:
+            name = resolved[device.type] = resolve_backend(self.backend, device)
+        return name
+
+    # -- quant_lambda: a tensor the forward reads, a float mirror for Python ----------------------
+
+    @property
+    def quant_lambda(self) -> float:
+        return self.__dict__["_lam"]
+
+    @quant_lambda.setter
+    def quant_lambda(self, value: float) -> None:
+        value = float(value)
+        with torch.no_grad():
+            self.quant_lambda_t.fill_(value)
+        self.__dict__["_lam"] = value
+        # the regime is the only Python-level branch: it changes at most twice per warm-up
+        self.__dict__["_lam_mode"] = "off" if value <= 0.0 else ("quant" if value >= 1.0 else "blend")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        lam = self._buffers.get("quant_lambda_t")
+        if lam is not None and lam.dtype != torch.float32:  # .to(bfloat16) must not round λ
+            self._buffers["quant_lambda_t"] = torch.full((), self.quant_lambda, dtype=torch.float32, device=lam.device)
+        self._resolve_now()  # a device move resolves the backend again
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        lam = self.quant_lambda
-        if lam <= 0.0:
+        mode = self._lam_mode
+        if mode == "off":
             return F.linear(x, self.weight, self.bias)
-        backend = resolve_backend(self.backend, x.device)
-        if backend == "triton" and lam >= 1.0:
+        if mode == "blend":
+            # branch-free in λ (a tensor): the same arithmetic as quant.bitlinear_reference(x, w, b, λ)
+            lam = self.quant_lambda_t
+            xb = quant.blend(x, quant.act_fake_quant_values(x), lam)
+            wb = quant.blend(self.weight, quant.weight_fake_quant_values(self.weight), lam)
+            return F.linear(xb, wb, self.bias)
+        backend = self._backend_for(x.device)
+        if backend == "triton":
             from .kernels import bitlinear_triton, matmul
 
             wq = self._quantized_weight()
@@ -140,23 +201,70 @@ class BitLinear(nn.Linear):
                 # the int8 ones); the same int32 products and rescale, so the same output bits
                 return matmul.ternary_matmul(x, self._packed_weight(), wq[1], self.bias)
             return bitlinear_triton(x, self.weight, self.bias, wq)
-        return quant.bitlinear_reference(x, self.weight, self.bias, lam)
+        compiling = torch.compiler.is_compiling()
+        share = self._act_share
+        # under torch.compile the Python-side caches are skipped (the compiler sees the whole graph)
+        xq, a = share.codes(x) if share is not None and not compiling else quant.act_quant(x)
+        recompute = self.recompute_weight_codes and torch.is_grad_enabled() and self.weight.requires_grad
+        if compiling or recompute:
+            wq, s = quant.weight_quant(self.weight)
+        else:
+            wq, s = self._torch_weight_codes()
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            cdt = torch.get_autocast_dtype(dev)
+        elif self.exact_training_forward and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            cdt = x.dtype  # training: the exact product in the model's own dtype
+        else:
+            cdt = None  # inference without autocast: stock transformers' arithmetic
+        release = "recompute" if recompute else (None if compiling else self._release_torch_weight_codes)
+        return _BitLinearFn.apply(x, self.weight, self.bias, xq, a, wq, s, cdt, release)
 
-    # Triton backend: the weight's ternary codes and scale are computed once per weight version
-    # and reused by every forward until the weight changes, so gradient-accumulation micro-batches
-    # (and activation-checkpointing recomputes) quantize it once per optimizer step. The key is
-    # the parameter's identity, storage pointer, shape, dtype and autograd version counter: any
-    # in-place update (optimizer step, load_state_dict, copy_) bumps the version, and .to() or
-    # assigning .data changes the storage. Writes that bypass autograd's version counter (through
-    # .data of an alias or raw storage) are not seen; call clear_weight_cache() after such writes.
+    # Weight codes are computed once per weight version and reused by every forward until the
+    # weight changes. The key is the parameter's identity, storage pointer, shape, dtype and
+    # autograd version counter: any in-place update (optimizer step, load_state_dict, copy_) bumps
+    # the version, and .to() or assigning .data changes the storage. Writes that bypass autograd's
+    # version counter (through .data of an alias or raw storage) are not seen; call
+    # clear_weight_cache() after such writes.
+    #   torch backend: the codes (int8, a quarter of an fp32 weight) are kept from the forward to
+    #   this layer's backward (activation-checkpointing recomputes reuse them), then dropped, so
+    #   they cost no memory at the optimizer step; without a backward (inference) they stay.
+    #   triton backend: kept until the weight changes (gradient-accumulation micro-batches too).
     cache_quantized_weight = True
+    # training forwards (autograd recording) without autocast compute the exact integer product too;
+    # False keeps stock transformers' fake-quant arithmetic there (see the module notes)
+    exact_training_forward = True
+    # True (the default): training keeps no weight codes between forward and backward (the backward
+    # quantizes the saved latent weight again): a quarter of the fp32 linear weights less memory at
+    # the activation peak, for one more weight quantization per layer and step (not measurable in
+    # the 125m step of docs/performance.md); activation-checkpointing recomputes quantize again.
+    # False: the codes are cached from the forward to the backward (recomputes reuse them).
+    recompute_weight_codes = True
+
+    def _weight_cache_key(self, w):
+        return (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())
+
+    def _torch_weight_codes(self):
+        w = self.weight
+        if not self.cache_quantized_weight or w.is_inference():
+            return quant.weight_quant(w)
+        key = self._weight_cache_key(w)
+        cached = self.__dict__.get("_wq_torch")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = quant.weight_quant(w)
+        self.__dict__["_wq_torch"] = (key, value)
+        return value
+
+    def _release_torch_weight_codes(self) -> None:
+        self.__dict__.pop("_wq_torch", None)
 
     def _quantized_weight(self):
         w = self.weight
         if not self.cache_quantized_weight or w.is_inference():
             return None
         # codes made under inference_mode are inference tensors, which autograd cannot save
-        key = (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())
+        key = self._weight_cache_key(w)
         cached = self.__dict__.get("_wq_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -178,9 +286,10 @@ class BitLinear(nn.Linear):
         return packed[1]
 
     def clear_weight_cache(self) -> None:
-        """Drop the cached ternary codes of the Triton backend (they are rebuilt on demand)."""
+        """Drop the cached ternary codes (they are rebuilt on demand)."""
         self.__dict__.pop("_wq_cache", None)
         self.__dict__.pop("_wq_packed", None)
+        self.__dict__.pop("_wq_torch", None)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", backend={self.backend}"
@@ -282,7 +391,29 @@ def convert_to_bitlinear(
             f"convert_to_bitlinear: no {what} nn.Linear found in {type(model).__name__} "
             f"(excluded patterns: {', '.join(patterns) or 'none'})"
         )
+    share_input_quantization(model)
     return converted
+
+
+def share_input_quantization(model: nn.Module) -> list[tuple[str, ...]]:
+    """Let sibling BitLinear layers that read the same input (``SHARED_INPUT_GROUPS``: q/k/v,
+    gate/up) quantize it once. Only siblings with the same input width and no input RMSNorm of
+    their own (whose inputs would differ) are grouped; the state dict is unchanged. The sharing is
+    a check at run time (the same tensor object, not modified since), so a group whose members are
+    called on different inputs still computes each one's own codes. Returns the grouped names."""
+    groups = []
+    for pname, parent in model.named_modules():
+        for names in SHARED_INPUT_GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            if not all(isinstance(m, BitLinear) and m.rms_norm is None for m in members):
+                continue
+            if len({m.in_features for m in members}) != 1:
+                continue
+            share = _SharedActQuant(len(members))
+            for m in members:
+                m._act_share = share
+            groups.append(tuple(f"{pname}.{n}" if pname else n for n in names))
+    return groups
 
 
 def bitlinear_modules(model: nn.Module) -> list[tuple[str, BitLinear]]:

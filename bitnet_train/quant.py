@@ -27,6 +27,12 @@ of the BitNet b1.58 papers and of transformers' ``AutoBitLinear`` (online quanti
 Training uses a straight-through estimator: the backward pass of fake quantization is the
 identity. ``quant_lambda`` blends quantization in (``x + lam * (quant(x) - x).detach()``) for
 the warm-up used when converting full-precision models.
+
+The exact product (:func:`int_linear`): ``y = (q @ t^T) / a / (1/s)``, where the integer dot
+``q @ t^T`` is accumulated exactly (int32, or fp32 on integer-valued operands: exact while
+``128 * in_features < 2**24``), rescaled in fp32 in the order of ``act_dequant`` then
+``weight_dequant`` (and of the Triton kernels' epilogue), and rounded once to the output dtype.
+This is what the deployed int8 x ternary kernels compute.
 """
 
 from __future__ import annotations
@@ -57,8 +63,8 @@ def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``w ≈ codes * scale``. ``W / s`` is evaluated as ``W * (1 / s)`` (see the module notes).
     """
     s = weight_scale(w)
-    codes = torch.round(w.detach().float() * (1.0 / s)).clamp_(-1, 1).to(torch.int8)
-    return codes, s
+    t = w.detach().float() * (1.0 / s)  # a new tensor: the in-place ops below never touch w
+    return t.round_().clamp_(-1, 1).to(torch.int8), s
 
 
 def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,17 +74,58 @@ def act_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     xf = x.detach().float()
     a = act_scale(xf)
-    codes = torch.round(xf * a).clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8)
-    return codes, a
+    q = xf * a  # a new tensor: the in-place ops below never touch x
+    return q.round_().clamp_(ACT_QMIN, ACT_QMAX).to(torch.int8), a
 
 
 def weight_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """``codes * scale``, evaluated as ``codes / (1 / scale)`` like the fake-quant forward."""
-    return (codes.float() / (1.0 / scale)).to(dtype)
+    """``codes * scale``, evaluated as ``codes / (1 / scale)`` like the fake-quant forward (one pass:
+    the int8 codes are promoted to fp32 inside the division, which is exact)."""
+    return (codes / (1.0 / scale.float())).to(dtype)
 
 
 def act_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return (codes.float() / scale).to(dtype)
+    """``codes / scale`` (one pass; int8 promoted to fp32 exactly), cast to ``dtype``."""
+    return (codes / scale.float()).to(dtype)
+
+
+def _int_gemm(xq2: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
+    """``xq2 @ wq^T`` for int8 ``xq2 [M, K]`` and ternary int8 ``wq [N, K]``, exact, as fp32 ``[M, N]``."""
+    m, k = xq2.shape
+    n = wq.shape[0]
+    if m == 0 or n == 0 or k == 0:
+        return torch.zeros((m, n), dtype=torch.float32, device=xq2.device)
+    if xq2.device.type == "cpu" or (xq2.device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0):
+        # int8 x int8 -> int32: exact; |sum| <= 128 * K, so the fp32 conversion is exact for K < 2**17
+        return torch._int_mm(xq2.contiguous(), wq.t()).float()
+    # integer-valued fp32 operands: every product and partial sum is an integer below 2**24, so the
+    # fp32 accumulation is exact in any order (TF32 inputs too: the operands need 8 bits)
+    with torch.autocast(xq2.device.type, enabled=False):
+        return torch.mm(xq2.float(), wq.float().t())
+
+
+def int_linear(
+    xq: torch.Tensor,
+    a: torch.Tensor,
+    wq: torch.Tensor,
+    s: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The exact BitLinear output from codes: ``(xq @ wq^T) / a / (1/s) (+ bias)`` with the integer
+    product accumulated exactly, the rescale (and bias) in fp32, rounded once to ``out_dtype``.
+
+    ``xq`` int8 ``[..., K]`` with per-token scales ``a`` ``[..., 1]`` (:func:`act_quant`); ``wq``
+    int8 ternary ``[N, K]`` with scale ``s`` (:func:`weight_quant`)."""
+    k = xq.shape[-1]
+    n = wq.shape[0]
+    if k >= 2**17:
+        raise ValueError(f"int_linear: in_features {k} >= 2**17, the integer product would not be exact in fp32")
+    y = _int_gemm(xq.reshape(-1, k), wq)
+    y = y.div_(a.reshape(-1, 1).float()).div_(1.0 / s.float())
+    if bias is not None:
+        y = y.add_(bias.float())
+    return y.to(out_dtype).reshape(*xq.shape[:-1], n)
 
 
 def weight_fake_quant_values(w: torch.Tensor) -> torch.Tensor:
@@ -112,13 +159,22 @@ class _STE(torch.autograd.Function):
         return grad, None
 
 
+def blend(x: torch.Tensor, fq: torch.Tensor, quant_lambda) -> torch.Tensor:
+    """The warm-up blend ``x + lambda * (fq - x)`` of ``x`` and its fake-quantized values ``fq``,
+    with an identity gradient. ``quant_lambda`` may be a float or a 0-dim fp32 tensor (no branch on
+    it): the product is formed in fp32 and rounded to ``x``'s dtype, which is what torch does for a
+    python-float ``lambda`` with a bf16/fp16 ``x`` (a 0-dim tensor would be rounded to bf16 first)."""
+    d = fq - x.detach()
+    return x + (quant_lambda * d.float()).to(d.dtype).detach()
+
+
 def _blend(x: torch.Tensor, fn, quant_lambda: float) -> torch.Tensor:
     if quant_lambda <= 0.0:
         return x
     if quant_lambda >= 1.0:
         # exactly the quantized values forward (no x + (q - x) rounding), identity backward
         return _STE.apply(x, fn)
-    return x + (quant_lambda * (fn(x) - x.detach())).detach()
+    return blend(x, fn(x), quant_lambda)
 
 
 def weight_fake_quant(w: torch.Tensor, quant_lambda: float = 1.0) -> torch.Tensor:

@@ -5,6 +5,10 @@ For each BitNet b1.58 2B4T projection shape, times both layers in this one proce
 them so machine load affects both alike, and prints the median time of each and the ratio.
 
     python scripts/bench_bitlinear.py [--tokens 512] [--repeats 7] [--threads N]
+
+``--exactness`` instead prints, for the same shapes under CPU bf16 autocast, the share of outputs
+equal to the exact integer product rounded once to bf16, for BitLinear and for the fake-quant
+path (``F.linear`` on the dequantized operands, what BitLinear ran before issue 15).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 import torch
 import torch.nn as nn
 
-from bitnet_train import BitLinear
+from bitnet_train import BitLinear, quant
 
 SHAPES = [  # (out_features, in_features) of 2B4T's projections
     ("q/o 2560x2560", 2560, 2560),
@@ -39,15 +43,41 @@ def timed(layer, x, g) -> float:
     return time.perf_counter() - t0
 
 
+def exactness(tokens: int) -> None:
+    print(f"CPU bf16 autocast, {tokens} tokens: share of outputs equal to the exact int8 x ternary product "
+          "rounded once to bf16 (relative difference, norm of the error over norm of the exact output)")
+    print(f"{'shape':<20} {'BitLinear':>18} {'fake-quant F.linear':>22}")
+    for name, out_f, in_f in SHAPES:
+        bit = BitLinear(in_f, out_f, backend="torch")
+        x = torch.randn(tokens, in_f)
+        xq, a = quant.act_quant(x)
+        wq, s = quant.weight_quant(bit.weight)
+        acc = (xq.long() @ wq.long().t()).float()  # int64: exact by construction
+        exact = ((acc / a) / (1.0 / s)).to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ours = bit(x)
+            old = quant.bitlinear_reference(x, bit.weight)
+        cells = []
+        for y in (ours, old):
+            eq = (y == exact).float().mean().item()
+            rel = ((y.float() - exact.float()).norm() / exact.float().norm()).item()
+            cells.append(f"{eq * 100:6.1f}% ({rel:.1e})")
+        print(f"{name:<20} {cells[0]:>18} {cells[1]:>22}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512, help="tokens per step (batch x sequence)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--exactness", action="store_true", help="print the bf16-autocast exactness table and exit")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.exactness:
+        exactness(args.tokens)
+        return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {args.tokens} tokens, "
           f"median of {args.repeats}")
     print(f"{'shape':<20} {'nn.Linear ms':>13} {'BitLinear ms':>13} {'ratio':>7}")

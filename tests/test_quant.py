@@ -158,3 +158,51 @@ def test_hf_pack_roundtrip_and_layout(out):
     from transformers.integrations.bitnet import pack_weights
 
     assert torch.equal(pack_weights(codes.clone()), packed)
+
+
+def _exact_reference(xq, a, wq, s, out_dtype):
+    """The integer product accumulated in int64 (exact by construction), converted to fp32 (exact:
+    |acc| <= 128 * K < 2**24), rescaled in fp32 as / a / (1/s), rounded once to out_dtype."""
+    acc = (xq.reshape(-1, xq.shape[-1]).long() @ wq.long().t()).float()
+    return ((acc / a.reshape(-1, 1)) / (1.0 / s)).to(out_dtype)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 7, 5), (19, 33, 70), (64, 96, 1024)])
+def test_int_linear_is_the_exact_integer_product(m, n, k):
+    x = torch.randn(m, k) * 3
+    w = torch.randn(n, k) * 0.02
+    xq, a = quant.act_quant(x)
+    wq, s = quant.weight_quant(w)
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        y = quant.int_linear(xq, a, wq, s, out_dtype=dt)
+        assert y.dtype == dt and torch.equal(y, _exact_reference(xq, a, wq, s, dt))
+    # leading dims and a bias (added in fp32 before the one rounding)
+    b = torch.randn(n)
+    y = quant.int_linear(xq.reshape(1, m, k), a.reshape(1, m, 1), wq, s, b, torch.bfloat16)
+    assert y.shape == (1, m, n)
+    assert torch.equal(y[0], (_exact_reference(xq, a, wq, s, torch.float32) + b).to(torch.bfloat16))
+
+
+def test_int_linear_refuses_inexact_widths():
+    k = 2**17
+    with pytest.raises(ValueError, match="in_features 131072"):
+        quant.int_linear(torch.zeros(1, k, dtype=torch.int8), torch.ones(1, 1), torch.zeros(2, k, dtype=torch.int8), torch.tensor(1.0))
+
+
+def test_dequant_one_pass_forms_equal_fake_quant_values():
+    x = torch.randn(4, 33) * 2
+    w = torch.randn(9, 33) * 0.1
+    assert torch.equal(quant.act_dequant(*quant.act_quant(x)), quant.act_fake_quant_values(x))
+    assert torch.equal(quant.weight_dequant(*quant.weight_quant(w)), quant.weight_fake_quant_values(w))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.equal(quant.act_dequant(*quant.act_quant(xb), torch.bfloat16), quant.act_fake_quant_values(xb))
+    assert torch.equal(quant.weight_dequant(*quant.weight_quant(wb), torch.bfloat16), quant.weight_fake_quant_values(wb))
+
+
+def test_blend_with_a_tensor_lambda_equals_the_float_form():
+    w = torch.randn(6, 6, requires_grad=True)
+    for lam in (0.1, 0.5, 0.77):
+        for dt in (torch.float32, torch.bfloat16):
+            wd = w.detach().to(dt)
+            fq = quant.weight_fake_quant_values(wd)
+            assert torch.equal(quant.blend(wd, fq, torch.tensor(lam)), quant.weight_fake_quant(wd, lam))

@@ -1,0 +1,146 @@
+"""The ``torch`` backend of :class:`~bitnet_train.bitlinear.BitLinear`: its autograd function and
+the shared activation codes of sibling projections.
+
+What the ``torch`` backend computes (``quant_lambda`` = 1):
+
+* **Training** (autograd recording, i.e. grad enabled and the input or weight requiring grad),
+  and anything **under autocast** (bf16/fp16, CPU or CUDA): the exact integer product, as the
+  deployed kernels (I2_S, TQ2_0, IQ2_BN, our Triton kernels) compute it — :func:`quant.int_linear`:
+  int8 codes x ternary codes accumulated exactly (``torch._int_mm``, int32), rescaled
+  ``/ a / (1/s)`` in fp32, rounded once to the output dtype (the autocast dtype, else the input's).
+  ``F.linear`` on the dequantized ``q/a`` and ``t*s`` (what autocast ran before) rounds both
+  operands to bf16 first: only 57.3% of a 2560x2560 layer's outputs at 64 tokens equalled the
+  exact result (issue 15). On the development CPU the int8 GEMM is also ~5x faster than the
+  fp32 GEMM, which is what makes a BitNet training step as fast as a full-precision one
+  (docs/performance.md, ``scripts/bench_memory.py``).
+* **Inference without autocast** (no autograd: ``torch.no_grad``/``inference_mode``/frozen
+  weights): ``F.linear`` on the dequantized operands rebuilt from the codes, in the input's and
+  weight's dtypes — the arithmetic of stock transformers' ``AutoBitLinear`` (online), so stock
+  transformers (eager) reproduces our logits bit for bit (tests/test_model.py asserts it). In
+  fp32 it differs from the exact product by fp32 rounding only (about 1e-7 relative), so a
+  training loss and an evaluation loss of the same batch agree to that. ``exact_training_forward
+  = False`` (class or instance attribute) keeps this arithmetic in training too.
+* **Backward** (all cases): the straight-through gradients of the fake-quantized product, from the
+  codes: ``grad_x = g @ W_deq``, ``grad_W = g^T @ x_deq``, ``grad_b = sum(g)``, with
+  ``W_deq``/``x_deq`` rebuilt bit for bit in the dtype the fake-quant product multiplied in (the
+  autocast dtype under autocast): the gradients equal those of ``quant.bitlinear_reference``
+  exactly (``torch.equal``, tested).
+
+Shared inputs: q/k/v (and gate/up) projections that read the same tensor quantize it once
+(:func:`share_input_quantization`, applied by :func:`convert_to_bitlinear`); each keeps its own
+weight scale. Training keeps no weight codes for backward by default (``recompute_weight_codes``:
+the backward quantizes the saved latent weight again, which measured cheaper in memory and no
+slower); with ``recompute_weight_codes = False`` the codes are computed once per weight version
+and kept until that layer's backward has run, so activation-checkpointing recomputes do not
+quantize the weight again. Inference (no backward) quantizes each weight once per version.
+
+``quant_lambda`` (the warm-up blend) lives in a 0-dim fp32 buffer (not in the state dict): the
+blend ``x + λ (q(x) - x)`` reads it without branching on its value, so a compiled model does not
+recompile when λ changes. The layer branches only on the regime (λ = 0, 0 < λ < 1, λ = 1), at
+most two changes per warm-up.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import quant
+
+
+class _BitLinearFn(torch.autograd.Function):
+    """The ``torch`` backend at ``quant_lambda`` = 1 (see the module notes for what it computes).
+
+    Saved for backward: the int8 activation codes and their fp32 per-token scales, the int8
+    ternary weight codes and their fp32 scale — no fake-quantized float copy of the input or
+    of the weight (and not the latent weight itself)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, xq, a, wq, s, compute_dtype, release):
+        if compute_dtype is None:
+            # stock transformers' arithmetic: F.linear on the dequantized operands, in their dtypes
+            y = F.linear(quant.act_dequant(xq, a, x.dtype), quant.weight_dequant(wq, s, weight.dtype), bias)
+        else:
+            y = quant.int_linear(xq, a, wq, s, bias, compute_dtype)
+        if release == "recompute":
+            # keep no weight codes: the backward quantizes the (saved, not copied) latent weight again
+            ctx.save_for_backward(xq, a, weight)
+            release = None
+        else:
+            ctx.save_for_backward(xq, a, wq, s)
+        ctx.compute_dtype = compute_dtype
+        ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.release = release
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        if len(saved) == 3:
+            xq, a, weight = saved
+            wq, s = quant.weight_quant(weight)  # autograd checked that weight is unchanged since
+        else:
+            xq, a, wq, s = saved
+        if ctx.release is not None:
+            ctx.release()  # this step's weight codes are not needed by any later forward
+        n, k = wq.shape
+        g2 = grad.reshape(-1, n)
+        grad_x = grad_w = grad_b = None
+        # the dtypes the fake-quant product multiplied in: under autocast both operands were cast
+        # to the autocast dtype, without it they stayed in the input's and the weight's dtype
+        dx = ctx.compute_dtype or ctx.w_dtype
+        dw = ctx.compute_dtype or ctx.x_dtype
+        if ctx.needs_input_grad[0]:
+            grad_x = g2.mm(quant.weight_dequant(wq, s, dx)).reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = g2.t().mm(quant.act_dequant(xq.reshape(-1, k), a.reshape(-1, 1), dw)).to(ctx.w_dtype)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+class _SharedActQuant:
+    """The activation codes of one input tensor, shared by the ``size`` sibling projections that
+    read it (q/k/v, gate/up). The first caller quantizes; the others find the same tensor object
+    (a weak reference, and the same autograd version: not modified in place since) and reuse the
+    codes; the last one drops them, so nothing outlives the forward."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entry = None  # [weakref to x, key, (codes, scale), uses left]
+
+    def __getstate__(self):  # pickling / deepcopy: the transient entry is not part of the state
+        return {"size": self.size, "_entry": None}
+
+    def codes(self, x: torch.Tensor):
+        if x.is_inference():  # inference tensors carry no version counter: in-place writes are unseen
+            return quant.act_quant(x)
+        key = (x._version, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+        e = self._entry
+        if e is not None and e[0]() is x and e[1] == key:
+            e[3] -= 1
+            if e[3] <= 0:
+                self._entry = None
+            return e[2]
+        value = quant.act_quant(x)
+        self._entry = [weakref.ref(x), key, value, self.size - 1] if self.size > 1 else None
+        return value
+
+
+class BitLinearRMSNorm(nn.Module):
+    """RMSNorm applied to a BitLinear's input (transformers' ``use_rms_norm`` option)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * xf.to(dtype)

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Peak memory and speed of a CPU training step: BitNet vs full precision vs stock AutoBitLinear.
+
+Each configuration runs in its own process (a fresh allocator, its own peak RSS): a preset built
+with ``quant: bitnet`` (our BitLinear), ``quant: none`` (nn.Linear, the full-precision baseline)
+and ``stock`` (the same model with transformers' ``AutoBitLinear``, online quantization, eager:
+the worker runs with ``TORCHDYNAMO_DISABLE=1``). One step = forward, loss, backward, AdamW step,
+fp32. After one warm-up step (which also creates AdamW's state) the process resets its peak RSS
+(``/proc/self/clear_refs``) and times ``--steps`` steps: the printed peak is the high-water mark
+of those steady-state steps, tokens/s the median step. The configurations alternate within each
+round (``--rounds``) so machine load affects them alike; ratios are to ``none`` of the same round.
+"step MiB" is the peak above the RSS of the built model (before the first step), the step's own
+memory without the interpreter, libraries and weights that every configuration holds alike.
+"saved MiB" is exact rather than sampled: the bytes of the distinct storages autograd keeps for
+backward in one forward (``saved_tensors_hooks``; parameters excluded).
+
+    python scripts/bench_memory.py [--presets tiny,125m,350m] [--batch 4] [--seq 256]
+        [--steps 3] [--rounds 1] [--threads 2] [--code DIR] [--lock /tmp/cpu.lock]
+
+``--code DIR`` runs the workers on another checkout's ``bitnet_train`` (its directory is put
+first on PYTHONPATH), e.g. ``--code /work/main`` for the figures before a change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+QUANTS = ("bitnet", "none", "stock")
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
+        return True
+    except OSError:
+        return False
+
+
+def _stockify(model) -> int:
+    """Swap every nn.Linear but the head for transformers' AutoBitLinear (online), weights copied."""
+    import torch.nn as nn
+    from transformers.integrations.bitnet import AutoBitLinear
+
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Linear and not name.endswith("lm_head"):
+            new = AutoBitLinear(mod.in_features, mod.out_features, bias=mod.bias is not None, online_quant=True,
+                                device=mod.weight.device, dtype=mod.weight.dtype)
+            new.weight = mod.weight
+            if mod.bias is not None:
+                new.bias = mod.bias
+            model.set_submodule(name, new)
+            n += 1
+    return n
+
+
+def worker(args) -> None:
+    import torch
+
+    import bitnet_train
+
+    torch.set_num_threads(args.threads)
+    quant = "none" if args.quant == "stock" else args.quant
+    model = bitnet_train.build_model(args.preset, quant=quant, seed=0, **({"backend": "torch"} if quant == "bitnet" else {}))
+    if args.weight_codes is not None and hasattr(bitnet_train.BitLinear, "recompute_weight_codes"):
+        bitnet_train.BitLinear.recompute_weight_codes = args.weight_codes == "recompute"
+    if args.quant == "stock":
+        assert os.environ.get("TORCHDYNAMO_DISABLE") == "1"
+        _stockify(model)
+    model.train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
+
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):  # the tensors autograd keeps for backward, by storage (no parameters)
+        st = t.untyped_storage()
+        if st.data_ptr() not in param_storages and t.device.type != "meta":
+            saved[st.data_ptr()] = st.nbytes()
+        return t
+
+    def step(track=False):
+        if track:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    rss_built = _rss_kib("VmRSS")
+    step(track=True)  # warm-up; creates AdamW's state; records what the forward saves for backward
+    rss_before = _rss_kib("VmRSS")
+    reset = _reset_peak()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    out = {
+        "preset": args.preset, "quant": args.quant, "params": params, "tokens": args.batch * args.seq,
+        "peak_mib": _rss_kib("VmHWM") / 1024, "saved_mib": sum(saved.values()) / 2**20, "rss_built_mib": rss_built / 1024, "rss_before_mib": rss_before / 1024,
+        "peak_reset": reset, "step_s": statistics.median(times), "tokens_per_s": args.batch * args.seq / statistics.median(times),
+        "code": os.path.dirname(os.path.dirname(bitnet_train.__file__)), "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_one(args, preset: str, quant: str) -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(args.threads)
+    if quant == "stock":
+        env["TORCHDYNAMO_DISABLE"] = "1"  # transformers compiles its quantizers otherwise (see facts)
+    if args.code:
+        env["PYTHONPATH"] = os.path.abspath(args.code) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--preset", preset, "--quant", quant,
+           "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
+    if args.weight_codes:
+        cmd += ["--weight-codes", args.weight_codes]
+    if args.lock:
+        cmd = ["flock", args.lock] + cmd
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        sys.exit(f"worker {preset}/{quant} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--presets", default="tiny,125m,350m")
+    ap.add_argument("--quants", default=",".join(QUANTS), help="subset of bitnet,none,stock (none is the baseline)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=3, help="timed steps per process, after one warm-up step")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--code", default=None, help="a checkout whose bitnet_train the workers import")
+    ap.add_argument("--lock", default=None, help="run each worker under `flock LOCK`")
+    ap.add_argument("--json", default=None, help="also write all results to this file")
+    ap.add_argument("--weight-codes", choices=("recompute", "cache"), default=None,
+                    help="BitLinear.recompute_weight_codes True (recompute) or False (cache); default: the library's")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--preset", help=argparse.SUPPRESS)
+    ap.add_argument("--quant", choices=QUANTS, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    quants = [q for q in args.quants.split(",") if q]
+    if "none" not in quants or any(q not in QUANTS for q in quants):
+        sys.exit(f"--quants must name 'none' (the baseline) and only {', '.join(QUANTS)}; got {args.quants!r}")
+    results = []
+    print(f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps after 1 warm-up, {args.threads} threads, "
+          f"fp32 AdamW, code: {args.code or 'this checkout'}", flush=True)
+    print(f"{'preset':<6} {'round':>5} {'quant':<7} {'params':>11} {'peak MiB':>9} {'/ none':>7} "
+          f"{'step MiB':>9} {'/ none':>7} {'saved MiB':>9} {'/ none':>7} {'tok/s':>8} {'/ none':>7}", flush=True)
+    for preset in [p for p in args.presets.split(",") if p]:
+        for rnd in range(args.rounds):
+            row = {q: run_one(args, preset, q) for q in quants}
+            base = row["none"]
+            for q in quants:
+                r = row[q]
+                r["round"] = rnd
+                r["peak_ratio"] = r["peak_mib"] / base["peak_mib"]
+                # the step's own memory: peak above the RSS of the built model (imports, weights)
+                r["step_mib"] = r["peak_mib"] - r["rss_built_mib"]
+                r["step_ratio"] = r["step_mib"] / (base["peak_mib"] - base["rss_built_mib"])
+                r["speed_ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
+                results.append(r)
+                print(f"{preset:<6} {rnd:>5} {q:<7} {r['params']:>11,} {r['peak_mib']:>9.0f} {r['peak_ratio']:>6.3f}x "
+                      f"{r['step_mib']:>9.0f} {r['step_ratio']:>6.3f}x {r['saved_mib']:>9.0f} "
+                      f"{r['saved_mib'] / base['saved_mib']:>6.3f}x {r['tokens_per_s']:>8.1f} {r['speed_ratio']:>6.3f}x",
+                      flush=True)
+            if "stock" in row and "bitnet" in row:
+                b, s = row["bitnet"], row["stock"]
+                print(f"{preset:<6} {rnd:>5} bitnet / stock AutoBitLinear: peak {b['peak_mib'] / s['peak_mib']:.3f}x, "
+                      f"tokens/s {b['tokens_per_s'] / s['tokens_per_s']:.3f}x", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
