@@ -166,6 +166,11 @@ class BitLinear(nn.Linear):
         # the regime is the only Python-level branch: it changes at most twice per warm-up
         self.__dict__["_lam_mode"] = "off" if value <= 0.0 else ("quant" if value >= 1.0 else "blend")
 
+    def init_buffers(self) -> None:
+        """Fill the buffers from the layer's Python state (called by the meta-device build,
+        :func:`bitnet_train.distributed.materialize`, which gives buffers fresh storage)."""
+        self.quant_lambda = self.quant_lambda
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         lam = self._buffers.get("quant_lambda_t")

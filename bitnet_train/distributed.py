@@ -88,6 +88,8 @@ def materialize(model, seed: int, device, params: bool = True) -> None:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(module_seed(seed, mname))
                     model._init_weights(m)
+                    if hasattr(m, "init_buffers"):  # buffers a module defines from its own state (BitLinear's λ)
+                        m.init_buffers()
                 fresh = [(p, m._parameters[k], k) for k, p in ps] + [(b, m._buffers[k], k) for k, b in bs]
             finally:
                 m._parameters.update(saved_p)
@@ -153,6 +155,12 @@ def shard_model(model, mixed_precision: str):
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" \
         else MixedPrecisionPolicy()
+    # FSDP2 gathers each layer's weight into the same unsharded tensor before every forward (same
+    # object, storage and autograd version), so a cache keyed on them would serve the codes of an
+    # older weight (the loop's evaluation after an optimizer step): quantize on every forward
+    for m in model.modules():
+        if hasattr(m, "cache_quantized_weight"):
+            m.cache_quantized_weight = False
     layers = model.model.layers
     for i, layer in enumerate(layers):
         # the last layer's parameters are needed again at once by backward: keep them gathered
