@@ -122,6 +122,25 @@ def _txt_pieces(path: Path) -> Iterator[tuple[str, bool]]:
         raise DataError(f"{path}: file holds no text")
 
 
+def jsonl_text(line: str, where: str, field: str, path, skips: SkipCounter | None) -> str | None:
+    """The ``field`` text of one JSON line (``where`` names it in errors: FILE:LINE or FILE: line at
+    byte N); None for a null field, counted as a skip."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or field not in obj:
+        raise DataError(f"{where}: expected an object with a {field!r} field")
+    text = obj[field]
+    if text is None:
+        if skips is not None:
+            skips.add(str(path))
+        return None
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field {field!r} is not a string")
+    return text
+
+
 def _jsonl_documents(path: Path, field: str, skips: SkipCounter | None = None) -> Iterator[str]:
     n = 0
     try:
@@ -129,20 +148,8 @@ def _jsonl_documents(path: Path, field: str, skips: SkipCounter | None = None) -
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or field not in obj:
-                    raise DataError(f"{path}:{lineno}: expected an object with a {field!r} field")
-                text = obj[field]
+                text = jsonl_text(line, f"{path}:{lineno}", field, path, skips)
                 n += 1
-                if text is None:
-                    if skips is not None:
-                        skips.add(str(path))
-                    continue
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{lineno}: field {field!r} is not a string")
                 if text:
                     yield text
     except UnicodeDecodeError as e:

@@ -6,11 +6,10 @@ reading from a unit that is not a line start skips to the next line."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
-from .documents import (_CHUNK_CHARS, _TABLE_BATCH, BUILTIN_PYDOC, SkipCounter, _pydoc_documents,
+from .documents import (jsonl_text, _CHUNK_CHARS, _TABLE_BATCH, BUILTIN_PYDOC, SkipCounter, _pydoc_documents,
                         check_table_schemas, resolve_files)
 from .errors import DataError
 
@@ -113,20 +112,7 @@ def _jsonl_range(s: Source, lo: int, hi: int, field: str, skips: SkipCounter | N
             start, pos = pos, pos + len(line)
             if not line.strip():
                 continue
-            text_line = _decode(s.path, line, start)
-            try:
-                obj = json.loads(text_line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{s.path}: line at byte {start}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise DataError(f"{s.path}: line at byte {start}: expected an object with a {field!r} field")
-            text = obj[field]
-            if text is None:
-                if skips is not None:
-                    skips.add(str(s.path))
-                continue
-            if not isinstance(text, str):
-                raise DataError(f"{s.path}: line at byte {start}: field {field!r} is not a string")
+            text = jsonl_text(_decode(s.path, line, start), f"{s.path}: line at byte {start}", field, s.path, skips)
             if text:
                 yield text, True, start, pos
 

@@ -33,17 +33,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp: Path, recipe: Path, mode: str, sets: list[str]) -> str:
+def launch_two(tmp: Path, worker_src: str, mode_flags: list[str], args: list) -> str:
+    """Run ``worker_src`` in 2 CPU processes through ``accelerate launch`` (gloo); its stdout."""
     worker = tmp / "worker.py"
-    worker.write_text(WORKER)
-    # --multi_gpu is accelerate's torchrun launcher; without CUDA the workers train on the CPU (gloo).
-    # (--cpu would need mpirun for more than one process.)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+    worker.write_text(worker_src)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode_flags, "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(worker), str(recipe), mode, *sets]
+           str(worker), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
     return r.stdout
+
+
+def _launch(tmp: Path, recipe: Path, mode: str, sets: list[str]) -> str:
+    # --multi_gpu is accelerate's torchrun launcher; without CUDA the workers train on the CPU (gloo).
+    # (--cpu would need mpirun for more than one process.)
+    return launch_two(tmp, WORKER, ["--multi_gpu"], [recipe, mode, *sets])
 
 
 # DDP sums the two ranks' gradients in another order than one process does: fp32 rounding, not a bug.

@@ -12,16 +12,13 @@ blocks at every step, see tests/test_ddp.py). Then B's step-2 checkpoint resumes
 
 import json
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from bitnet_train.errors import CheckpointError
 from bitnet_train.train import load_pretrain_recipe, pretrain
 
+from test_ddp import launch_two
 from test_pretrain import read_metrics, write_recipe
 
 WORKER = """\
@@ -50,21 +47,8 @@ TOLERANCE = {"loss": 5e-4, "val_loss": 5e-4, "grad_norm": 1e-2}
 LOGITS_ATOL = 0.15
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp: Path, recipe: Path, out: Path, sets: list[str]) -> str:
-    worker = tmp / "worker.py"
-    worker.write_text(WORKER)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), str(worker), str(recipe), str(out), *sets]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
-    return r.stdout
+    return launch_two(tmp, WORKER, ["--use_fsdp", "--fsdp_version", "2"], [recipe, out, *sets])
 
 
 def _close(a: list[dict], b: list[dict], steps=None) -> None:
