@@ -306,8 +306,9 @@ def page(runs: dict, png) -> str:
 `recipes/tiny.yaml` (cosine schedule, batch 16 x 128 tokens, BPE 2,048 trained on the training text; its peak
 LR {lr_tag(base_lr)} and min LR {lr_tag(base_min)}, or the peak LR of the table's LR column with the min LR in the
 same 1/{base_lr / base_min:g} ratio) with `quant: bitnet` and `quant: none`, seed {r['seed']}, the same tokens in the same order, at two
-sizes: {sizes}. Data: `{r['data']}`, its first {r['train_chars']:,} characters for training (5% of their
-blocks go to the loop's own validation) and its last {r['held_out_chars']:,} characters held out: never trained
+sizes: {sizes}. Data: `{r['data']}`, its first {r['train_chars']:,} characters for training (these runs were made
+when the loop's own validation took every 20th block of them; the code now holds out `data.val_tokens` of
+whole documents instead, so a rerun trains on slightly different tokens) and its last {r['held_out_chars']:,} characters held out: never trained
 on, not seen by the tokenizer. Every {r['steps'] // len(r['points'])} steps a checkpoint is scored on the
 held-out text with `bitnet_train.evaluate.evaluate` (as `bitnet-train eval CKPT --data held_out.txt`: packed
 windows of 128 tokens, bits per UTF-8 byte; {r['points'][0]['eval_tokens']:,} tokens). CPU, {r['threads']}
