@@ -192,6 +192,10 @@ class BitLinear(nn.Linear):
             wb = quant.blend(self.weight, quant.weight_fake_quant_values(self.weight), lam)
             return F.linear(xb, wb, self.bias)
         backend = self._backend_for(x.device)
+        compiling = torch.compiler.is_compiling()
+        # activation codes shared with sibling layers (q/k/v, gate/up) reading the same x, on both
+        # backends; under torch.compile the Python-side caches are skipped (the compiler sees the whole graph)
+        share = self._act_share if not compiling else None
         if backend == "triton":
             from .kernels import bitlinear_triton, matmul
 
@@ -203,13 +207,14 @@ class BitLinear(nn.Linear):
                 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)))
             ):
                 # decoding without autograd: the GEMV kernel on 2-bit packed codes (cached with
-                # the int8 ones); the same int32 products and rescale, so the same output bits
-                return matmul.ternary_matmul(x, self._packed_weight(), wq[1], self.bias)
-            return bitlinear_triton(x, self.weight, self.bias, wq)
-        compiling = torch.compiler.is_compiling()
-        share = self._act_share
-        # under torch.compile the Python-side caches are skipped (the compiler sees the whole graph)
-        xq, a = share.codes(x) if share is not None and not compiling else quant.act_quant(x)
+                # the int8 ones); the same int32 products and rescale, so the same output bits.
+                # Up to GEMV_FUSED_QUANT_MAX_M rows the kernel quantizes x itself (no pass to share)
+                rows = x.numel() // x.shape[-1]
+                act_q = share.codes(x, "triton") if share is not None and rows > matmul.GEMV_FUSED_QUANT_MAX_M else None
+                return matmul.ternary_matmul(x, self._packed_weight(), wq[1], self.bias, act_q=act_q)
+            # the Triton act_quant kernel's codes, computed once for q/k/v (gate/up) sharing x
+            return bitlinear_triton(x, self.weight, self.bias, wq, share.codes(x, "triton") if share is not None else None)
+        xq, a = share.codes(x, "torch") if share is not None else quant.act_quant(x)
         recompute = self.recompute_weight_codes and torch.is_grad_enabled() and self.weight.requires_grad
         if compiling or recompute:
             wq, s = quant.weight_quant(self.weight)

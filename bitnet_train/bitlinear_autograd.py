@@ -103,11 +103,30 @@ class _BitLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
+def _act_quantizer(backend: str):
+    """The activation quantizer a ``backend`` layer uses: ``quant.act_quant`` for ``torch``, the
+    Triton kernel (``bitnet_train.kernels.autograd.act_quant``, the one ``bitlinear_triton`` calls
+    when given no codes) for ``triton``. Looked up at call time."""
+    if backend == "triton":
+        from .kernels import autograd as triton_ops
+
+        return triton_ops.act_quant
+    if backend != "torch":
+        raise ValueError(f"_SharedActQuant: no activation quantizer for backend {backend!r}")
+    return quant.act_quant
+
+
 class _SharedActQuant:
     """The activation codes of one input tensor, shared by the ``size`` sibling projections that
-    read it (q/k/v, gate/up). The first caller quantizes; the others find the same tensor object
-    (a weak reference, and the same autograd version: not modified in place since) and reuse the
-    codes; the last one drops them, so nothing outlives the forward."""
+    read it (q/k/v, gate/up), on either backend. The first caller quantizes; the others find the
+    same tensor object (a weak reference, and the same autograd version: not modified in place
+    since) and reuse the codes; the last one drops them, so nothing outlives the forward.
+
+    The entry is keyed by backend too: a layer gets codes made by its own backend's quantizer
+    (:func:`_act_quantizer`), never another's. In a group whose members resolved to different
+    backends, a member that finds the other backend's entry quantizes again and its codes replace
+    the entry (the two quantizers agree bit for bit, tests/test_kernels.py, but the layer does not
+    rely on that); the group still computes correct codes for each member, only shares less."""
 
     def __init__(self, size: int):
         self.size = size
@@ -116,17 +135,18 @@ class _SharedActQuant:
     def __getstate__(self):  # pickling / deepcopy: the transient entry is not part of the state
         return {"size": self.size, "_entry": None}
 
-    def codes(self, x: torch.Tensor):
+    def codes(self, x: torch.Tensor, backend: str = "torch"):
+        quantize = _act_quantizer(backend)
         if x.is_inference():  # inference tensors carry no version counter: in-place writes are unseen
-            return quant.act_quant(x)
-        key = (x._version, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+            return quantize(x)
+        key = (backend, x._version, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         e = self._entry
         if e is not None and e[0]() is x and e[1] == key:
             e[3] -= 1
             if e[3] <= 0:
                 self._entry = None
             return e[2]
-        value = quant.act_quant(x)
+        value = quantize(x)
         self._entry = [weakref.ref(x), key, value, self.size - 1] if self.size > 1 else None
         return value
 
