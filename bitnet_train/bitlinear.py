@@ -6,7 +6,8 @@ Backends:
 * ``torch``  — the PyTorch reference, always available: one ``torch.autograd.Function``
   (``bitlinear_autograd._BitLinearFn``) that keeps for backward only the int8 activation codes with
   their per-token scales and the int8 ternary weight codes with their scale.
-* ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward).
+* ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward;
+  ``kernels.bitlinear_triton``, and the packed GEMV kernel for decoding without autograd).
 * ``auto``   — the fastest measured: ``torch`` for now (the Triton kernels are correct but not yet
   faster on an H100, see docs/performance.md); ``triton`` on CUDA once ``AUTO_PREFERS_TRITON`` is set.
 
@@ -16,8 +17,9 @@ when the backend is resolved — once per layer and device type, at its first fo
 construction, ``set_backend``, an assignment to ``.backend`` or a move (``.to``) — not per forward.
 
 What the ``torch`` backend computes, and why: :mod:`bitnet_train.bitlinear_autograd`.
-Shared activation codes (q/k/v, gate/up), the weight codes' lifetime and the ``quant_lambda``
-buffer: the same module.
+Shared activation codes (q/k/v, gate/up; both backends, each layer with its own backend's
+quantizer: ``_SharedActQuant``), the weight codes' lifetime and the ``quant_lambda`` buffer: the
+same module.
 """
 
 from __future__ import annotations
@@ -410,7 +412,11 @@ def share_input_quantization(model: nn.Module) -> list[tuple[str, ...]]:
     gate/up) quantize it once. Only siblings with the same input width and no input RMSNorm of
     their own (whose inputs would differ) are grouped; the state dict is unchanged. The sharing is
     a check at run time (the same tensor object, not modified since), so a group whose members are
-    called on different inputs still computes each one's own codes. Returns the grouped names."""
+    called on different inputs still computes each one's own codes. It works on both backends:
+    ``torch`` layers share ``quant.act_quant``'s codes, ``triton`` layers the Triton ``act_quant``
+    kernel's; the shared entry is keyed by backend, so a group whose members resolved to
+    different backends gives each layer its own backend's codes (see ``_SharedActQuant``).
+    Returns the grouped names."""
     groups = []
     for pname, parent in model.named_modules():
         for names in SHARED_INPUT_GROUPS:

@@ -1,5 +1,5 @@
-"""The ``torch`` backend of :class:`~bitnet_train.bitlinear.BitLinear`: its autograd function and
-the shared activation codes of sibling projections.
+"""The ``torch`` backend of :class:`~bitnet_train.bitlinear.BitLinear`: its autograd function; and
+the shared activation codes of sibling projections (both backends).
 
 What the ``torch`` backend computes (``quant_lambda`` = 1):
 
@@ -27,8 +27,11 @@ What the ``torch`` backend computes (``quant_lambda`` = 1):
   exactly (``torch.equal``, tested).
 
 Shared inputs: q/k/v (and gate/up) projections that read the same tensor quantize it once
-(:func:`share_input_quantization`, applied by :func:`convert_to_bitlinear`); each keeps its own
-weight scale. Training keeps no weight codes for backward by default (``recompute_weight_codes``:
+(:func:`share_input_quantization`, applied by :func:`convert_to_bitlinear`; :class:`_SharedActQuant`
+below), on the ``torch`` backend and on the ``triton`` one (which hands the Triton ``act_quant``
+kernel's codes to ``bitlinear_triton``, or to the packed GEMV kernel when decoding more than
+``GEMV_FUSED_QUANT_MAX_M`` rows; up to that many rows the GEMV kernel quantizes inside itself and
+nothing is shared); each keeps its own weight scale. Skipped under ``torch.compile``. Training keeps no weight codes for backward by default (``recompute_weight_codes``:
 the backward quantizes the saved latent weight again, which measured cheaper in memory and no
 slower); with ``recompute_weight_codes = False`` the codes are computed once per weight version
 and kept until that layer's backward has run, so activation-checkpointing recomputes do not
