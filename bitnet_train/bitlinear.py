@@ -6,8 +6,7 @@ Backends:
 * ``torch``  — the PyTorch reference, always available: one ``torch.autograd.Function``
   (``bitlinear_autograd._BitLinearFn``) that keeps for backward only the int8 activation codes with
   their per-token scales and the int8 ternary weight codes with their scale.
-* ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward;
-  ``kernels.bitlinear_triton``, and the packed GEMV kernel for decoding without autograd).
+* ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward).
 * ``auto``   — the fastest measured: ``torch`` for now (the Triton kernels are correct but not yet
   faster on an H100, see docs/performance.md); ``triton`` on CUDA once ``AUTO_PREFERS_TRITON`` is set.
 
@@ -17,9 +16,8 @@ when the backend is resolved — once per layer and device type, at its first fo
 construction, ``set_backend``, an assignment to ``.backend`` or a move (``.to``) — not per forward.
 
 What the ``torch`` backend computes, and why: :mod:`bitnet_train.bitlinear_autograd`.
-Shared activation codes (q/k/v, gate/up; both backends, each layer with its own backend's
-quantizer: ``_SharedActQuant``), the weight codes' lifetime and the ``quant_lambda`` buffer: the
-same module.
+Shared activation codes (q/k/v, gate/up; both backends), the weight codes' lifetime and the
+``quant_lambda`` buffer: the same module.
 """
 
 from __future__ import annotations
@@ -195,8 +193,7 @@ class BitLinear(nn.Linear):
             return F.linear(xb, wb, self.bias)
         backend = self._backend_for(x.device)
         compiling = torch.compiler.is_compiling()
-        # activation codes shared with sibling layers (q/k/v, gate/up) reading the same x, on both
-        # backends; under torch.compile the Python-side caches are skipped (the compiler sees the whole graph)
+        # codes shared by q/k/v (gate/up); skipped under torch.compile (the compiler sees the graph)
         share = self._act_share if not compiling else None
         if backend == "triton":
             from .kernels import bitlinear_triton, matmul
@@ -208,13 +205,11 @@ class BitLinear(nn.Linear):
                 and x.numel() // x.shape[-1] <= matmul.GEMV_MAX_M
                 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)))
             ):
-                # decoding without autograd: the GEMV kernel on 2-bit packed codes (cached with
-                # the int8 ones); the same int32 products and rescale, so the same output bits.
-                # Up to GEMV_FUSED_QUANT_MAX_M rows the kernel quantizes x itself (no pass to share)
-                rows = x.numel() // x.shape[-1]
-                act_q = share.codes(x, "triton") if share is not None and rows > matmul.GEMV_FUSED_QUANT_MAX_M else None
+                # decoding without autograd: the GEMV kernel on 2-bit packed codes (cached with the int8
+                # ones), the same output bits; up to GEMV_FUSED_QUANT_MAX_M rows it quantizes x itself
+                fused = x.numel() // x.shape[-1] <= matmul.GEMV_FUSED_QUANT_MAX_M
+                act_q = share.codes(x, "triton") if share is not None and not fused else None
                 return matmul.ternary_matmul(x, self._packed_weight(), wq[1], self.bias, act_q=act_q)
-            # the Triton act_quant kernel's codes, computed once for q/k/v (gate/up) sharing x
             return bitlinear_triton(x, self.weight, self.bias, wq, share.codes(x, "triton") if share is not None else None)
         xq, a = share.codes(x, "torch") if share is not None else quant.act_quant(x)
         recompute = self.recompute_weight_codes and torch.is_grad_enabled() and self.weight.requires_grad
@@ -412,11 +407,8 @@ def share_input_quantization(model: nn.Module) -> list[tuple[str, ...]]:
     gate/up) quantize it once. Only siblings with the same input width and no input RMSNorm of
     their own (whose inputs would differ) are grouped; the state dict is unchanged. The sharing is
     a check at run time (the same tensor object, not modified since), so a group whose members are
-    called on different inputs still computes each one's own codes. It works on both backends:
-    ``torch`` layers share ``quant.act_quant``'s codes, ``triton`` layers the Triton ``act_quant``
-    kernel's; the shared entry is keyed by backend, so a group whose members resolved to
-    different backends gives each layer its own backend's codes (see ``_SharedActQuant``).
-    Returns the grouped names."""
+    called on different inputs still computes each one's own codes. Both backends share, each
+    layer with its own backend's quantizer (``_SharedActQuant``). Returns the grouped names."""
     groups = []
     for pname, parent in model.named_modules():
         for names in SHARED_INPUT_GROUPS:
