@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quant
-from .bitlinear_autograd import BitLinearRMSNorm, _BitLinearFn, _SharedActQuant  # noqa: F401 (re-exported)
+from .bitlinear_autograd import BitLinearRMSNorm, WeightCodeCache, _BitLinearFn, _SharedActQuant  # noqa: F401 (re-exported)
 
 BACKENDS = ("torch", "triton", "auto")
 AUTO_PREFERS_TRITON = False  # flip when kernels/bench.py shows the Triton path ahead of torch
@@ -74,7 +74,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return name
 
 
-class BitLinear(nn.Linear):
+class BitLinear(WeightCodeCache, nn.Linear):
     """A linear layer with absmean ternary weights and per-token absmax int8 activations.
 
     Parameters and state dict are those of ``nn.Linear`` (``weight``, optional ``bias``), holding
@@ -227,17 +227,6 @@ class BitLinear(nn.Linear):
         release = "recompute" if recompute else (None if compiling else self._release_torch_weight_codes)
         return _BitLinearFn.apply(x, self.weight, self.bias, xq, a, wq, s, cdt, release)
 
-    # Weight codes are computed once per weight version and reused by every forward until the
-    # weight changes. The key is the parameter's identity, storage pointer, shape, dtype and
-    # autograd version counter: any in-place update (optimizer step, load_state_dict, copy_) bumps
-    # the version, and .to() or assigning .data changes the storage. Writes that bypass autograd's
-    # version counter (through .data of an alias or raw storage) are not seen; call
-    # clear_weight_cache() after such writes.
-    #   torch backend: the codes (int8, a quarter of an fp32 weight) are kept from the forward to
-    #   this layer's backward (activation-checkpointing recomputes reuse them), then dropped, so
-    #   they cost no memory at the optimizer step; without a backward (inference) they stay.
-    #   triton backend: kept until the weight changes (gradient-accumulation micro-batches too).
-    cache_quantized_weight = True
     # training forwards (autograd recording) without autocast compute the exact integer product too;
     # False keeps stock transformers' fake-quant arithmetic there (see the module notes)
     exact_training_forward = True
@@ -247,56 +236,6 @@ class BitLinear(nn.Linear):
     # the 125m step of docs/performance.md); activation-checkpointing recomputes quantize again.
     # False: the codes are cached from the forward to the backward (recomputes reuse them).
     recompute_weight_codes = True
-
-    def _weight_cache_key(self, w):
-        return (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())
-
-    def _torch_weight_codes(self):
-        w = self.weight
-        if not self.cache_quantized_weight or w.is_inference():
-            return quant.weight_quant(w)
-        key = self._weight_cache_key(w)
-        cached = self.__dict__.get("_wq_torch")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        value = quant.weight_quant(w)
-        self.__dict__["_wq_torch"] = (key, value)
-        return value
-
-    def _release_torch_weight_codes(self) -> None:
-        self.__dict__.pop("_wq_torch", None)
-
-    def _quantized_weight(self):
-        w = self.weight
-        if not self.cache_quantized_weight or w.is_inference():
-            return None
-        # codes made under inference_mode are inference tensors, which autograd cannot save
-        key = self._weight_cache_key(w)
-        cached = self.__dict__.get("_wq_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        from .kernels import quantize_weight
-
-        value = quantize_weight(w)
-        self.__dict__["_wq_cache"] = (key, value)
-        return value
-
-    def _packed_weight(self):
-        """2-bit packed codes of the current cached weight codes (built on first use)."""
-        cached = self.__dict__["_wq_cache"]
-        packed = self.__dict__.get("_wq_packed")
-        if packed is None or packed[0] != cached[0]:
-            from .kernels import pack_ternary
-
-            packed = (cached[0], pack_ternary(cached[1][0]))
-            self.__dict__["_wq_packed"] = packed
-        return packed[1]
-
-    def clear_weight_cache(self) -> None:
-        """Drop the cached ternary codes (they are rebuilt on demand)."""
-        self.__dict__.pop("_wq_cache", None)
-        self.__dict__.pop("_wq_packed", None)
-        self.__dict__.pop("_wq_torch", None)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", backend={self.backend}"

@@ -154,6 +154,89 @@ class _SharedActQuant:
         return value
 
 
+class WeightCodeCache:
+    """The weight-code cache of :class:`~bitnet_train.bitlinear.BitLinear` (a mixin: the layer's
+    ``weight`` parameter is read through ``self.weight``).
+
+    Weight codes are computed once per weight version and reused by every forward until the
+    weight changes. The key is the parameter's identity, storage pointer, shape, dtype and
+    autograd version counter: any in-place update (optimizer step, load_state_dict, copy_) bumps
+    the version, and .to() or assigning .data changes the storage. Writes that bypass autograd's
+    version counter (through .data of an alias or raw storage) are not seen; call
+    clear_weight_cache() after such writes, or name the tensor the weight is refilled from with
+    :meth:`track_weight_source` (FSDP2's sharded parameter: done by ``shard_model``).
+
+    torch backend: the codes (int8, a quarter of an fp32 weight) are kept from the forward to
+    this layer's backward (activation-checkpointing recomputes reuse them), then dropped, so
+    they cost no memory at the optimizer step; without a backward (inference) they stay.
+    triton backend: kept until the weight changes (gradient-accumulation micro-batches too).
+    """
+
+    cache_quantized_weight = True
+
+    def _weight_cache_key(self, w):
+        src = self.__dict__.get("_weight_source")
+        return (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version,
+                None if src is None else (id(src), src._version), torch.is_inference_mode_enabled())
+
+    def track_weight_source(self, source: torch.Tensor | None) -> None:
+        """Key the cached codes on ``source``'s autograd version too: the tensor that the weight
+        seen by ``forward`` is refilled from without a version bump of its own. FSDP2 is the case
+        (:func:`bitnet_train.distributed.shard_model` passes the sharded parameter): it all-gathers
+        into the same unsharded tensor before every forward and preserves that tensor's version
+        counter, while the optimizer step and a checkpoint load write the shard in place (a version
+        bump). ``None`` stops tracking. Not part of the state dict."""
+        self.__dict__["_weight_source"] = source
+        self.clear_weight_cache()
+
+    def _torch_weight_codes(self):
+        w = self.weight
+        if not self.cache_quantized_weight or w.is_inference():
+            return quant.weight_quant(w)
+        key = self._weight_cache_key(w)
+        cached = self.__dict__.get("_wq_torch")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = quant.weight_quant(w)
+        self.__dict__["_wq_torch"] = (key, value)
+        return value
+
+    def _release_torch_weight_codes(self) -> None:
+        self.__dict__.pop("_wq_torch", None)
+
+    def _quantized_weight(self):
+        w = self.weight
+        if not self.cache_quantized_weight or w.is_inference():
+            return None
+        # codes made under inference_mode are inference tensors, which autograd cannot save
+        key = self._weight_cache_key(w)
+        cached = self.__dict__.get("_wq_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        from .kernels import quantize_weight
+
+        value = quantize_weight(w)
+        self.__dict__["_wq_cache"] = (key, value)
+        return value
+
+    def _packed_weight(self):
+        """2-bit packed codes of the current cached weight codes (built on first use)."""
+        cached = self.__dict__["_wq_cache"]
+        packed = self.__dict__.get("_wq_packed")
+        if packed is None or packed[0] != cached[0]:
+            from .kernels import pack_ternary
+
+            packed = (cached[0], pack_ternary(cached[1][0]))
+            self.__dict__["_wq_packed"] = packed
+        return packed[1]
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached ternary codes (they are rebuilt on demand)."""
+        self.__dict__.pop("_wq_cache", None)
+        self.__dict__.pop("_wq_packed", None)
+        self.__dict__.pop("_wq_torch", None)
+
+
 class BitLinearRMSNorm(nn.Module):
     """RMSNorm applied to a BitLinear's input (transformers' ``use_rms_norm`` option)."""
 
