@@ -288,7 +288,7 @@ def run_mode(mode: str, shapes, tokens, device, args, impls, emit, rows: list) -
             try:
                 built[name] = [make(base) for _ in range(copies)]
             except Exception as e:  # noqa: BLE001 - a peer that cannot be built is reported, not fatal
-                built[name] = f"error: build: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                built[name] = _error("build: ", e)
         for m in tokens:
             xs = [torch.randn(1, m, k, device=device, dtype=wdtype, requires_grad=True) for _ in range(2)]
             g = torch.randn(1, m, n, device=device, dtype=torch.bfloat16 if autocast else wdtype)
@@ -321,8 +321,7 @@ def run_mode(mode: str, shapes, tokens, device, args, impls, emit, rows: list) -
                     err = None if name == "nn.Linear" else _rel_err(y0, ref)
                     ms = bench(step, params)
                 except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the table
-                    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-                    row["status"] = f"error: {type(e).__name__}: {msg}"[:200]
+                    row["status"] = _error("", e)
                     rows.append(row)
                     emit(row)
                     continue
@@ -336,6 +335,16 @@ def run_mode(mode: str, shapes, tokens, device, args, impls, emit, rows: list) -
         del built
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _error(prefix: str, e: Exception) -> str:
+    """``error: [prefix: ]Type: first line of the message (at the innermost file:line)``."""
+    import traceback
+
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    frames = traceback.extract_tb(e.__traceback__)
+    where = f" (at {'/'.join(Path(frames[-1].filename).parts[-2:])}:{frames[-1].lineno})" if frames else ""
+    return f"error: {prefix}{type(e).__name__}: {msg}"[:200] + where
 
 
 def _fmt_row(r: dict) -> str:

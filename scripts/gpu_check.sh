@@ -135,6 +135,8 @@ esac
 
 # ------------------------------------------------------------------ the steps
 
+[ "$what" = run ] && rm -rf "$LOGS" && mkdir -p "$LOGS"  # this run's logs only
+
 if ! (cd "$WORK" && "$PY" -c "import bitnet_train.kernels.matmul") 2>/dev/null || [ "$what" = run ]; then
     assemble  # `run` always tests this checkout's code, even where another copy is installed
 fi
@@ -142,6 +144,7 @@ fi
 # the checkout's bitnet_train/ lacks bitnet_train.kernels (kernels/, mapped by package-dir)
 cd "$WORK"
 
+# GPU_RUN_STEPS="train-step pretrain" runs only the steps named (e.g. a rerun in the time left).
 # the whole run's time budget: 8 minutes on the GPU (a 10-minute call, the machine's start not
 # counted); the dry run and the older single steps are not held to it
 if [ "$what" = run ] && [ "$DRY" != 1 ]; then BUDGET=${GPU_RUN_BUDGET:-480}; else BUDGET=${GPU_RUN_BUDGET:-36000}; fi
@@ -159,6 +162,9 @@ pack() {
 step() {
     local name=$1 budget=$2
     shift 2
+    if [ -n "${GPU_RUN_STEPS:-}" ] && [[ " $GPU_RUN_STEPS " != *" $name "* ]]; then
+        return 0  # not among the steps asked for (a rerun of some steps)
+    fi
     local left=$((DEADLINE - SECONDS - 10))
     local limit=$budget
     [ "$limit" -gt "$left" ] && limit=$left
@@ -231,15 +237,15 @@ PY
             --tp-tokenizer bpe:2048 --tp-skip 2 --tp-out "$WORK/pretrain" --tp-json "$LOGS/pretrain.json"
         step fsdp 400 bash "$SELF" _fsdp
     else
-        step gpu-tests 50 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m pytest -q -rs -p no:cacheprovider "$REPO/tests/test_gpu.py"
-        step selfcheck 25 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m bitnet_train.kernels.selfcheck
-        step bench 100 "$PY" -m bitnet_train.kernels.bench --no-train
-        step bench-fixed 25 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m bitnet_train.kernels.bench --no-train
-        step train-step 110 "$PY" "$REPO/scripts/bench_train_step.py" --modes "${GPU_RUN_TRAIN_MODES:-bf16}" \
+        step gpu-tests 45 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m pytest -q -rs -p no:cacheprovider "$REPO/tests/test_gpu.py"
+        step selfcheck 20 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m bitnet_train.kernels.selfcheck
+        step bench 110 "$PY" -m bitnet_train.kernels.bench --no-train
+        step bench-fixed 20 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m bitnet_train.kernels.bench --no-train
+        step train-step 130 "$PY" "$REPO/scripts/bench_train_step.py" --modes "${GPU_RUN_TRAIN_MODES:-bf16}" \
             --json "$LOGS/train_step.json"
-        step pretrain 100 "$PY" "$REPO/scripts/bench_pretrain.py" --timed-pretrain "${GPU_RUN_PRETRAIN_S:-30}" \
+        step pretrain 95 "$PY" "$REPO/scripts/bench_pretrain.py" --timed-pretrain "${GPU_RUN_PRETRAIN_S:-25}" \
             --tp-out "$WORK/pretrain" --tp-json "$LOGS/pretrain.json"
-        step fsdp 45 bash "$SELF" _fsdp
+        step fsdp 50 bash "$SELF" _fsdp
     fi
     {
         echo
