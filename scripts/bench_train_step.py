@@ -376,7 +376,7 @@ def summary_table(rows) -> list[str]:
             elif name == "nn.Linear":
                 cells.append(f"{r['ms']:.4f}ms")
             else:
-                cells.append(f"{r['vs_linear']:.2f}x")
+                cells.append("-" if r["vs_linear"] is None else f"{r['vs_linear']:.2f}x")
         lines.append(f"{mode:<9}{n:>5}x{k:<5} {m:>5} " + " ".join(f"{c:>13}" for c in cells))
     return lines
 
