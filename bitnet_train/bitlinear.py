@@ -16,8 +16,8 @@ when the backend is resolved — once per layer and device type, at its first fo
 construction, ``set_backend``, an assignment to ``.backend`` or a move (``.to``) — not per forward.
 
 What the ``torch`` backend computes, and why: :mod:`bitnet_train.bitlinear_autograd`.
-Shared activation codes (q/k/v, gate/up), the weight codes' lifetime and the ``quant_lambda``
-buffer: the same module.
+Shared activation codes (q/k/v, gate/up; both backends), the weight codes' lifetime and the
+``quant_lambda`` buffer: the same module.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quant
-from .bitlinear_autograd import BitLinearRMSNorm, _BitLinearFn, _SharedActQuant  # noqa: F401 (re-exported)
+from .bitlinear_autograd import BitLinearRMSNorm, WeightCodeCache, _BitLinearFn, _SharedActQuant  # noqa: F401 (re-exported)
 
 BACKENDS = ("torch", "triton", "auto")
 AUTO_PREFERS_TRITON = False  # flip when kernels/bench.py shows the Triton path ahead of torch
@@ -74,7 +74,7 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return name
 
 
-class BitLinear(nn.Linear):
+class BitLinear(WeightCodeCache, nn.Linear):
     """A linear layer with absmean ternary weights and per-token absmax int8 activations.
 
     Parameters and state dict are those of ``nn.Linear`` (``weight``, optional ``bias``), holding
@@ -192,6 +192,9 @@ class BitLinear(nn.Linear):
             wb = quant.blend(self.weight, quant.weight_fake_quant_values(self.weight), lam)
             return F.linear(xb, wb, self.bias)
         backend = self._backend_for(x.device)
+        compiling = torch.compiler.is_compiling()
+        # codes shared by q/k/v (gate/up); skipped under torch.compile (the compiler sees the graph)
+        share = self._act_share if not compiling else None
         if backend == "triton":
             from .kernels import bitlinear_triton, matmul
 
@@ -202,14 +205,13 @@ class BitLinear(nn.Linear):
                 and x.numel() // x.shape[-1] <= matmul.GEMV_MAX_M
                 and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)))
             ):
-                # decoding without autograd: the GEMV kernel on 2-bit packed codes (cached with
-                # the int8 ones); the same int32 products and rescale, so the same output bits
-                return matmul.ternary_matmul(x, self._packed_weight(), wq[1], self.bias)
-            return bitlinear_triton(x, self.weight, self.bias, wq)
-        compiling = torch.compiler.is_compiling()
-        share = self._act_share
-        # under torch.compile the Python-side caches are skipped (the compiler sees the whole graph)
-        xq, a = share.codes(x) if share is not None and not compiling else quant.act_quant(x)
+                # decoding without autograd: the GEMV kernel on 2-bit packed codes (cached with the int8
+                # ones), the same output bits; up to GEMV_FUSED_QUANT_MAX_M rows it quantizes x itself
+                fused = x.numel() // x.shape[-1] <= matmul.GEMV_FUSED_QUANT_MAX_M
+                act_q = share.codes(x, "triton") if share is not None and not fused else None
+                return matmul.ternary_matmul(x, self._packed_weight(), wq[1], self.bias, act_q=act_q)
+            return bitlinear_triton(x, self.weight, self.bias, wq, share.codes(x, "triton") if share is not None else None)
+        xq, a = share.codes(x, "torch") if share is not None else quant.act_quant(x)
         recompute = self.recompute_weight_codes and torch.is_grad_enabled() and self.weight.requires_grad
         if compiling or recompute:
             wq, s = quant.weight_quant(self.weight)
@@ -225,17 +227,6 @@ class BitLinear(nn.Linear):
         release = "recompute" if recompute else (None if compiling else self._release_torch_weight_codes)
         return _BitLinearFn.apply(x, self.weight, self.bias, xq, a, wq, s, cdt, release)
 
-    # Weight codes are computed once per weight version and reused by every forward until the
-    # weight changes. The key is the parameter's identity, storage pointer, shape, dtype and
-    # autograd version counter: any in-place update (optimizer step, load_state_dict, copy_) bumps
-    # the version, and .to() or assigning .data changes the storage. Writes that bypass autograd's
-    # version counter (through .data of an alias or raw storage) are not seen; call
-    # clear_weight_cache() after such writes.
-    #   torch backend: the codes (int8, a quarter of an fp32 weight) are kept from the forward to
-    #   this layer's backward (activation-checkpointing recomputes reuse them), then dropped, so
-    #   they cost no memory at the optimizer step; without a backward (inference) they stay.
-    #   triton backend: kept until the weight changes (gradient-accumulation micro-batches too).
-    cache_quantized_weight = True
     # training forwards (autograd recording) without autocast compute the exact integer product too;
     # False keeps stock transformers' fake-quant arithmetic there (see the module notes)
     exact_training_forward = True
@@ -245,56 +236,6 @@ class BitLinear(nn.Linear):
     # the 125m step of docs/performance.md); activation-checkpointing recomputes quantize again.
     # False: the codes are cached from the forward to the backward (recomputes reuse them).
     recompute_weight_codes = True
-
-    def _weight_cache_key(self, w):
-        return (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version, torch.is_inference_mode_enabled())
-
-    def _torch_weight_codes(self):
-        w = self.weight
-        if not self.cache_quantized_weight or w.is_inference():
-            return quant.weight_quant(w)
-        key = self._weight_cache_key(w)
-        cached = self.__dict__.get("_wq_torch")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        value = quant.weight_quant(w)
-        self.__dict__["_wq_torch"] = (key, value)
-        return value
-
-    def _release_torch_weight_codes(self) -> None:
-        self.__dict__.pop("_wq_torch", None)
-
-    def _quantized_weight(self):
-        w = self.weight
-        if not self.cache_quantized_weight or w.is_inference():
-            return None
-        # codes made under inference_mode are inference tensors, which autograd cannot save
-        key = self._weight_cache_key(w)
-        cached = self.__dict__.get("_wq_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        from .kernels import quantize_weight
-
-        value = quantize_weight(w)
-        self.__dict__["_wq_cache"] = (key, value)
-        return value
-
-    def _packed_weight(self):
-        """2-bit packed codes of the current cached weight codes (built on first use)."""
-        cached = self.__dict__["_wq_cache"]
-        packed = self.__dict__.get("_wq_packed")
-        if packed is None or packed[0] != cached[0]:
-            from .kernels import pack_ternary
-
-            packed = (cached[0], pack_ternary(cached[1][0]))
-            self.__dict__["_wq_packed"] = packed
-        return packed[1]
-
-    def clear_weight_cache(self) -> None:
-        """Drop the cached ternary codes (they are rebuilt on demand)."""
-        self.__dict__.pop("_wq_cache", None)
-        self.__dict__.pop("_wq_packed", None)
-        self.__dict__.pop("_wq_torch", None)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", backend={self.backend}"
@@ -405,7 +346,8 @@ def share_input_quantization(model: nn.Module) -> list[tuple[str, ...]]:
     gate/up) quantize it once. Only siblings with the same input width and no input RMSNorm of
     their own (whose inputs would differ) are grouped; the state dict is unchanged. The sharing is
     a check at run time (the same tensor object, not modified since), so a group whose members are
-    called on different inputs still computes each one's own codes. Returns the grouped names."""
+    called on different inputs still computes each one's own codes. Both backends share, each
+    layer with its own backend's quantizer (``_SharedActQuant``). Returns the grouped names."""
     groups = []
     for pname, parent in model.named_modules():
         for names in SHARED_INPUT_GROUPS:

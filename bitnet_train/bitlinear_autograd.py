@@ -1,5 +1,5 @@
-"""The ``torch`` backend of :class:`~bitnet_train.bitlinear.BitLinear`: its autograd function and
-the shared activation codes of sibling projections.
+"""The ``torch`` backend of :class:`~bitnet_train.bitlinear.BitLinear`: its autograd function; and
+the shared activation codes of sibling projections (both backends).
 
 What the ``torch`` backend computes (``quant_lambda`` = 1):
 
@@ -27,8 +27,11 @@ What the ``torch`` backend computes (``quant_lambda`` = 1):
   exactly (``torch.equal``, tested).
 
 Shared inputs: q/k/v (and gate/up) projections that read the same tensor quantize it once
-(:func:`share_input_quantization`, applied by :func:`convert_to_bitlinear`); each keeps its own
-weight scale. Training keeps no weight codes for backward by default (``recompute_weight_codes``:
+(:func:`share_input_quantization`, applied by :func:`convert_to_bitlinear`; :class:`_SharedActQuant`
+below), on the ``torch`` backend and on the ``triton`` one (which hands the Triton ``act_quant``
+kernel's codes to ``bitlinear_triton``, or to the packed GEMV kernel when decoding more than
+``GEMV_FUSED_QUANT_MAX_M`` rows; up to that many rows the GEMV kernel quantizes inside itself and
+nothing is shared); each keeps its own weight scale. Skipped under ``torch.compile``. Training keeps no weight codes for backward by default (``recompute_weight_codes``:
 the backward quantizes the saved latent weight again, which measured cheaper in memory and no
 slower); with ``recompute_weight_codes = False`` the codes are computed once per weight version
 and kept until that layer's backward has run, so activation-checkpointing recomputes do not
@@ -103,11 +106,30 @@ class _BitLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
+def _act_quantizer(backend: str):
+    """The activation quantizer a ``backend`` layer uses: ``quant.act_quant`` for ``torch``, the
+    Triton kernel (``bitnet_train.kernels.autograd.act_quant``, the one ``bitlinear_triton`` calls
+    when given no codes) for ``triton``. Looked up at call time."""
+    if backend == "triton":
+        from .kernels import autograd as triton_ops
+
+        return triton_ops.act_quant
+    if backend != "torch":
+        raise ValueError(f"_SharedActQuant: no activation quantizer for backend {backend!r}")
+    return quant.act_quant
+
+
 class _SharedActQuant:
     """The activation codes of one input tensor, shared by the ``size`` sibling projections that
-    read it (q/k/v, gate/up). The first caller quantizes; the others find the same tensor object
-    (a weak reference, and the same autograd version: not modified in place since) and reuse the
-    codes; the last one drops them, so nothing outlives the forward."""
+    read it (q/k/v, gate/up), on either backend. The first caller quantizes; the others find the
+    same tensor object (a weak reference, and the same autograd version: not modified in place
+    since) and reuse the codes; the last one drops them, so nothing outlives the forward.
+
+    The entry is keyed by backend too: a layer gets codes made by its own backend's quantizer
+    (:func:`_act_quantizer`), never another's. In a group whose members resolved to different
+    backends, a member that finds the other backend's entry quantizes again and its codes replace
+    the entry (the two quantizers agree bit for bit, tests/test_kernels.py, but the layer does not
+    rely on that); the group still computes correct codes for each member, only shares less."""
 
     def __init__(self, size: int):
         self.size = size
@@ -116,19 +138,103 @@ class _SharedActQuant:
     def __getstate__(self):  # pickling / deepcopy: the transient entry is not part of the state
         return {"size": self.size, "_entry": None}
 
-    def codes(self, x: torch.Tensor):
+    def codes(self, x: torch.Tensor, backend: str = "torch"):
+        quantize = _act_quantizer(backend)
         if x.is_inference():  # inference tensors carry no version counter: in-place writes are unseen
-            return quant.act_quant(x)
-        key = (x._version, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+            return quantize(x)
+        key = (backend, x._version, torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         e = self._entry
         if e is not None and e[0]() is x and e[1] == key:
             e[3] -= 1
             if e[3] <= 0:
                 self._entry = None
             return e[2]
-        value = quant.act_quant(x)
+        value = quantize(x)
         self._entry = [weakref.ref(x), key, value, self.size - 1] if self.size > 1 else None
         return value
+
+
+class WeightCodeCache:
+    """The weight-code cache of :class:`~bitnet_train.bitlinear.BitLinear` (a mixin: the layer's
+    ``weight`` parameter is read through ``self.weight``).
+
+    Weight codes are computed once per weight version and reused by every forward until the
+    weight changes. The key is the parameter's identity, storage pointer, shape, dtype and
+    autograd version counter: any in-place update (optimizer step, load_state_dict, copy_) bumps
+    the version, and .to() or assigning .data changes the storage. Writes that bypass autograd's
+    version counter (through .data of an alias or raw storage) are not seen; call
+    clear_weight_cache() after such writes, or name the tensor the weight is refilled from with
+    :meth:`track_weight_source` (FSDP2's sharded parameter: done by ``shard_model``).
+
+    torch backend: the codes (int8, a quarter of an fp32 weight) are kept from the forward to
+    this layer's backward (activation-checkpointing recomputes reuse them), then dropped, so
+    they cost no memory at the optimizer step; without a backward (inference) they stay.
+    triton backend: kept until the weight changes (gradient-accumulation micro-batches too).
+    """
+
+    cache_quantized_weight = True
+
+    def _weight_cache_key(self, w):
+        src = self.__dict__.get("_weight_source")
+        return (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version,
+                None if src is None else (id(src), src._version), torch.is_inference_mode_enabled())
+
+    def track_weight_source(self, source: torch.Tensor | None) -> None:
+        """Key the cached codes on ``source``'s autograd version too: the tensor that the weight
+        seen by ``forward`` is refilled from without a version bump of its own. FSDP2 is the case
+        (:func:`bitnet_train.distributed.shard_model` passes the sharded parameter): it all-gathers
+        into the same unsharded tensor before every forward and preserves that tensor's version
+        counter, while the optimizer step and a checkpoint load write the shard in place (a version
+        bump). ``None`` stops tracking. Not part of the state dict."""
+        self.__dict__["_weight_source"] = source
+        self.clear_weight_cache()
+
+    def _torch_weight_codes(self):
+        w = self.weight
+        if not self.cache_quantized_weight or w.is_inference():
+            return quant.weight_quant(w)
+        key = self._weight_cache_key(w)
+        cached = self.__dict__.get("_wq_torch")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        value = quant.weight_quant(w)
+        self.__dict__["_wq_torch"] = (key, value)
+        return value
+
+    def _release_torch_weight_codes(self) -> None:
+        self.__dict__.pop("_wq_torch", None)
+
+    def _quantized_weight(self):
+        w = self.weight
+        if not self.cache_quantized_weight or w.is_inference():
+            return None
+        # codes made under inference_mode are inference tensors, which autograd cannot save
+        key = self._weight_cache_key(w)
+        cached = self.__dict__.get("_wq_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        from .kernels import quantize_weight
+
+        value = quantize_weight(w)
+        self.__dict__["_wq_cache"] = (key, value)
+        return value
+
+    def _packed_weight(self):
+        """2-bit packed codes of the current cached weight codes (built on first use)."""
+        cached = self.__dict__["_wq_cache"]
+        packed = self.__dict__.get("_wq_packed")
+        if packed is None or packed[0] != cached[0]:
+            from .kernels import pack_ternary
+
+            packed = (cached[0], pack_ternary(cached[1][0]))
+            self.__dict__["_wq_packed"] = packed
+        return packed[1]
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached ternary codes (they are rebuilt on demand)."""
+        self.__dict__.pop("_wq_cache", None)
+        self.__dict__.pop("_wq_packed", None)
+        self.__dict__.pop("_wq_torch", None)
 
 
 class BitLinearRMSNorm(nn.Module):

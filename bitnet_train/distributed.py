@@ -157,17 +157,18 @@ def shard_model(model, mixed_precision: str):
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision == "bf16" \
         else MixedPrecisionPolicy()
-    # FSDP2 gathers each layer's weight into the same unsharded tensor before every forward (same
-    # object, storage and autograd version), so a cache keyed on them would serve the codes of an
-    # older weight (the loop's evaluation after an optimizer step): quantize on every forward
-    for m in model.modules():
-        if hasattr(m, "cache_quantized_weight"):
-            m.cache_quantized_weight = False
     layers = model.model.layers
     for i, layer in enumerate(layers):
         # the last layer's parameters are needed again at once by backward: keep them gathered
         fully_shard(layer, mp_policy=mp, reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mp_policy=mp, reshard_after_forward=False)
+    # FSDP2 gathers each layer's weight into the same unsharded tensor before every forward (same
+    # object, storage and autograd version), so a weight-code cache keyed on it alone would serve
+    # an older weight's codes (the loop's evaluation after an optimizer step): key it on the
+    # sharded parameter too, which the optimizer step and a checkpoint load write in place
+    for m in model.modules():
+        if hasattr(m, "track_weight_source"):
+            m.track_weight_source(m.weight)  # after fully_shard: the sharded DTensor parameter
     return model
 
 

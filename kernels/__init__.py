@@ -6,7 +6,8 @@
   — 2-bit packing (pure PyTorch; layout in :mod:`.packing`)
 * :func:`ternary_matmul` — int8 x packed ternary matmul with int32 accumulation (split-K GEMV
   kernel for decoding, tiled kernel for prefill; autotuned on the GPU)
-* :func:`bitlinear_triton` — the BitLinear autograd function (int8 forward, STE backward)
+* :func:`bitlinear_triton` — the BitLinear autograd function (int8 forward, STE backward; takes
+  precomputed activation codes, which q/k/v and gate/up share)
 
 Run on CPU with ``TRITON_INTERPRET=1`` (slow; tests only).
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .matmul import _mm
-from .quantize import act_quant, weight_codes, weight_scale
+from .quantize import act_quant, check_act_codes, weight_codes, weight_scale
 
 # ---------------------------------------------------------------------------------------------
 # BitLinear autograd
@@ -22,14 +22,15 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class _BitLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_q):
+    def forward(ctx, x, weight, bias, weight_q, act_q):
         k = x.shape[-1]
         n = weight.shape[0]
         wq, s_inv = weight_q if weight_q is not None else quantize_weight(weight)
-        xq, a = act_quant(x)
-        xq2 = xq.reshape(-1, k)
-        y = _mm(xq2, a.reshape(-1), wq, s_inv, bias, x.dtype, n, k, False)
-        ctx.save_for_backward(xq2, a.reshape(-1, 1), wq, s_inv)
+        xq, a = act_q if act_q is not None else act_quant(x)
+        xq2 = xq.reshape(-1, k).contiguous()  # no copy for act_quant's codes (the kernels read row strides)
+        a2 = a.reshape(-1).contiguous()
+        y = _mm(xq2, a2, wq, s_inv, bias, x.dtype, n, k, False)
+        ctx.save_for_backward(xq2, a2.reshape(-1, 1), wq, s_inv)
         ctx.x_shape = x.shape
         ctx.x_dtype = x.dtype
         ctx.w_dtype = weight.dtype
@@ -54,7 +55,7 @@ class _BitLinearFn(torch.autograd.Function):
             grad_w = (g2.t() @ x_dq.to(g2.dtype)).to(ctx.w_dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def bitlinear_triton(
@@ -62,11 +63,17 @@ def bitlinear_triton(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     weight_q: tuple[torch.Tensor, torch.Tensor] | None = None,
+    act_q: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """BitLinear with Triton kernels: forward = int8 activation codes x ternary weight codes
     (int32 accumulation) rescaled; backward = straight-through estimator:
     ``grad_x = grad @ W_deq``, ``grad_W = grad^T @ x_deq``, ``grad_b = sum(grad)``.
 
     ``weight_q`` = :func:`quantize_weight` ``(weight)`` computed beforehand (a cache); it must be
-    the quantization of ``weight``'s current values."""
-    return _BitLinearFn.apply(x, weight, bias, weight_q)
+    the quantization of ``weight``'s current values. ``act_q`` = :func:`act_quant` ``(x)``
+    computed beforehand (the codes q/k/v or gate/up share, see BitLinear): int8 codes of ``x``'s
+    shape and fp32 per-token scales ``[..., 1]``, of ``x``'s current values; a wrong layout raises
+    ``ValueError``. Without it the function quantizes ``x`` itself."""
+    if act_q is not None:
+        check_act_codes(x, act_q, "bitlinear_triton")
+    return _BitLinearFn.apply(x, weight, bias, weight_q, act_q)

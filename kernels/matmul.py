@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize import _DT_CODE, _interpret, _rint, act_quant
+from .quantize import _DT_CODE, _interpret, _rint, act_quant, check_act_codes
 
 # ---------------------------------------------------------------------------------------------
 # int8 activations x ternary weights
@@ -311,6 +311,7 @@ def ternary_matmul(
     bias=None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    act_q: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``y = act_fake_quant(x) @ (codes * s)^T (+ bias)`` with ``codes`` packed by
     :func:`pack_ternary` (``[out, ceil(in/4)]``), ``w_scale`` = ``s`` (0-dim/1-elem fp32 tensor).
@@ -319,6 +320,9 @@ def ternary_matmul(
     :func:`rmsnorm_act_quant`), the product is int8 x ternary with int32 accumulation, then
     rescaled by ``1/a`` and ``s`` (as ``/ (1/s)``). Output dtype = ``x.dtype``. Up to
     ``GEMV_MAX_M`` tokens run the split-K GEMV kernel (decoding), more the tiled kernel.
+
+    ``act_q`` = :func:`act_quant` ``(x)`` computed beforehand (codes shared by sibling layers):
+    used instead of quantizing ``x`` (not with ``norm_weight``); a wrong layout raises ``ValueError``.
     """
     k = x.shape[-1]
     n = packed.shape[0]
@@ -328,7 +332,13 @@ def ternary_matmul(
         raise ValueError(f"packed has {packed.shape[-1]} bytes per row; x's last dim {k} needs {(k + 3) // 4}")
     packed = packed if packed.stride(-1) == 1 else packed.contiguous()
     m = math.prod(x.shape[:-1])
-    if norm_weight is None and 0 < m <= GEMV_FUSED_QUANT_MAX_M and k > 0:
+    if act_q is not None:
+        if norm_weight is not None:
+            raise ValueError("ternary_matmul: act_q (precomputed codes) and norm_weight (fused RMSNorm) exclude each other")
+        check_act_codes(x, act_q, "ternary_matmul")
+        xq, a = act_q
+        y = _mm(xq.reshape(-1, k).contiguous(), a.reshape(-1).contiguous(), packed, _scale_arg(w_scale), bias, x.dtype, n, k, True)
+    elif norm_weight is None and 0 < m <= GEMV_FUSED_QUANT_MAX_M and k > 0:
         # decoding: the GEMV kernel quantizes the activations itself (one launch instead of two;
         # each program re-reads x to find its amax, which pays off only for a few rows)
         if x.dtype not in _DT_CODE:

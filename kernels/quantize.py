@@ -164,6 +164,23 @@ def act_quant(
     return q.reshape(x.shape), a.reshape(*x.shape[:-1], 1)
 
 
+def check_act_codes(x: torch.Tensor, act_q, where: str) -> None:
+    """Raise ``ValueError`` unless ``act_q`` = ``(codes, a)`` has the layout :func:`act_quant`
+    ``(x)`` returns: int8 codes of ``x``'s shape, fp32 scales ``[..., 1]``, on ``x``'s device."""
+    codes, a = act_q
+    want_a = (*x.shape[:-1], 1)
+    if codes.dtype != torch.int8 or codes.shape != x.shape or codes.device != x.device:
+        raise ValueError(
+            f"{where}: act_q codes are {codes.dtype} {tuple(codes.shape)} on {codes.device}; "
+            f"int8 {tuple(x.shape)} on {x.device} expected (act_quant(x))"
+        )
+    if a.dtype != torch.float32 or a.shape != want_a or a.device != x.device:
+        raise ValueError(
+            f"{where}: act_q scales are {a.dtype} {tuple(a.shape)} on {a.device}; "
+            f"float32 {want_a} on {x.device} expected (act_quant(x))"
+        )
+
+
 def rmsnorm_act_quant(
     x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, rstd: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

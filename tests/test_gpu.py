@@ -114,3 +114,49 @@ def test_bitlinear_triton_weight_cache_on_cuda():
         opt.step()
         opt.zero_grad()
         ref.load_state_dict(lin.state_dict())
+
+
+@cuda
+def test_triton_shared_input_on_cuda():
+    # q/k/v and gate/up share the Triton act_quant codes on the GPU too: the same output bits as
+    # the same layers without sharing, in bf16 (training forward and the decoding GEMV path), and
+    # the same gradient bits (compared layer by layer: a whole model's backward holds atomics)
+    import copy
+
+    from bitnet_train.bitlinear import bitlinear_modules
+    from bitnet_train.kernels import autograd, matmul
+
+    m = bitnet_train.build_model("tiny", seed=3, backend="triton", num_hidden_layers=2).cuda().to(torch.bfloat16)
+    unshared = copy.deepcopy(m)
+    for _, b in bitlinear_modules(unshared):
+        b._act_share = None
+    calls = []
+    real = autograd.act_quant
+
+    def counting(x, *args, **kwargs):
+        calls.append(1)
+        return real(x, *args, **kwargs)
+
+    autograd.act_quant = matmul.act_quant = counting
+    try:
+        ids = torch.randint(0, m.config.vocab_size, (2, 64), device="cuda")
+        out, n_shared = m(ids).logits, len(calls)
+        ref = unshared(ids).logits
+        assert (n_shared, len(calls) - n_shared) == (4 * 2, 7 * 2)
+        assert torch.equal(out, ref)
+        with torch.no_grad():
+            ids = torch.randint(0, m.config.vocab_size, (1, 12), device="cuda")  # the packed GEMV path
+            assert torch.equal(m(ids).logits, unshared(ids).logits)
+        attn, attn_ref = m.model.layers[0].self_attn, unshared.model.layers[0].self_attn
+        h = torch.randn(2, 64, m.config.hidden_size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        h_ref = h.detach().clone().requires_grad_(True)
+        ys = [getattr(attn, f"{n}_proj")(h) for n in "qkv"]
+        ys_ref = [getattr(attn_ref, f"{n}_proj")(h_ref) for n in "qkv"]
+        g = [torch.randn_like(y) for y in ys]
+        torch.autograd.backward(ys, g)
+        torch.autograd.backward(ys_ref, g)
+        for n, y, r in zip("qkv", ys, ys_ref):
+            assert torch.equal(y, r) and torch.equal(getattr(attn, f"{n}_proj").weight.grad, getattr(attn_ref, f"{n}_proj").weight.grad), n
+        assert torch.equal(h.grad, h_ref.grad)
+    finally:
+        autograd.act_quant = matmul.act_quant = real

@@ -515,3 +515,149 @@ def test_triton_output_equals_quant_int_linear(dtype):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         y = lin(x.float().requires_grad_(True))
     assert torch.equal(y, exact)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared activation codes on the triton backend (q/k/v and gate/up quantize their input once)
+# ---------------------------------------------------------------------------------------------
+
+_SMALL = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2,
+              num_key_value_heads=1, vocab_size=40)
+
+
+def _count_act_quant(monkeypatch):
+    """Count activation quantizations: the Triton kernel's entry (every name it is called by)
+    and the torch reference's; returns the two lists of call shapes."""
+    from bitnet_train.kernels import autograd, matmul
+
+    triton_calls, torch_calls = [], []
+    real_t, real_q = autograd.act_quant, quant.act_quant
+
+    def counting(x, *args, **kwargs):
+        triton_calls.append(tuple(x.shape))
+        return real_t(x, *args, **kwargs)
+
+    monkeypatch.setattr(autograd, "act_quant", counting)
+    monkeypatch.setattr(matmul, "act_quant", counting)
+    monkeypatch.setattr(quant, "act_quant", lambda x: (torch_calls.append(tuple(x.shape)), real_q(x))[1])
+    return triton_calls, torch_calls
+
+
+def _unshared_copy(model):
+    import copy
+
+    from bitnet_train.bitlinear import bitlinear_modules
+
+    other = copy.deepcopy(model)
+    for _, b in bitlinear_modules(other):
+        b._act_share = None
+    return other
+
+
+def test_triton_shared_input_quantized_once_and_identical(monkeypatch):
+    import bitnet_train
+    from bitnet_train.bitlinear import bitlinear_modules, share_input_quantization
+
+    m = bitnet_train.build_model("tiny", seed=7, backend="triton", **_SMALL)
+    assert share_input_quantization(m) == [("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+                                            "model.layers.0.self_attn.v_proj"),
+                                           ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")]
+    unshared = _unshared_copy(m)
+    assert all(b._backend_for(torch.device("cpu")) == "triton" for _, b in bitlinear_modules(m))
+    tcalls, qcalls = _count_act_quant(monkeypatch)
+    ids = torch.randint(0, 40, (2, 9))  # 18 token rows: the autograd (tiled) path
+    out = m(ids).logits
+    assert len(tcalls) == 4 and qcalls == [], tcalls  # q/k/v once, o, gate/up once, down
+    tcalls.clear()
+    ref = unshared(ids).logits
+    assert len(tcalls) == 7 and qcalls == []
+    assert torch.equal(out, ref)
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (n, p), (_, q) in zip(m.named_parameters(), unshared.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n
+    # inference: 6 rows take the packed GEMV kernel on shared codes; up to 4 rows that kernel
+    # quantizes x itself (nothing to share, no act_quant call at all)
+    for rows, shared_calls, unshared_calls in ((6, 4, 7), (3, 0, 0)):
+        ids = torch.randint(0, 40, (1, rows))
+        with torch.no_grad():
+            tcalls.clear()
+            out = m(ids).logits
+            assert len(tcalls) == shared_calls, (rows, tcalls)
+            tcalls.clear()
+            ref = unshared(ids).logits
+            assert len(tcalls) == unshared_calls, (rows, tcalls)
+        assert torch.equal(out, ref), rows
+    # the shared codes do not outlive the forward
+    assert all(b._act_share is None or b._act_share._entry is None for _, b in bitlinear_modules(m))
+
+
+@pytest.mark.parametrize("path", ["train", "decode"])
+def test_triton_shared_input_is_checked_at_run_time(monkeypatch, path):
+    # siblings called on different tensors (or on one modified in place) each get their own codes
+    import bitnet_train
+
+    m = bitnet_train.build_model("tiny", seed=8, backend="triton", **_SMALL)
+    ref = _unshared_copy(m).model.layers[0].self_attn
+    attn = m.model.layers[0].self_attn
+    rows = 18 if path == "train" else 6  # decode: the packed GEMV kernel, shared codes given to it
+    h, h2 = torch.randn(1, rows, 32), torch.randn(1, rows, 32)
+    tcalls, _ = _count_act_quant(monkeypatch)
+    with torch.set_grad_enabled(path == "train"):
+        y_q = attn.q_proj(h)
+        y_k = attn.k_proj(h2)
+        assert torch.equal(y_k, ref.k_proj(h2))
+        h.mul_(2)
+        assert torch.equal(attn.v_proj(h), ref.v_proj(h))
+        assert torch.equal(y_q, ref.q_proj(h / 2))
+    assert len(tcalls) == 3 + 3  # three different inputs (h, h2, h modified): no reuse, plus the references
+    assert y_q.requires_grad == (path == "train")
+
+
+def test_triton_shared_codes_per_backend(monkeypatch):
+    # a group whose members resolved to different backends: each layer gets its own backend's
+    # codes (the shared entry is keyed by backend), outputs and gradients as without sharing
+    import bitnet_train
+
+    m = bitnet_train.build_model("tiny", seed=9, backend="triton", **_SMALL)
+    attn = m.model.layers[0].self_attn
+    attn.k_proj.backend = "torch"
+    ref = _unshared_copy(m).model.layers[0].self_attn
+    tcalls, qcalls = _count_act_quant(monkeypatch)
+    h = torch.randn(1, 18, 32, requires_grad=True)
+    ys = [attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)]
+    # q quantizes (triton); k finds a triton entry and quantizes with torch; v then finds the torch
+    # entry and quantizes with triton again
+    assert (len(tcalls), len(qcalls)) == (2, 1)
+    assert attn.q_proj._act_share._entry is not None  # v's entry waits for uses that do not come ...
+    h_ref = h.detach().clone().requires_grad_(True)
+    ys_ref = [ref.q_proj(h_ref), ref.k_proj(h_ref), ref.v_proj(h_ref)]
+    g = [torch.randn_like(y) for y in ys]
+    torch.autograd.backward(ys, g)
+    torch.autograd.backward(ys_ref, g)
+    for name, y, r in zip(("q", "k", "v"), ys, ys_ref):
+        assert torch.equal(y, r), name
+        assert torch.equal(getattr(attn, f"{name}_proj").weight.grad, getattr(ref, f"{name}_proj").weight.grad), name
+    assert torch.equal(h.grad, h_ref.grad)
+    # ... and the next forward's input replaces it (a new tensor: no stale reuse)
+    tcalls.clear()
+    h3 = torch.randn(1, 18, 32)
+    with torch.no_grad():
+        assert torch.equal(attn.q_proj(h3), ref.q_proj(h3))
+    assert len(tcalls) == 2
+
+
+def test_bitlinear_triton_rejects_wrong_act_codes():
+    x = torch.randn(3, 8)
+    w = torch.randn(5, 8)
+    xq, a = K.act_quant(x)
+    torch.testing.assert_close(K.bitlinear_triton(x, w, act_q=(xq, a)), K.bitlinear_triton(x, w), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="bitlinear_triton: act_q codes are torch.int8 \\(2, 8\\)"):
+        K.bitlinear_triton(x, w, act_q=(xq[:2], a[:2]))
+    with pytest.raises(ValueError, match="act_q scales are torch.float32 \\(3,\\)"):
+        K.bitlinear_triton(x, w, act_q=(xq, a.reshape(-1)))
+    packed, s = K.pack_ternary(K.weight_quant(w)[0]), K.weight_quant(w)[1]
+    with pytest.raises(ValueError, match="ternary_matmul: act_q codes are torch.float32"):
+        K.ternary_matmul(x, packed, s, act_q=(xq.float(), a))
+    # 3 rows: given codes instead of the GEMV kernel's own quantization, the same bits
+    assert torch.equal(K.ternary_matmul(x, packed, s, act_q=(xq, a)), K.ternary_matmul(x, packed, s))

@@ -447,6 +447,29 @@ def test_checkpoint_recompute_and_weight_codes(monkeypatch, recompute):
     assert calls == []
 
 
+
+def test_weight_codes_follow_a_tracked_source():
+    # FSDP2's pattern: the layer's weight is refilled from a (sharded) source before each forward
+    # with its own version counter preserved, so only the source's version shows the change
+    lin = BitLinear(16, 8, backend="torch")
+    src = torch.randn(8, 16)
+    x = torch.randn(3, 16)
+
+    def refill():
+        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(lin.weight):
+            lin.weight.copy_(src)
+
+    for tracked in (False, True):
+        lin.track_weight_source(src if tracked else None)
+        refill()
+        with torch.no_grad():
+            lin(x)  # caches the codes of this weight
+            src.mul_(-1)  # an optimizer step on the source: a version bump there only
+            refill()
+            y = lin(x)
+        fresh = torch.equal(y, quant.bitlinear_reference(x, src))
+        assert fresh == tracked, f"tracked={tracked}: the cache {'served stale' if tracked else 'missed the'} codes"
+
 def test_quant_lambda_is_an_fp32_buffer_outside_the_state_dict():
     m = bitnet_train.build_model("tiny", seed=10, backend="torch", num_hidden_layers=1)
     q = m.model.layers[0].self_attn.q_proj
