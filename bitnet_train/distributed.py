@@ -11,7 +11,8 @@ parameters at a time.
 
 FSDP2 (:func:`shard_model`): when ``accelerate launch`` is asked for FSDP (``--use_fsdp``, i.e.
 ``ACCELERATE_USE_FSDP=true`` in the environment, or an accelerate config with
-``distributed_type: FSDP``) and more than one process runs (``WORLD_SIZE``), we apply torch's
+``distributed_type: FSDP``) and its launcher started the process (``WORLD_SIZE`` set, a process
+group formed; one process too, which then shards over a one-rank mesh), we apply torch's
 ``fully_shard`` to every decoder layer and then to the root ourselves, as torchtitan does:
 accelerate does not shard on the CPU (it runs FSDP launches there as DDP), and on GPUs this keeps
 one code path. accelerate still gives the process group, the device, ``backward`` and the
@@ -130,15 +131,16 @@ def _retie(model, pairs) -> None:
 
 
 def fsdp_requested() -> bool:
-    """Whether the launch asks for FSDP over several processes: ``accelerate launch --use_fsdp``
-    (or its config) sets ``ACCELERATE_USE_FSDP`` in every process's environment, and the launcher
-    ``WORLD_SIZE``. One process trains unsharded."""
+    """Whether the launch asks for FSDP: ``accelerate launch --use_fsdp`` (or its config) sets
+    ``ACCELERATE_USE_FSDP`` in every process's environment, and its launcher ``WORLD_SIZE`` (also
+    ``--num_processes 1``: FSDP2 over a one-rank mesh, e.g. on one GPU). A process started
+    without a launcher trains unsharded."""
     on = os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes", "on")
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
+        world = int(os.environ.get("WORLD_SIZE", "0"))
     except ValueError:
-        world = 1
-    return on and world > 1
+        world = 0
+    return on and world >= 1
 
 
 def is_fsdp(model) -> bool:

@@ -280,10 +280,12 @@ def _accelerator(t: TrainConfig):
 
 
 def _use_fsdp(acc) -> bool:
-    """FSDP2 when the launch asks for it and several processes run (one process trains unsharded)."""
+    """FSDP2 when the launch asks for it and its process group is up (one launched process too)."""
+    import torch.distributed as dist
+
     from .distributed import fsdp_requested
 
-    return fsdp_requested() and acc.num_processes > 1
+    return fsdp_requested() and dist.is_available() and dist.is_initialized()
 
 
 def _reset_accelerate(acc) -> None:

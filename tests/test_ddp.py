@@ -33,11 +33,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_two(tmp: Path, worker_src: str, mode_flags: list[str], args: list) -> str:
-    """Run ``worker_src`` in 2 CPU processes through ``accelerate launch`` (gloo); its stdout."""
+def launch_two(tmp: Path, worker_src: str, mode_flags: list[str], args: list, num_processes: int = 2) -> str:
+    """Run ``worker_src`` in 2 (``num_processes``) CPU processes through ``accelerate launch`` (gloo); its stdout."""
     worker = tmp / "worker.py"
     worker.write_text(worker_src)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode_flags, "--num_processes", "2", "--num_machines", "1",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *mode_flags, "--num_processes", str(num_processes), "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
            str(worker), *map(str, args)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

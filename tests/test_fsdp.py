@@ -156,6 +156,26 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, shakespeare_p
     assert after == before
 
 
+def test_fsdp_launch_of_one_process_shards_and_resumes_exactly(tmp_path, shakespeare_path):
+    """``accelerate launch --use_fsdp --num_processes 1`` (one GPU, as the GPU run of
+    scripts/gpu_check.sh does it): FSDP2 over a one-rank mesh, a sharded checkpoint, and a
+    stopped-and-resumed run equal to the straight one, bit for bit."""
+    import torch
+
+    p = write_recipe(tmp_path, shakespeare_path)
+    out = launch_two(tmp_path, WORKER, ["--use_fsdp", "--fsdp_version", "2"],
+                     [p, tmp_path / "fsdp1", *COMMON, f"train.batch_size={B}"], num_processes=1)
+    assert out.count("'fsdp': True") == 4 and out.count("'world_size': 1") == 4, out
+    a, b = tmp_path / "fsdp1" / "a", tmp_path / "fsdp1" / "b"
+    ck = b / "checkpoints" / "step-000002"
+    assert sorted(f.name for f in (ck / "dcp").iterdir()) == [".metadata", "__0_0.distcp"]
+    assert not list(ck.glob("*.safetensors")) and not (ck / "optimizer.pt").exists()
+    ma, mb = read_metrics(a), read_metrics(b)
+    assert [r["step"] for r in ma if "loss" in r] == [1, 2, 3, 4]
+    assert _exact(ma) == _exact(mb)
+    wa, wb = _weights(a / "final"), _weights(b / "final")
+    assert sorted(wa) == sorted(wb) and all(torch.equal(wa[k], wb[k]) for k in wa)
+
 
 def test_meta_build_depends_only_on_the_seed_and_module_names():
     """The meta-device build: every tensor initialised (norms 1, rotary frequencies as an eager
