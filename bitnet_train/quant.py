@@ -52,8 +52,9 @@ def weight_scale(w: torch.Tensor) -> torch.Tensor:
 
 def act_scale(x: torch.Tensor) -> torch.Tensor:
     """per-token scale ``a = 127 / max(max|x|, 1e-5)`` over the last dim, fp32 ``[..., 1]``."""
-    # max|x| without materialising |x| (exact: a max involves no rounding)
-    amax = torch.linalg.vector_norm(x.detach().float(), ord=float("inf"), dim=-1, keepdim=True)
+    # max|x| (exact: a max involves no rounding). abs().amax() measured 8-11x faster on the CPU than
+    # vector_norm(ord=inf), which avoids the |x| temporary (scripts/bench_bitlinear.py --act-scale)
+    amax = x.detach().float().abs().amax(dim=-1, keepdim=True)
     return ACT_QMAX / amax.clamp(min=ACT_EPS)
 
 

@@ -9,6 +9,11 @@ them so machine load affects both alike, and prints the median time of each and 
 ``--exactness`` instead prints, for the same shapes under CPU bf16 autocast, the share of outputs
 equal to the exact integer product rounded once to bf16, for BitLinear and for the fake-quant
 path (``F.linear`` on the dequantized operands, what BitLinear ran before issue 15).
+
+``--act-scale`` times the per-token ``max|x|`` of :func:`bitnet_train.quant.act_scale` in the two
+exact forms, ``x.abs().amax(-1)`` (what it uses) and ``torch.linalg.vector_norm(x, inf, -1)``
+(what it used before, which avoids the ``|x|`` temporary), on ``--tokens`` x each input width,
+checks that they agree bit for bit, and prints the median times and their ratio.
 """
 
 from __future__ import annotations
@@ -65,18 +70,42 @@ def exactness(tokens: int) -> None:
         print(f"{name:<20} {cells[0]:>18} {cells[1]:>22}")
 
 
+def act_scale_forms(tokens: int, repeats: int) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {tokens} tokens, median of {repeats}")
+    print(f"{'input width':<12} {'abs().amax us':>14} {'vector_norm(inf) us':>20} {'ratio':>7}")
+    for k in sorted({in_f for _, _, in_f in SHAPES}):
+        x = torch.randn(tokens, k)
+        forms = (lambda: x.abs().amax(dim=-1, keepdim=True),
+                 lambda: torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True))
+        if not torch.equal(forms[0](), forms[1]()):
+            raise SystemExit(f"the two forms of max|x| differ at width {k}")
+        times = ([], [])
+        for _ in range(repeats):
+            for f, ts in zip(forms, times):
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    f()
+                ts.append((time.perf_counter() - t0) / 10)
+        a, v = (statistics.median(ts) for ts in times)
+        print(f"{k:<12} {a * 1e6:>14.0f} {v * 1e6:>20.0f} {v / a:>6.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512, help="tokens per step (batch x sequence)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--exactness", action="store_true", help="print the bf16-autocast exactness table and exit")
+    ap.add_argument("--act-scale", action="store_true", help="time the two exact forms of the per-token max|x| and exit")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.exactness:
         exactness(args.tokens)
+        return
+    if args.act_scale:
+        act_scale_forms(args.tokens, args.repeats)
         return
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {args.tokens} tokens, "
           f"median of {args.repeats}")

@@ -11,6 +11,10 @@ of those steady-state steps, tokens/s the median step. The configurations altern
 round (``--rounds``) so machine load affects them alike; ratios are to ``none`` of the same round.
 "step MiB" is the peak above the RSS of the built model (before the first step), the step's own
 memory without the interpreter, libraries and weights that every configuration holds alike.
+"alloc MiB" is the peak of the bytes the C allocator has handed out and not yet taken back
+(glibc's ``mallinfo2``: ``uordblks + hblkhd``), sampled every millisecond by a thread during one
+more, untimed step: the memory the step's tensors need, without what the allocator keeps resident
+after a free (the RSS peak includes that; see docs/performance.md on how far apart they are).
 "saved MiB" is exact rather than sampled: the bytes of the distinct storages autograd keeps for
 backward in one forward (``saved_tensors_hooks``; parameters excluded).
 
@@ -49,6 +53,49 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def _allocated_bytes():
+    """A function returning the bytes glibc's malloc has handed out now (None without glibc >= 2.33)."""
+    import ctypes
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def now() -> int:
+        m = fn()
+        return m.uordblks + m.hblkhd  # in-use heap chunks + mmapped chunks
+
+    return now
+
+
+def _sampled_peak(now, work) -> int:
+    """Run ``work()`` while a thread samples ``now()`` every millisecond; the highest sample."""
+    import threading
+
+    peak = [now()]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], now())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        work()
+    finally:
+        done.set()
+        t.join()
+    return max(peak[0], now())
 
 
 def _stockify(model) -> int:
@@ -118,9 +165,12 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+    hwm = _rss_kib("VmHWM")
+    now = _allocated_bytes()
+    alloc = _sampled_peak(now, step) / 2**20 if now is not None else None
     out = {
         "preset": args.preset, "quant": args.quant, "params": params, "tokens": args.batch * args.seq,
-        "peak_mib": _rss_kib("VmHWM") / 1024, "saved_mib": sum(saved.values()) / 2**20, "rss_built_mib": rss_built / 1024, "rss_before_mib": rss_before / 1024,
+        "peak_mib": hwm / 1024, "alloc_mib": alloc, "saved_mib": sum(saved.values()) / 2**20, "rss_built_mib": rss_built / 1024, "rss_before_mib": rss_before / 1024,
         "peak_reset": reset, "step_s": statistics.median(times), "tokens_per_s": args.batch * args.seq / statistics.median(times),
         "code": os.path.dirname(os.path.dirname(bitnet_train.__file__)), "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -176,7 +226,7 @@ def main() -> None:
     print(f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps after 1 warm-up, {args.threads} threads, "
           f"fp32 AdamW, code: {args.code or 'this checkout'}", flush=True)
     print(f"{'preset':<6} {'round':>5} {'quant':<7} {'params':>11} {'peak MiB':>9} {'/ none':>7} "
-          f"{'step MiB':>9} {'/ none':>7} {'saved MiB':>9} {'/ none':>7} {'tok/s':>8} {'/ none':>7}", flush=True)
+          f"{'step MiB':>9} {'/ none':>7} {'alloc MiB':>9} {'/ none':>7} {'saved MiB':>9} {'/ none':>7} {'tok/s':>8} {'/ none':>7}", flush=True)
     for preset in [p for p in args.presets.split(",") if p]:
         for rnd in range(args.rounds):
             row = {q: run_one(args, preset, q) for q in quants}
@@ -189,9 +239,12 @@ def main() -> None:
                 r["step_mib"] = r["peak_mib"] - r["rss_built_mib"]
                 r["step_ratio"] = r["step_mib"] / (base["peak_mib"] - base["rss_built_mib"])
                 r["speed_ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
+                r["alloc_ratio"] = r["alloc_mib"] / base["alloc_mib"] if r["alloc_mib"] and base["alloc_mib"] else None
+                alloc = (f"{r['alloc_mib']:>9.0f} {r['alloc_ratio']:>6.3f}x" if r["alloc_ratio"] is not None
+                         else f"{'n/a':>9} {'':>7}")
                 results.append(r)
                 print(f"{preset:<6} {rnd:>5} {q:<7} {r['params']:>11,} {r['peak_mib']:>9.0f} {r['peak_ratio']:>6.3f}x "
-                      f"{r['step_mib']:>9.0f} {r['step_ratio']:>6.3f}x {r['saved_mib']:>9.0f} "
+                      f"{r['step_mib']:>9.0f} {r['step_ratio']:>6.3f}x {alloc} {r['saved_mib']:>9.0f} "
                       f"{r['saved_mib'] / base['saved_mib']:>6.3f}x {r['tokens_per_s']:>8.1f} {r['speed_ratio']:>6.3f}x",
                       flush=True)
             if "stock" in row and "bitnet" in row:
