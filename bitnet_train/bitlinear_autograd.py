@@ -57,9 +57,10 @@ from . import quant
 class _BitLinearFn(torch.autograd.Function):
     """The ``torch`` backend at ``quant_lambda`` = 1 (see the module notes for what it computes).
 
-    Saved for backward: the int8 activation codes and their fp32 per-token scales, the int8
-    ternary weight codes and their fp32 scale — no fake-quantized float copy of the input or
-    of the weight (and not the latent weight itself)."""
+    Saved for backward: the int8 activation codes and their fp32 per-token scales, and either the
+    int8 ternary weight codes with their fp32 scale or (``release == "recompute"``, the default in
+    training) a reference to the latent weight parameter with that scale, from which the backward
+    makes the codes again — never a fake-quantized float copy of the input or of the weight."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, xq, a, wq, s, compute_dtype, release):
@@ -68,9 +69,11 @@ class _BitLinearFn(torch.autograd.Function):
             y = F.linear(quant.act_dequant(xq, a, x.dtype), quant.weight_dequant(wq, s, weight.dtype), bias)
         else:
             y = quant.int_linear(xq, a, wq, s, bias, compute_dtype)
-        if release == "recompute":
-            # keep no weight codes: the backward quantizes the (saved, not copied) latent weight again
-            ctx.save_for_backward(xq, a, weight)
+        ctx.recompute = release == "recompute"
+        if ctx.recompute:
+            # keep no weight codes: the backward quantizes the (saved, not copied) latent weight again,
+            # with the scale of this forward (a 0-dim tensor)
+            ctx.save_for_backward(xq, a, weight, s)
             release = None
         else:
             ctx.save_for_backward(xq, a, wq, s)
@@ -83,9 +86,9 @@ class _BitLinearFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         saved = ctx.saved_tensors
-        if len(saved) == 3:
-            xq, a, weight = saved
-            wq, s = quant.weight_quant(weight)  # autograd checked that weight is unchanged since
+        if ctx.recompute:
+            xq, a, weight, s = saved
+            wq, s = quant.weight_quant(weight, s)  # autograd checked that weight is unchanged since
         else:
             xq, a, wq, s = saved
         if ctx.release is not None:

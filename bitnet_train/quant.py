@@ -58,12 +58,13 @@ def act_scale(x: torch.Tensor) -> torch.Tensor:
     return ACT_QMAX / amax.clamp(min=ACT_EPS)
 
 
-def weight_quant(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Ternary codes (int8, values in {-1, 0, 1}, shape of ``w``) and scale (fp32, 0-dim).
 
     ``w ≈ codes * scale``. ``W / s`` is evaluated as ``W * (1 / s)`` (see the module notes).
+    ``scale``: ``weight_scale(w)`` computed before (unchanged ``w``), to skip that pass.
     """
-    s = weight_scale(w)
+    s = weight_scale(w) if scale is None else scale
     t = w.detach().float() * (1.0 / s)  # a new tensor: the in-place ops below never touch w
     return t.round_().clamp_(-1, 1).to(torch.int8), s
 

@@ -426,7 +426,7 @@ def test_checkpoint_recompute_and_weight_codes(monkeypatch, recompute):
     n_bit = len(bitnet_train.bitlinear.bitlinear_modules(m))
     calls = []
     real = quant.weight_quant
-    monkeypatch.setattr(quant, "weight_quant", lambda w: (calls.append(1), real(w))[1])
+    monkeypatch.setattr(quant, "weight_quant", lambda w, *scale: (calls.append(1), real(w, *scale))[1])
     opt = torch.optim.SGD(m.parameters(), lr=0.1)
     ids = torch.randint(0, m.config.vocab_size, (2, 12))
     for _ in range(2):
