@@ -226,7 +226,6 @@ def pack_hf(codes: torch.Tensor) -> torch.Tensor:
 
 def unpack_hf(packed: torch.Tensor, out_features: int | None = None) -> torch.Tensor:
     """Inverse of :func:`pack_hf`: int8 codes ``[out_features, in]``."""
-    rows = packed.shape[0]
     parts = [((packed >> (2 * i)) & 3) for i in range(4)]
     codes = torch.cat(parts, dim=0).to(torch.int8) - 1
     if out_features is not None:

@@ -307,7 +307,7 @@ def run_mode(mode: str, shapes, tokens, device, args, impls, emit, rows: list) -
                     continue
                 state = [0]
 
-                def step(layers=layers):
+                def step(layers=layers, xs=xs, g=g, state=state):  # this shape's operands, bound now
                     state[0] = (state[0] + 1) % (len(layers) * len(xs))
                     layer, x = layers[state[0] % len(layers)], xs[state[0] % len(xs)]
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
