@@ -223,15 +223,6 @@ def _finish_model(model, recipe: PretrainRecipe, fsdp: bool, materialize):
     return model
 
 
-def _param_groups(model, weight_decay: float):
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -328,12 +319,12 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
 
 def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress: bool, acc) -> dict:
     """Set the run up (fresh, or from the newest checkpoint), then :func:`~bitnet_train.loop.train_loop`."""
-    import torch
     from tqdm.auto import tqdm
 
     from .checkpointer import Checkpointer, TrainState, resume_point, seed_all
     from .data import open_training_data
     from .fsutil import clean_stale
+    from .optim import build_optimizer, init_adamw_state
     from .loop import Evaluator, StopSignal, train_loop
     from .metrics import MetricsLog, WandbLogger, plot_loss
 
@@ -369,8 +360,10 @@ def _run(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress:
 
     recipe_dict = to_dict(recipe)
     ckpt = Checkpointer(out, acc, tok, recipe_dict, t.keep_last)
-    opt = torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = build_optimizer(model, t.lr, t.weight_decay)
     model, opt = ckpt.prepare(model, opt, ck)
+    if ck is None:
+        init_adamw_state(opt)  # before the first forward, as a resumed run's (bitnet_train/optim.py)
 
     data = open_training_data(recipe.data, tok, recipe.seed, rank=rank, world_size=world)
     # the same validation windows at any world size: the first eval_batches global batches, one share per rank

@@ -46,6 +46,40 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+MALLOCS = {"glibc": None, "jemalloc": ("libjemalloc.so",), "tcmalloc": ("libtcmalloc_minimal.so", "libtcmalloc.so")}
+
+
+def _find_malloc(name: str) -> str | None:
+    """The path of a shared library of allocator ``name`` (``MALLOCS``), from ``ldconfig -p`` or the
+    lib directory of this Python's prefix (a venv or conda environment); None if there is none."""
+    stems = MALLOCS[name]
+    dirs = [os.path.join(p, "lib") for p in (sys.prefix, os.environ.get("CONDA_PREFIX") or "") if p]
+    for d in dirs:
+        for f in sorted(os.listdir(d)) if os.path.isdir(d) else []:
+            if f.startswith(stems):
+                return os.path.join(d, f)
+    try:
+        out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
+    except OSError:
+        out = ""
+    for stem in stems:
+        for line in out.splitlines():
+            lib, _, path = line.strip().partition(" => ")
+            if lib.startswith(stem) and path:
+                return path.strip()
+    return None
+
+
+def _loaded_malloc() -> str:
+    """Which allocator of ``MALLOCS`` this process runs on (a preloaded one is mapped in)."""
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    for name, stems in MALLOCS.items():
+        if stems and any(stem in maps for stem in stems):
+            return name
+    return "glibc"
+
+
 def _reset_peak() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -131,7 +165,13 @@ def worker(args) -> None:
         _stockify(model)
     model.train()
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    try:
+        from bitnet_train.optim import build_optimizer, init_adamw_state
+    except ImportError:  # an older checkout (--code): its AdamW, state made in the first step
+        opt, made = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1), 0
+    else:  # the pretraining optimizer, as pretrain() makes it (its state before the first forward)
+        opt = build_optimizer(model, 1e-4, 0.1)
+        made = init_adamw_state(opt) if args.optim_state == "eager" else 0
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
 
@@ -157,7 +197,7 @@ def worker(args) -> None:
         return loss.item()
 
     rss_built = _rss_kib("VmRSS")
-    step(track=True)  # warm-up; creates AdamW's state; records what the forward saves for backward
+    step(track=True)  # warm-up (creates AdamW's state if not made above); records what the forward saves
     rss_before = _rss_kib("VmRSS")
     reset = _reset_peak()
     times = []
@@ -166,20 +206,23 @@ def worker(args) -> None:
         step()
         times.append(time.perf_counter() - t0)
     hwm = _rss_kib("VmHWM")
-    now = _allocated_bytes()
+    malloc = _loaded_malloc()
+    now = _allocated_bytes() if malloc == "glibc" else None  # mallinfo2 sees glibc's heap only
     alloc = _sampled_peak(now, step) / 2**20 if now is not None else None
     out = {
         "preset": args.preset, "quant": args.quant, "params": params, "tokens": args.batch * args.seq,
         "peak_mib": hwm / 1024, "alloc_mib": alloc, "saved_mib": sum(saved.values()) / 2**20, "rss_built_mib": rss_built / 1024, "rss_before_mib": rss_before / 1024,
         "peak_reset": reset, "step_s": statistics.median(times), "tokens_per_s": args.batch * args.seq / statistics.median(times),
         "code": os.path.dirname(os.path.dirname(bitnet_train.__file__)), "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "torch": torch.__version__, "malloc": malloc, "optim_state": "eager" if made else "lazy",
     }
     print("RESULT " + json.dumps(out), flush=True)
 
 
 def run_one(args, preset: str, quant: str) -> dict:
     env = dict(os.environ)
+    if args.malloc_path:
+        env["LD_PRELOAD"] = args.malloc_path
     env["OMP_NUM_THREADS"] = str(args.threads)
     if quant == "stock":
         env["TORCHDYNAMO_DISABLE"] = "1"  # transformers compiles its quantizers otherwise (see facts)
@@ -189,13 +232,17 @@ def run_one(args, preset: str, quant: str) -> dict:
            "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps), "--threads", str(args.threads)]
     if args.weight_codes:
         cmd += ["--weight-codes", args.weight_codes]
+    cmd += ["--optim-state", args.optim_state]
     if args.lock:
         cmd = ["flock", args.lock] + cmd
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
         sys.exit(f"worker {preset}/{quant} failed (exit {r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
+    out = json.loads(lines[-1][len("RESULT "):])
+    if out.get("malloc", "glibc") != args.malloc:
+        sys.exit(f"worker {preset}/{quant} ran on {out.get('malloc')}, not --malloc {args.malloc} ({args.malloc_path})")
+    return out
 
 
 def main() -> None:
@@ -212,6 +259,11 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write all results to this file")
     ap.add_argument("--weight-codes", choices=("recompute", "cache"), default=None,
                     help="BitLinear.recompute_weight_codes True (recompute) or False (cache); default: the library's")
+    ap.add_argument("--malloc", choices=tuple(MALLOCS), default="glibc",
+                    help="the C allocator of the workers: glibc's malloc (the default) or jemalloc / tcmalloc, "
+                         "preloaded (LD_PRELOAD) from ldconfig's paths or this Python's prefix")
+    ap.add_argument("--optim-state", choices=("eager", "lazy"), default="eager",
+                    help="AdamW's state made before the first forward, as pretrain() does (eager), or in the first step (lazy)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
     ap.add_argument("--quant", choices=QUANTS, help=argparse.SUPPRESS)
@@ -219,12 +271,21 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    args.malloc_path = None
+    if args.malloc != "glibc":
+        args.malloc_path = _find_malloc(args.malloc)
+        if args.malloc_path is None:
+            sys.exit(f"--malloc {args.malloc}: no {' or '.join(s + '*' for s in MALLOCS[args.malloc])} found "
+                     f"(ldconfig -p, {sys.prefix}/lib); install it (Debian/Ubuntu: apt install "
+                     f"{'libjemalloc2' if args.malloc == 'jemalloc' else 'libtcmalloc-minimal4'}; conda: conda install "
+                     f"{'jemalloc' if args.malloc == 'jemalloc' else 'gperftools'})")
     quants = [q for q in args.quants.split(",") if q]
     if "none" not in quants or any(q not in QUANTS for q in quants):
         sys.exit(f"--quants must name 'none' (the baseline) and only {', '.join(QUANTS)}; got {args.quants!r}")
     results = []
     print(f"batch {args.batch} x {args.seq} tokens, {args.steps} timed steps after 1 warm-up, {args.threads} threads, "
-          f"fp32 AdamW, code: {args.code or 'this checkout'}", flush=True)
+          f"fp32 AdamW (state {args.optim_state}), malloc: {args.malloc_path or 'glibc'}, code: {args.code or 'this checkout'}",
+          flush=True)
     print(f"{'preset':<6} {'round':>5} {'quant':<7} {'params':>11} {'peak MiB':>9} {'/ none':>7} "
           f"{'step MiB':>9} {'/ none':>7} {'alloc MiB':>9} {'/ none':>7} {'saved MiB':>9} {'/ none':>7} {'tok/s':>8} {'/ none':>7}", flush=True)
     for preset in [p for p in args.presets.split(",") if p]:

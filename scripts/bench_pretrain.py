@@ -65,14 +65,15 @@ def throughput(preset: str, batch: int, seq_len: int, steps: int, warmup: int) -
     import torch
 
     from bitnet_train.model import build_model
-    from bitnet_train.train import _param_groups
+    from bitnet_train.optim import build_optimizer, init_adamw_state
 
     fns, n_params = {}, None
     for quant in ("bitnet", "none"):
         model = build_model(preset, quant=quant, seed=0).to(torch.float32).train()
         n_params = sum(p.numel() for p in model.parameters())
         vocab = model.config.vocab_size
-        opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
+        opt = build_optimizer(model, 1e-3, 0.1)  # the pretraining optimizer, its state made up front
+        init_adamw_state(opt)
         fns[quant] = _step_fn(model, opt, batch, seq_len, vocab, seed=1)
     for _ in range(warmup):
         for f in fns.values():
