@@ -85,25 +85,30 @@ class _BitLinearFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        saved = ctx.saved_tensors
-        if ctx.recompute:
-            xq, a, weight, s = saved
-            wq, s = quant.weight_quant(weight, s)  # autograd checked that weight is unchanged since
-        else:
-            xq, a, wq, s = saved
-        if ctx.release is not None:
-            ctx.release()  # this step's weight codes are not needed by any later forward
-        n, k = wq.shape
+        xq, a, w, s = ctx.saved_tensors  # w: the latent weight (recompute) or its int8 codes
+        n, k = w.shape
         g2 = grad.reshape(-1, n)
         grad_x = grad_w = grad_b = None
         # the dtypes the fake-quant product multiplied in: under autocast both operands were cast
         # to the autocast dtype, without it they stayed in the input's and the weight's dtype
         dx = ctx.compute_dtype or ctx.w_dtype
         dw = ctx.compute_dtype or ctx.x_dtype
+        # the weight's gradient first, into a buffer allocated before its temporary (the dequantized
+        # input) and before the weight codes and dequantized weight that grad_x needs: those
+        # temporaries then reuse the space freed above the gradient instead of pushing later
+        # gradients up the C heap (docs/performance.md, peak RSS). Same bits in either order.
+        if ctx.needs_input_grad[1]:
+            if torch.is_grad_enabled():  # create_graph: an out= product is not differentiable
+                grad_w = g2.t().mm(quant.act_dequant(xq.reshape(-1, k), a.reshape(-1, 1), dw))
+            else:
+                grad_w = torch.empty((n, k), dtype=dw, device=g2.device)
+                torch.mm(g2.t(), quant.act_dequant(xq.reshape(-1, k), a.reshape(-1, 1), dw), out=grad_w)
+            grad_w = grad_w.to(ctx.w_dtype)
+        wq, s = quant.weight_quant(w, s) if ctx.recompute else (w, s)  # autograd checked w is unchanged
+        if ctx.release is not None:
+            ctx.release()  # this step's weight codes are not needed by any later forward
         if ctx.needs_input_grad[0]:
             grad_x = g2.mm(quant.weight_dequant(wq, s, dx)).reshape(ctx.x_shape).to(ctx.x_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_w = g2.t().mm(quant.act_dequant(xq.reshape(-1, k), a.reshape(-1, 1), dw)).to(ctx.w_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
