@@ -6,10 +6,9 @@ weights) lazily, inside the first ``step()``, after the first forward and backwa
 fresh run then learns only at the end of step 1 whether that state fits in memory, and the C
 allocator places it after (on the CPU: above) the step's freed activations, a layout a resumed
 run (whose state is read before the first forward) does not have. Creating it up front gives a
-fresh run the resumed run's order. Measured on the CPU (glibc malloc, docs/performance.md):
-peak RSS of a 350m step with 4 x 256 tokens fell from 8901 to 8441 MiB for BitNet, 8253 to
-8288 MiB for full precision (one run each, ``scripts/bench_memory.py``); the updates are the same
-bits (tests/test_optim.py).
+fresh run the resumed run's order; on the CPU (glibc's malloc) it lowered the peak RSS of a 350m
+step for BitNet and for full precision alike (docs/performance.md, ``scripts/bench_memory.py
+--optim-state eager|lazy``). The updates are the same bits (tests/test_optim.py).
 """
 
 from __future__ import annotations

@@ -308,6 +308,17 @@ def test_bitlinear_gradients_equal_the_fake_quant_path(shape, bias, mode):
                 assert torch.equal(lin(x), ry)
 
 
+def test_bitlinear_gradients_with_create_graph():
+    # torch.autograd.grad(create_graph=True) runs the backward with grad mode on: the weight's
+    # gradient then takes the differentiable product, not the out= one, and is the same bits
+    lin = BitLinear(48, 40, bias=False, backend="torch")
+    x = torch.randn(3, 48, requires_grad=True)
+    g = torch.randn(3, 40)
+    plain = torch.autograd.grad(lin(x), (x, lin.weight), g)
+    graph = torch.autograd.grad(lin(x), (x, lin.weight), g, create_graph=True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, graph))
+
+
 def test_bitlinear_bf16_weights_without_autocast():
     # a model held in bf16: training computes the exact product rounded once to bf16, the gradients
     # are the fake-quant path's, and inference keeps stock transformers' bf16 arithmetic
