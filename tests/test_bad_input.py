@@ -1,7 +1,6 @@
 """Bad input ends in one line naming the file (and the line), exit status 2, no traceback, and
 nothing written: through the real CLI in a subprocess, as a user meets it."""
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+from scriptload import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_memory.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("bench_memory", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_tiny_step_figures(tmp_path):
@@ -36,7 +30,7 @@ def test_tiny_step_figures(tmp_path):
 
 
 def test_allocator_lookup_and_missing_library(monkeypatch):
-    mod = _script()
+    mod = load_script("bench_memory")
     assert mod._loaded_malloc() in mod.MALLOCS
     for name in ("jemalloc", "tcmalloc"):
         path = mod._find_malloc(name)

@@ -12,15 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from scriptload import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "bench_train_step.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("bench_train_step", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_cpu_run_times_every_implementation_against_nn_linear(tmp_path):
@@ -31,7 +26,7 @@ def test_cpu_run_times_every_implementation_against_nn_linear(tmp_path):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
-    mod = _module()
+    mod = load_script("bench_train_step")
     rows = res["rows"]
     assert [(x["M"], x["impl"]) for x in rows] == [(m, name) for m in (1, 20) for name in mod.IMPLS]
     have_torchao = importlib.util.find_spec("torchao") is not None
@@ -62,7 +57,7 @@ def test_absent_cuda_only_and_broken_peers_get_a_status(monkeypatch):
 
     import bitnet_train.bitlinear  # noqa: F401
 
-    mod = _module()
+    mod = load_script("bench_train_step")
     # onebitllms importable (a stand-in): on the CPU it is CUDA-only
     fake = types.ModuleType("onebitllms")
     fake.BitNetLinear = torch.nn.Linear

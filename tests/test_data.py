@@ -486,7 +486,6 @@ def test_tokenize_with_worker_processes_is_identical(tmp_path, shard_dir, tok):
 
 def test_prefetch_keeps_order_raises_and_stops():
     import threading
-    import time
 
     from bitnet_train.data import prefetched
 

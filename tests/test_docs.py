@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import re
 import unicodedata
 from pathlib import Path
@@ -23,6 +22,8 @@ from bitnet_train.cli import build_parser, main
 from bitnet_train.commands import RECIPE_STAGES, recipe_schemas
 from bitnet_train.recipe import describe, keys_table, load_recipe
 
+from scriptload import load_script
+
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.DOTALL | re.MULTILINE)
@@ -31,20 +32,13 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 PENDING: set[Path] = set()
 
 
-def _gen_docs():
-    spec = importlib.util.spec_from_file_location("gen_docs", REPO / "scripts" / "gen_docs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_docs_exist():
     names = {p.name for p in DOCS}
     assert {"README.md", "commands.md", "recipes.md", "export.md", "performance.md", "development.md"} <= names
 
 
 def test_recipe_key_tables_are_generated_from_the_schemas():
-    gen = _gen_docs()
+    gen = load_script("gen_docs")
     covered = set()
     for f in DOCS:
         text = f.read_text(encoding="utf-8")
@@ -61,7 +55,7 @@ def test_recipe_key_tables_are_generated_from_the_schemas():
 
 def test_gen_docs_detects_drift(tmp_path):
     """A table edited by hand (or a schema changed) is found and rewritten."""
-    gen = _gen_docs()
+    gen = load_script("gen_docs")
     text = (REPO / "docs" / "recipes.md").read_text(encoding="utf-8")
     tampered = text.replace("| `train.lr` |", "| `train.learning_rate` |", 1)
     assert tampered != text and gen.update(tampered) == text

@@ -3,21 +3,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+
+from scriptload import load_script
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def qc():
-    spec = importlib.util.spec_from_file_location("quality_curves", REPO / "scripts" / "quality_curves.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("quality_curves")
 
 
 def _result(size, quant, lr, bpbs, ppl=None):
