@@ -34,7 +34,7 @@ from . import quant
 from .bitlinear_autograd import BitLinearRMSNorm, WeightCodeCache, _BitLinearFn, _SharedActQuant  # noqa: F401 (re-exported)
 
 BACKENDS = ("torch", "triton", "auto")
-AUTO_PREFERS_TRITON = False  # flip when kernels/bench.py shows the Triton path ahead of torch
+AUTO_PREFERS_TRITON = False  # flip when bitnet_train.kernels.bench shows the Triton path ahead of torch
 BACKEND_ENV = "BITNET_TRAIN_BACKEND"
 
 # Modules never converted: embeddings and norms are not nn.Linear; the output head is.

@@ -19,7 +19,7 @@
    shards, so the data path is not what is timed). Per run: the median of the per-step
    ``tokens_per_s`` of ``metrics.jsonl`` after ``--tp-skip`` warm-up steps, the model FLOPs
    utilisation (``6 * matmul parameters + 12 * layers * hidden * seq_len`` FLOPs per token, the
-   tied head counted as a matmul, over the GPU's dense bf16 peak from kernels/bench.py's table)
+   tied head counted as a matmul, over the GPU's dense bf16 peak from kernels/bitnet_kernels/bench.py's table)
    and, on CUDA, the peak allocated and reserved memory (``torch.cuda.max_memory_*``). With CUDA
    the recipe's ``mixed_precision: auto`` is bf16 autocast; on the CPU fp32.
 

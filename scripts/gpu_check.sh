@@ -141,7 +141,7 @@ if ! (cd "$WORK" && "$PY" -c "import bitnet_train.kernels.matmul") 2>/dev/null |
     assemble  # `run` always tests this checkout's code, even where another copy is installed
 fi
 # every step runs outside the checkout: Python puts the working directory first on sys.path, and
-# the checkout's bitnet_train/ lacks bitnet_train.kernels (kernels/, mapped by package-dir)
+# the checkout's bitnet_train/ lacks bitnet_train.kernels (kernels/bitnet_kernels/, mapped by package-dir)
 cd "$WORK"
 
 # GPU_RUN_STEPS="train-step pretrain" runs only the steps named (e.g. a rerun in the time left).

@@ -173,7 +173,7 @@ def test_hf_stock_transformers_in_clean_process(silu_ckpt, probe, tmp_path):
     )
     env = dict(os.environ, TORCHDYNAMO_DISABLE="1")
     res = subprocess.run([sys.executable, "-c", code, str(out), json.dumps(ids)], capture_output=True, text=True,
-                         env=env, timeout=300, cwd=tmp_path)  # not the repo root: its kernels/ shadows a package
+                         env=env, timeout=300, cwd=Path(__file__).resolve().parents[1])  # the repository root, as a user's shell
     assert res.returncode == 0, res.stderr[-2000:]
     stock = np.array(json.loads(res.stdout.strip().splitlines()[-1]))
     ours = V.our_logits(silu_ckpt, ids)

@@ -15,7 +15,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "bitnet_train"
 # package name -> directory, as in pyproject.toml's [tool.setuptools.package-dir]
-ROOTS = {PACKAGE: REPO / "bitnet_train", f"{PACKAGE}.kernels": REPO / "kernels"}
+ROOTS = {PACKAGE: REPO / "bitnet_train", f"{PACKAGE}.kernels": REPO / "kernels" / "bitnet_kernels"}
 MAX_LINES = 450
 # modules allowed over MAX_LINES for now, each with the reason; to shrink later
 LINE_ALLOWANCES: dict[str, str] = {}  # none: every module is under MAX_LINES
