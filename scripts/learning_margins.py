@@ -1,8 +1,11 @@
 """The spread, across seeds and thread counts, of every figure a test asserts was learned.
 
     python scripts/learning_margins.py [--seeds 0,1,2] [--threads 1,2] [--only align,pretrain,qat]
+                                       [--cpu-capability native,avx2,default]
 
-Each (seed, threads) runs in its own process (OMP_NUM_THREADS and torch.set_num_threads set), with
+Each (seed, threads, CPU capability) runs in its own process (OMP_NUM_THREADS and
+torch.set_num_threads set; ATEN_CPU_CAPABILITY, torch's switch for which CPU kernels it runs, stands
+in for another machine: ``native`` leaves it unset), with
 the same code the tests run (tests/align_task.py, tests/test_pretrain.py, tests/test_convert.py),
 and prints one JSON line; the end is a table of min / max per figure next to the threshold the test
 asserts. The tests run seed 0 with the machine's default threads; a threshold is sound when the worst
@@ -12,6 +15,7 @@ case here clears it clearly. Figures are written into the tests beside the thres
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -62,6 +66,8 @@ def main() -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--only", default="align,pretrain,qat")
+    ap.add_argument("--cpu-capability", default="native",
+                    help="comma-separated ATEN_CPU_CAPABILITY values (native = unset; e.g. native,avx2,default)")
     ap.add_argument("--sft", default="{}", help='JSON train.* overrides for SFT, e.g. \'{"max_steps": 300}\'')
     ap.add_argument("--dpo", default="{}", help="JSON train.* overrides for DPO")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -75,20 +81,23 @@ def main() -> int:
         return 0
     rows = {}
     for kind in a.only.split(","):
-        for seed in map(int, a.seeds.split(",")):
-            for th in map(int, a.threads.split(",")):
-                env = dict(os.environ, OMP_NUM_THREADS=str(th), WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false",
-                           HF_HUB_OFFLINE="1", TRITON_INTERPRET="1", MARGINS_SFT=a.sft, MARGINS_DPO=a.dpo)
-                p = subprocess.run([sys.executable, __file__, "--worker", kind, "--seed", str(seed)], env=env,
-                                   capture_output=True, text=True, cwd=REPO)
-                line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-                if p.returncode or not line:
-                    print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"{kind} seed {seed} threads {th} failed")
-                r = json.loads(line[0][7:])
-                print(json.dumps({"kind": kind, "seed": seed, "threads": th, **r}), flush=True)
-                rows.setdefault(kind, []).append(r)
-    print("\nfigure                      min       max   (over seeds x threads)")
+        for cap, seed, th in itertools.product(a.cpu_capability.split(","), map(int, a.seeds.split(",")),
+                                               map(int, a.threads.split(","))):
+            env = dict(os.environ, OMP_NUM_THREADS=str(th), WANDB_MODE="offline", TOKENIZERS_PARALLELISM="false",
+                       HF_HUB_OFFLINE="1", TRITON_INTERPRET="1", MARGINS_SFT=a.sft, MARGINS_DPO=a.dpo)
+            env.pop("ATEN_CPU_CAPABILITY", None)
+            if cap != "native":
+                env["ATEN_CPU_CAPABILITY"] = cap
+            p = subprocess.run([sys.executable, __file__, "--worker", kind, "--seed", str(seed)], env=env,
+                               capture_output=True, text=True, cwd=REPO)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if p.returncode or not line:
+                print(p.stdout[-3000:], p.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{kind} seed {seed} threads {th} cpu {cap} failed")
+            r = json.loads(line[0][7:])
+            print(json.dumps({"kind": kind, "seed": seed, "threads": th, "cpu": cap, **r}), flush=True)
+            rows.setdefault(kind, []).append(r)
+    print("\nfigure                      min       max   (over CPU capabilities x seeds x threads)")
     for kind, rs in rows.items():
         for k in rs[0]:
             vs = [r[k] for r in rs]

@@ -104,6 +104,7 @@ def test_floors_file_pins_every_lower_bound():
     import tomllib
 
     from packaging.requirements import Requirement
+    from packaging.version import Version
     from packaging.utils import canonicalize_name
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -118,5 +119,6 @@ def test_floors_file_pins_every_lower_bound():
     for r in reqs:
         lows = [s.version for s in r.specifier if s.operator == ">="]
         assert lows, f"{r} in pyproject.toml has no lower bound"
-        assert floors.get(canonicalize_name(r.name)) == lows[0], \
+        pinned = floors.get(canonicalize_name(r.name))
+        assert pinned is not None and Version(pinned) == Version(lows[0]), \
             f"{r.name}: pyproject.toml says >={lows[0]}, .ci/floors.txt pins {floors.get(canonicalize_name(r.name))}"
