@@ -8,6 +8,10 @@ and a crash between the two leaves the previous copy under that name, which :fun
 (called by :func:`clean_stale`, by the next :func:`atomic_dir` of the same target, and on resume)
 renames back. A process killed mid-write leaves the previous target intact (or restorable),
 plus at most a ``.tmp-*`` leftover that :func:`clean_stale` removes.
+
+Ownership: :func:`owned` makes one process the only writer of an output directory (or of one export
+path) while it runs, through an ``flock`` that the system releases when the process ends, however
+it ends, so a crash never leaves a stale lock.
 """
 
 from __future__ import annotations
@@ -15,10 +19,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
+import json
 import os
 import shutil
+import socket
+import sys
+import time
 import uuid
 from pathlib import Path
+
+from .errors import UserError
 
 TMP_MARK = ".tmp-"
 PREV_MARK = ".prev-"  # a replaced directory kept until the new one is in place (no-exchange path)
@@ -157,3 +168,62 @@ def clean_stale(directory: str | os.PathLike) -> list[Path]:
                     p.unlink()
             done.append(p)
     return done
+
+
+LOCK_NAME = ".bitnet-train.lock"  # inside an output directory; an export path's is ``.NAME.lock`` beside it
+
+
+@contextlib.contextmanager
+def owned(target: str | os.PathLike, what: str, inside: bool = True):
+    """``with owned(output_dir, "pretrain"):`` this process is the only writer of ``target`` until
+    the block ends: an exclusive ``flock`` on ``target/.bitnet-train.lock`` (``inside``) or on
+    ``.NAME.lock`` beside the file ``target``, taken before anything else is written there. A second
+    owner gets a :class:`UserError` naming ``target`` and the holder (PID, host, start time, command).
+
+    Under several launched processes only rank 0 (``RANK`` unset or 0) takes it. The lock file is
+    removed on release; one that a killed process left holds no lock (the system released it with the
+    process) and is simply taken over."""
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        yield
+        return
+    t = Path(target)
+    if inside:
+        t.mkdir(parents=True, exist_ok=True)
+        path = t / LOCK_NAME
+    else:
+        t.parent.mkdir(parents=True, exist_ok=True)
+        path = t.parent / f".{t.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(f"{t} is in use: {_holder(path)} is writing it ({what} was refused, nothing written); "
+                            "wait for that process to end, or choose another "
+                            + ("output_dir" if inside else "--out")) from None
+        try:  # the file we locked is still the one at ``path`` (its last holder did not remove it meanwhile)
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(info) + "\n").encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # before the release: a waiting process then locks a fresh file
+        os.close(fd)
+
+
+def _holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text())
+        return (f"{h.get('what', 'a process')} (PID {h.get('pid')} on {h.get('host')}, started {h.get('started')}: "
+                f"{h.get('command')})")
+    except (OSError, ValueError):
+        return "another process"

@@ -310,9 +310,12 @@ def _get_tokenizer(recipe: PretrainRecipe, acc, out: Path):
 
 
 def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress: bool) -> dict:
+    from .fsutil import owned
+
     acc = _accelerator(recipe.train)
     try:
-        return _run(recipe, resume, stop_after, progress, acc)
+        with owned(recipe.output_dir, "pretrain"):  # a second run into the same output_dir is refused
+            return _run(recipe, resume, stop_after, progress, acc)
     finally:
         _reset_accelerate(acc)
 

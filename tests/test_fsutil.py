@@ -111,3 +111,67 @@ def test_failed_write_keeps_target_and_leaves_nothing(tmp_path):
             raise RuntimeError("boom")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert os.listdir(target) == ["data.txt"]
+
+
+# --- one owner per output directory / export path -------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from bitnet_train.fsutil import owned
+    with owned(sys.argv[1], "pretrain", inside=sys.argv[2] == "inside"):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def _hold(target: Path, inside: bool = True) -> subprocess.Popen:
+    """A real second process that owns ``target`` until it is killed."""
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, str(target), "inside" if inside else "beside"],
+                         stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_second_run_into_a_running_output_dir_is_refused(tmp_path, capsys):
+    from bitnet_train.cli import main
+
+    out = tmp_path / "run"
+    holder = _hold(out)
+    try:
+        rc = main(["pretrain", str(REPO / "recipes" / "tiny.yaml"), "--no-progress", "--set", f"output_dir={out}"])
+        err = capsys.readouterr().err
+        assert rc == 2 and str(out) in err and f"PID {holder.pid}" in err and "in use" in err, err
+        assert sorted(p.name for p in out.iterdir()) == [fsutil.LOCK_NAME]  # the refused run wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    # killed (SIGKILL): the system released its lock; the file it left is taken over and removed after
+    assert (out / fsutil.LOCK_NAME).exists()
+    with fsutil.owned(out, "pretrain"):
+        with pytest.raises(fsutil.UserError, match=f"PID {os.getpid()}"):
+            with fsutil.owned(out, "sft"):  # the same process, another owner: refused too
+                pass
+    assert not (out / fsutil.LOCK_NAME).exists()
+
+
+def test_second_export_to_the_same_out_is_refused(tmp_path, capsys):
+    from bitnet_train.cli import main
+
+    ck = tmp_path / "ck"
+    assert main(["init", "tiny", "--out", str(ck)]) == 0
+    out = tmp_path / "m.gguf"
+    holder = _hold(out, inside=False)
+    try:
+        rc = main(["export", str(ck), "--format", "hf", "--out", str(out), "--no-verify", "--no-progress"])
+        err = capsys.readouterr().err
+        assert rc == 2 and str(out) in err and f"PID {holder.pid}" in err, err
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_ranks_other_than_zero_take_no_lock(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with fsutil.owned(tmp_path, "pretrain"):
+        assert not (tmp_path / fsutil.LOCK_NAME).exists()

@@ -27,6 +27,13 @@ def _setup(recipe, resume: bool, stage: str):
 
 def sft(recipe: SFTRecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) an SFT recipe with TRL's SFTTrainer. Returns a summary dict."""
+    from ..fsutil import owned
+
+    with owned(recipe.output_dir, "sft"):  # a second run into the same output_dir is refused
+        return _sft(recipe, resume, progress, stop_after)
+
+
+def _sft(recipe: SFTRecipe, resume: bool, progress: bool, stop_after: int | None) -> dict:
     out, last, resume_step, tok, model = _setup(recipe, resume, "sft")  # checks TRL is installed
     from trl import SFTConfig
 
@@ -51,6 +58,13 @@ def sft(recipe: SFTRecipe, resume: bool = False, progress: bool = True, stop_aft
 
 def dpo(recipe: DPORecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) a DPO recipe with TRL's DPOTrainer and an explicit quantized reference model."""
+    from ..fsutil import owned
+
+    with owned(recipe.output_dir, "dpo"):  # a second run into the same output_dir is refused
+        return _dpo(recipe, resume, progress, stop_after)
+
+
+def _dpo(recipe: DPORecipe, resume: bool, progress: bool, stop_after: int | None) -> dict:
     out, last, resume_step, tok, model = _setup(recipe, resume, "dpo")  # checks TRL is installed
     from trl import DPOConfig, DPOTrainer
 

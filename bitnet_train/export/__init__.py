@@ -143,12 +143,20 @@ def export(
     Raises :class:`ExportError` for an export that cannot be made or that fails verification
     (then nothing is left at ``out``); with ``force`` a mismatched GGUF is kept and ``ok`` is
     False."""
+    from ..fsutil import owned
+
+    with owned(out, "export", inside=False):  # a second export to the same --out is refused
+        return _export(checkpoint, fmt, Path(out), quant, tokenizer, force, tq_fallback, verify, probe_text,
+                       probe_tokens, log, i2s_layout, bitnet_cpp, progress, runtime)
+
+
+def _export(checkpoint, fmt, out, quant, tokenizer, force, tq_fallback, verify, probe_text, probe_tokens, log,
+            i2s_layout, bitnet_cpp, progress, runtime) -> dict:
     from ..fsutil import atomic_dir, atomic_path
     from .source import load_tokenizer_for
     from .verify import DEFAULT_PROBE
 
     t0 = time.perf_counter()
-    out = Path(out)
     src = CheckpointSource(checkpoint)
     tok = load_tokenizer_for(src, tokenizer)
     _clean_leftovers(out)
