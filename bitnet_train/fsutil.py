@@ -182,11 +182,12 @@ def owned(target: str | os.PathLike, what: str, inside: bool = True):
 
     Under several launched processes only rank 0 (``RANK`` unset or 0) takes it. The lock file is
     removed on release; one that a killed process left holds no lock (the system released it with the
-    process) and is simply taken over."""
+    process) and is simply taken over. An output directory made here and left empty is removed again."""
     if int(os.environ.get("RANK", "0") or 0) != 0:
         yield
         return
     t = Path(target)
+    created = inside and not t.exists()
     if inside:
         t.mkdir(parents=True, exist_ok=True)
         path = t / LOCK_NAME
@@ -218,6 +219,9 @@ def owned(target: str | os.PathLike, what: str, inside: bool = True):
         with contextlib.suppress(OSError):
             os.unlink(path)  # before the release: a waiting process then locks a fresh file
         os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                t.rmdir()  # made for the lock alone (a run refused on bad input) and still empty: gone again
 
 
 def _holder(path: Path) -> str:
