@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quant
-from .bitlinear_autograd import BitLinearRMSNorm, WeightCodeCache, _BitLinearFn, _SharedActQuant  # noqa: F401 (re-exported)
+from .bitlinear_autograd import BitLinearRMSNorm, WeightCodeCache, _BitLinearFn, _SharedActQuant
 
 BACKENDS = ("torch", "triton", "auto")
 AUTO_PREFERS_TRITON = False  # flip when bitnet_train.kernels.bench shows the Triton path ahead of torch

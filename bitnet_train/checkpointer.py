@@ -182,10 +182,6 @@ class Checkpointer:
         self.out, self.acc, self.tok, self.recipe_dict, self.keep_last = Path(out), acc, tokenizer, recipe_dict, keep_last
         self.fsdp = False
 
-    def newest(self) -> tuple[int, Path] | None:
-        found = list_checkpoints(self.out)
-        return found[-1] if found else None
-
     def prepare(self, model, opt, ck: Path | None):
         """``acc.prepare(model, opt)`` (a model sharded with FSDP2 is used as it is), restoring the
         model and optimizer of a sharded checkpoint ``ck`` (``dcp/``, at any world size), or the

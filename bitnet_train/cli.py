@@ -36,14 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"bitnet-train {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:
-                continue
-            raise
-        mod.register(sub)
+    for name in COMMAND_MODULES:  # each must import: a broken one is an error, never a missing command
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -6,9 +6,25 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RecipeError
+
+
+@dataclass
+class WandbConfig:
+    """A recipe's ``wandb:`` section (pretrain, sft, dpo)."""
+
+    enabled: bool = field(default=False, metadata={
+        "help": "log metrics to Weights & Biases (sft/dpo: through TRL's report_to)"})
+    project: str = field(default="bitnet-train", metadata={"help": "wandb project"})
+    name: str | None = field(default=None, metadata={"help": "run name (default: wandb's)"})
+    mode: str | None = field(
+        default=None,
+        metadata={"choices": ("online", "offline", "disabled"),
+                  "help": "default: $WANDB_MODE, else online with credentials, offline without"},
+    )
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:

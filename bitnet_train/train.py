@@ -38,7 +38,8 @@ from pathlib import Path
 
 from .errors import DataError, RecipeError, TrainingError, UserError
 from .recipe import load_recipe, to_dict
-from .schedule import lr_at, stage2_step, weight_decay_at  # noqa: F401 - re-exported
+from .metrics import WandbConfig
+from .schedule import stage2_step
 from .data import DataConfig
 from .warmup import QuantWarmupConfig
 from .convert import ConvertConfig
@@ -106,18 +107,6 @@ class TrainConfig:
                     f"train.stage2_start {self.stage2_start} puts stage two (step {stage2_step(self)}) inside the "
                     f"{self.warmup_steps}-step warm-up"
                 )
-
-
-@dataclass
-class WandbConfig:
-    enabled: bool = field(default=False, metadata={"help": "log metrics to Weights & Biases"})
-    project: str = field(default="bitnet-train", metadata={"help": "wandb project"})
-    name: str | None = field(default=None, metadata={"help": "run name (default: wandb's)"})
-    mode: str | None = field(
-        default=None,
-        metadata={"choices": ("online", "offline", "disabled"),
-                  "help": "default: $WANDB_MODE, else online with credentials, offline without"},
-    )
 
 
 @dataclass

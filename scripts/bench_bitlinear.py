@@ -8,7 +8,7 @@ them so machine load affects both alike, and prints the median time of each and 
 
 ``--exactness`` instead prints, for the same shapes under CPU bf16 autocast, the share of outputs
 equal to the exact integer product rounded once to bf16, for BitLinear and for the fake-quant
-path (``F.linear`` on the dequantized operands, what BitLinear ran before issue 15).
+path (``F.linear`` on the dequantized operands, what BitLinear ran before its exact int8 product).
 
 ``--act-scale`` times the per-token ``max|x|`` of :func:`bitnet_train.quant.act_scale` in the two
 exact forms, ``x.abs().amax(-1)`` (what it uses) and ``torch.linalg.vector_norm(x, inf, -1)``

@@ -2,7 +2,7 @@
 # The GPU checks and measurements, for a session that has a GPU (docs/kernels.md, "The prepared GPU
 # run"). One call of a lent machine:
 #
-#   bash scripts/gpu_check.sh run          # issue 18's ask 1, every step under a time budget (8 min in all)
+#   bash scripts/gpu_check.sh run          # every step under a time budget (8 min in all)
 #   GPU_RUN_DRY=1 bash scripts/gpu_check.sh run   # the same plumbing on the CPU, tiny sizes (no GPU)
 #
 # `run` steps, in order (each one's exit code and duration go to $OUT/summary.txt; a failing or

@@ -264,7 +264,7 @@ def test_rmsnorm_act_quant_bitexact(shape, eps, dtype, w_dtype):
 
 
 def test_rmsnorm_act_quant_matches_bitlinear_rms_norm_and_checks_shapes():
-    from bitnet_train.bitlinear import BitLinearRMSNorm
+    from bitnet_train.bitlinear_autograd import BitLinearRMSNorm
 
     norm = BitLinearRMSNorm(48, eps=1e-6)
     with torch.no_grad():

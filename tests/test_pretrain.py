@@ -255,7 +255,7 @@ def _train_cfg(**kw):
 
 
 def test_cosine_schedule():
-    from bitnet_train.train import lr_at, weight_decay_at
+    from bitnet_train.schedule import lr_at, weight_decay_at
 
     t = _train_cfg()
     assert lr_at(0, t) == pytest.approx(1e-4) and lr_at(9, t) == pytest.approx(1e-3)
@@ -272,7 +272,7 @@ def test_cosine_schedule():
 
 
 def test_two_stage_schedule():
-    from bitnet_train.train import lr_at, stage2_step, weight_decay_at
+    from bitnet_train.schedule import lr_at, stage2_step, weight_decay_at
 
     t = _train_cfg(schedule="two_stage", stage2_start=0.6, stage2_lr=2e-4, stage2_min_lr=1e-5,
                    weight_decay_schedule="cosine", weight_decay=0.1)
@@ -309,7 +309,7 @@ def test_two_stage_recipe_errors(tmp_path, shakespeare_path):
 def test_two_stage_run_logs_the_schedule(tmp_path, shakespeare_path, capfd):
     import re
 
-    from bitnet_train.train import lr_at, weight_decay_at
+    from bitnet_train.schedule import lr_at, weight_decay_at
 
     r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)), [
         "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=6",
@@ -478,7 +478,7 @@ def test_kill_while_saving_keeps_previous_checkpoint(tmp_path, shakespeare_path)
 @pytest.mark.parametrize("name", ["tiny", "125m", "2b4t"])
 def test_shipped_recipes_validate_offline(name):
     from bitnet_train.model import load_preset
-    from bitnet_train.train import lr_at, stage2_step, weight_decay_at
+    from bitnet_train.schedule import lr_at, stage2_step, weight_decay_at
 
     r = load_pretrain_recipe(REPO / "recipes" / f"{name}.yaml")
     spec = load_preset(r.model)  # the preset exists and is valid (no weights built, nothing fetched)

@@ -151,7 +151,7 @@ def _split_eval(ds, cfg: AlignDataConfig, seed: int):
     return ds, None
 
 
-def _datasets(recipe, prepare):
+def stage_datasets(recipe, prepare):
     cfg = recipe.data
     ds = prepare(load_rows(cfg), f"data.path {cfg.path!r}")
     ds = ds[0] if isinstance(ds, tuple) else ds

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..metrics import WandbConfig
 from ..recipe import load_recipe
 from ..warmup import QuantWarmupConfig
 
@@ -61,15 +62,6 @@ class DPOTrainConfig(AlignTrainConfig):
         default=False, metadata={"help": "compute the reference log-probs once before training, then free the reference"})
 
 
-@dataclass
-class _WandbCfg:
-    enabled: bool = field(default=False, metadata={"help": "log metrics to Weights & Biases (through TRL's report_to)"})
-    project: str = field(default="bitnet-train", metadata={"help": "wandb project"})
-    name: str | None = field(default=None, metadata={"help": "run name (default: wandb's)"})
-    mode: str | None = field(default=None, metadata={"choices": ("online", "offline", "disabled"),
-                                                     "help": "default: $WANDB_MODE, else online with credentials"})
-
-
 _CHAT_TEMPLATE_HELP = ("null = the tokenizer's (bitnet-train's default when it has none); 'default'; "
                        "a .jinja file; or the Jinja text itself")
 
@@ -84,7 +76,7 @@ class SFTRecipe:
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir or hub name (default: the model's)"})
     chat_template: str | None = field(default=None, metadata={"help": _CHAT_TEMPLATE_HELP})
     quant_warmup: QuantWarmupConfig = field(default_factory=QuantWarmupConfig)
-    wandb: _WandbCfg = field(default_factory=_WandbCfg)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
@@ -98,7 +90,7 @@ class DPORecipe:
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir or hub name (default: the model's)"})
     chat_template: str | None = field(default=None, metadata={"help": _CHAT_TEMPLATE_HELP})
     quant_warmup: QuantWarmupConfig = field(default_factory=QuantWarmupConfig)
-    wandb: _WandbCfg = field(default_factory=_WandbCfg)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 def load_sft_recipe(path, overrides=None) -> SFTRecipe:

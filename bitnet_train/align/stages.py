@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import RecipeError
-from .data import _datasets, prepare_dpo_rows, prepare_sft_rows
+from .data import stage_datasets, prepare_dpo_rows, prepare_sft_rows
 from .models import load_align_tokenizer, load_policy, load_reference
 from .recipes import DPORecipe, SFTRecipe, load_dpo_recipe, load_sft_recipe
-from .trainer import _our_format_mixin, _quiet_hf, _require_trl, _resume_point, _summed_sft_trainer, _train, _trainer_kwargs
+from .trainer import (quiet_hf, require_trl, summed_sft_trainer, train_stage, trainer_kwargs, trainer_resume_point,
+                      with_our_checkpoint_format)
 
 
 def _setup(recipe, resume: bool, stage: str):
@@ -16,10 +17,10 @@ def _setup(recipe, resume: bool, stage: str):
     the seed, the tokenizer and the policy model (nothing is written yet). Returns (out, last checkpoint, its step, tok, model)."""
     import torch
 
-    _require_trl()
-    _quiet_hf()
+    require_trl()
+    quiet_hf()
     out = Path(recipe.output_dir)
-    last, resume_step = _resume_point(out, resume, stage)
+    last, resume_step = trainer_resume_point(out, resume, stage)
     torch.manual_seed(recipe.seed)
     tok = load_align_tokenizer(recipe)
     return out, last, resume_step, tok, load_policy(recipe.model)
@@ -37,23 +38,23 @@ def _sft(recipe: SFTRecipe, resume: bool, progress: bool, stop_after: int | None
     out, last, resume_step, tok, model = _setup(recipe, resume, "sft")  # checks TRL is installed
     from trl import SFTConfig
 
-    train_ds, eval_ds = _datasets(recipe, prepare_sft_rows)
+    train_ds, eval_ds = stage_datasets(recipe, prepare_sft_rows)
     kind = prepare_sft_rows(train_ds.select(range(1)), "data")[1]
     t = recipe.train
     args = SFTConfig(
-        **_trainer_kwargs(recipe, out, progress),
+        **trainer_kwargs(recipe, out, progress),
         packing=t.packing,
         assistant_only_loss=kind == "conversational",
         completion_only_loss=True if kind == "prompt-completion" else None,
         dataset_num_proc=None,
     )
-    cls = _summed_sft_trainer()
+    cls = summed_sft_trainer()
     try:
         trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok)
     except (ValueError, RuntimeError) as e:
         raise RecipeError(f"sft: TRL rejected the setup: {str(e).splitlines()[0]}") from None
     trainer.sum_loss = t.loss_reduction == "sum"
-    return _train(trainer, recipe, out, "sft", tok, last, resume_step, stop_after)
+    return train_stage(trainer, recipe, out, "sft", tok, last, resume_step, stop_after)
 
 
 def dpo(recipe: DPORecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
@@ -69,22 +70,22 @@ def _dpo(recipe: DPORecipe, resume: bool, progress: bool, stop_after: int | None
     from trl import DPOConfig, DPOTrainer
 
     ref = load_reference(recipe.ref_model or recipe.model)
-    train_ds, eval_ds = _datasets(recipe, prepare_dpo_rows)
+    train_ds, eval_ds = stage_datasets(recipe, prepare_dpo_rows)
     t = recipe.train
     args = DPOConfig(
-        **_trainer_kwargs(recipe, out, progress),
+        **trainer_kwargs(recipe, out, progress),
         beta=t.beta,
         loss_type=[t.loss_type],
         precompute_ref_log_probs=t.precompute_ref_log_probs,
         dataset_num_proc=None,
     )
-    cls = _our_format_mixin(DPOTrainer)
+    cls = with_our_checkpoint_format(DPOTrainer)
     try:
         trainer = cls(model=model, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                       processing_class=tok)
     except (ValueError, RuntimeError) as e:
         raise RecipeError(f"dpo: TRL rejected the setup: {str(e).splitlines()[0]}") from None
-    return _train(trainer, recipe, out, "dpo", tok, last, resume_step, stop_after)
+    return train_stage(trainer, recipe, out, "dpo", tok, last, resume_step, stop_after)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -14,7 +14,7 @@ from ..recipe import to_dict
 from ..warmup import QuantWarmupConfig
 
 
-def _trainer_kwargs(recipe, out: Path, progress: bool) -> dict:
+def trainer_kwargs(recipe, out: Path, progress: bool) -> dict:
     import torch
 
     t = recipe.train
@@ -168,7 +168,7 @@ def _patch_checkpoint_config(model, ck_dir: Path) -> None:
     f.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
-def _our_format_mixin(base):
+def with_our_checkpoint_format(base):
     class _Trainer(base):
         def _save(self, output_dir=None, state_dict=None):
             super()._save(output_dir, state_dict)
@@ -178,10 +178,10 @@ def _our_format_mixin(base):
     return _Trainer
 
 
-def _summed_sft_trainer():
+def summed_sft_trainer():
     from trl import SFTTrainer
 
-    class BitNetSFTTrainer(_our_format_mixin(SFTTrainer)):
+    class BitNetSFTTrainer(with_our_checkpoint_format(SFTTrainer)):
         """SFTTrainer whose loss is the *sum* of the per-token losses of a micro-batch's trained tokens
         (the 2B4T report's "summation instead of mean") when ``sum_loss`` is set."""
 
@@ -202,7 +202,7 @@ def latest_trainer_checkpoint(out: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _resume_point(out: Path, resume: bool, stage: str):
+def trainer_resume_point(out: Path, resume: bool, stage: str):
     last = resume_point(out, resume, stage, TRAINER_CHECKPOINT)
     if last is None:
         return None, None
@@ -232,20 +232,20 @@ def _finish(trainer, tok, recipe, out: Path, stage: str, counter, t_start: float
     }
 
 
-def _require_trl():
+def require_trl():
     try:
         import trl  # noqa: F401
     except ImportError:
         raise UserError("sft and dpo need TRL: pip install 'bitnet-train[align]'") from None
 
 
-def _quiet_hf():
+def quiet_hf():
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
 
 
-def _train(trainer, recipe, out: Path, stage: str, tok, last, resume_step, stop_after: int | None) -> dict:
+def train_stage(trainer, recipe, out: Path, stage: str, tok, last, resume_step, stop_after: int | None) -> dict:
     """The part both stages share: count tokens, add our callbacks, train (or resume), save final/."""
     out.mkdir(parents=True, exist_ok=True)  # only now: bad data or a bad model leaves no directory
     counter = TokenCounter(trainer.data_collator)
