@@ -37,6 +37,8 @@ This is what the deployed int8 x ternary kernels compute.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 WEIGHT_EPS = 1e-5
@@ -91,17 +93,37 @@ def act_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -
     return (codes / scale.float()).to(dtype)
 
 
-def _int_gemm(xq2: torch.Tensor, wq: torch.Tensor) -> torch.Tensor:
-    """``xq2 @ wq^T`` for int8 ``xq2 [M, K]`` and ternary int8 ``wq [N, K]``, exact, as fp32 ``[M, N]``."""
+@functools.cache
+def cpu_int8_gemm_is_fast() -> bool:
+    """Whether this CPU multiplies int8 matrices faster than fp32 ones in torch: with AVX-512, VNNI
+    or AMX, ``torch._int_mm`` runs oneDNN's int8 kernels (measured cheap on an AVX-512 machine,
+    docs/performance.md); on an AVX2-only x86 CPU it was 4.5-6.6x slower than the fp32 ``mm`` of the
+    same operands (``python scripts/bench_bitlinear.py --int-gemm``, docs/performance.md), and
+    other CPUs are not measured. Both paths give the same bits (:func:`_int_gemm`)."""
+    probes = ("_is_avx512_supported", "_is_vnni_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
+def _int_gemm(xq2: torch.Tensor, wq: torch.Tensor, int8: bool | None = None) -> torch.Tensor:
+    """``xq2 @ wq^T`` for int8 ``xq2 [M, K]`` and ternary int8 ``wq [N, K]``, exact, as fp32 ``[M, N]``.
+
+    Two exact ways, the same bits: an int8 x int8 -> int32 product (``torch._int_mm``), or an fp32
+    product of the integer-valued operands. ``int8`` picks one (tests); by default the int8 one
+    where it is fast: CUDA shapes ``_int_mm`` takes, and CPUs of :func:`cpu_int8_gemm_is_fast`."""
     m, k = xq2.shape
     n = wq.shape[0]
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=torch.float32, device=xq2.device)
-    if xq2.device.type == "cpu" or (xq2.device.type == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0):
+    if int8 is None:
+        dev = xq2.device.type
+        int8 = (dev == "cpu" and cpu_int8_gemm_is_fast()) or (
+            dev == "cuda" and m > 16 and k % 8 == 0 and n % 8 == 0)
+    if int8:
         # int8 x int8 -> int32: exact; |sum| <= 128 * K, so the fp32 conversion is exact for K < 2**17
         return torch._int_mm(xq2.contiguous(), wq.t()).float()
-    # integer-valued fp32 operands: every product and partial sum is an integer below 2**24, so the
-    # fp32 accumulation is exact in any order (TF32 inputs too: the operands need 8 bits)
+    # integer-valued fp32 operands: every product and partial sum is an integer of magnitude at most
+    # 128 * K < 2**24 (K < 2**17), so the fp32 accumulation is exact in any order (TF32 inputs too:
+    # the operands need 8 bits)
     with torch.autocast(xq2.device.type, enabled=False):
         return torch.mm(xq2.float(), wq.float().t())
 

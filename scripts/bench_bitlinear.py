@@ -14,6 +14,11 @@ path (``F.linear`` on the dequantized operands, what BitLinear ran before its ex
 exact forms, ``x.abs().amax(-1)`` (what it uses) and ``torch.linalg.vector_norm(x, inf, -1)``
 (what it used before, which avoids the ``|x|`` temporary), on ``--tokens`` x each input width,
 checks that they agree bit for bit, and prints the median times and their ratio.
+
+``--int-gemm`` times the two exact products of :func:`bitnet_train.quant._int_gemm` on the CPU,
+``torch._int_mm`` (int8 x int8 -> int32) against the fp32 ``mm`` of the same integer operands, on
+the tiny preset's and 2B4T's shapes, checks they agree bit for bit, and prints which one
+``_int_gemm`` picks on this CPU (:func:`bitnet_train.quant.cpu_int8_gemm_is_fast`).
 """
 
 from __future__ import annotations
@@ -90,6 +95,28 @@ def act_scale_forms(tokens: int, repeats: int) -> None:
         print(f"{k:<12} {a * 1e6:>14.0f} {v * 1e6:>20.0f} {v / a:>6.1f}x")
 
 
+def int_gemm_forms(tokens: int, repeats: int) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, {tokens} tokens, median of {repeats}; "
+          f"_int_gemm picks {'int8' if quant.cpu_int8_gemm_is_fast() else 'fp32'} here")
+    print(f"{'shape':<20} {'_int_mm ms':>11} {'fp32 mm ms':>11} {'int8/fp32':>10}")
+    tiny = [("tiny qkvo", 256, 256), ("tiny gate/up", 704, 256), ("tiny down", 256, 704)]
+    for name, out_f, in_f in tiny + SHAPES:
+        xq = torch.randint(-128, 128, (tokens, in_f), dtype=torch.int8)
+        wq = torch.randint(-1, 2, (out_f, in_f), dtype=torch.int8)
+        forms = (lambda: quant._int_gemm(xq, wq, int8=True), lambda: quant._int_gemm(xq, wq, int8=False))
+        if not torch.equal(forms[0](), forms[1]()):
+            raise SystemExit(f"the two products differ at {name}")
+        times = ([], [])
+        for _ in range(repeats):
+            for f, ts in zip(forms, times):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+        i, f32 = (statistics.median(ts) for ts in times)
+        print(f"{name:<20} {i * 1e3:>11.2f} {f32 * 1e3:>11.2f} {i / f32:>9.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=512, help="tokens per step (batch x sequence)")
@@ -97,12 +124,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--exactness", action="store_true", help="print the bf16-autocast exactness table and exit")
     ap.add_argument("--act-scale", action="store_true", help="time the two exact forms of the per-token max|x| and exit")
+    ap.add_argument("--int-gemm", action="store_true", help="time the int8 and fp32 exact products and exit")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.exactness:
         exactness(args.tokens)
+        return
+    if args.int_gemm:
+        int_gemm_forms(args.tokens, args.repeats)
         return
     if args.act_scale:
         act_scale_forms(args.tokens, args.repeats)

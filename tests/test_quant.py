@@ -183,6 +183,23 @@ def test_int_linear_is_the_exact_integer_product(m, n, k):
     assert torch.equal(y[0], (_exact_reference(xq, a, wq, s, torch.float32) + b).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("int8", [True, False])
+def test_both_int_gemm_paths_are_exact_at_the_extremes(int8):
+    # the int8 product (torch._int_mm) and the fp32 product of integer-valued operands, which
+    # _int_gemm picks between by the CPU's speed, give the exact sum, also at its largest magnitude:
+    # every code -128 against every weight -1 at the widest K int_linear accepts has |sum| 128 * K
+    k = 2**17 - 1
+    xq = torch.full((3, k), -128, dtype=torch.int8)
+    xq[1, ::2] = 127
+    xq[2] = torch.randint(-128, 128, (k,), dtype=torch.int8)
+    wq = torch.full((2, k), -1, dtype=torch.int8)
+    wq[1] = torch.randint(-1, 2, (k,), dtype=torch.int8)
+    ref = (xq.long() @ wq.long().t()).float()
+    assert ref.abs().max().item() == 128 * k
+    assert torch.equal(quant._int_gemm(xq, wq, int8=int8), ref)
+    assert isinstance(quant.cpu_int8_gemm_is_fast(), bool)
+
+
 def test_int_linear_refuses_inexact_widths():
     k = 2**17
     with pytest.raises(ValueError, match="in_features 131072"):
