@@ -22,8 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 # Thresholds with their measured spread: `python scripts/learning_margins.py --only align --seeds 0,1
 # --threads 2 --cpu-capability native,avx2,default` (SFT 300 steps at a constant 3e-3, DPO 150 steps at 2e-3:
 # tests/align_task.py SFT_TRAIN, DPO_TRAIN; torch 2.13.0, transformers 5.25.0, trl 1.16.0, 2026-12-05, a
-# 2-core x86-64 machine whose native kernels are the avx2 ones). ATEN_CPU_CAPABILITY stands in for another
-# machine: the same seed lands in another SFT regime with another kernel set.
+# 2-core x86-64 machine whose native kernels are the avx2 ones); `--threads 1 --cpu-capability native,default`
+# on 2026-12-06 gave every figure of the table again to the digits shown. ATEN_CPU_CAPABILITY stands in for
+# another machine: the same seed lands in another SFT regime with another kernel set.
 #   cpu, seed                   avx2,0  avx2,1  default,0  default,1
 #   exact match after SFT       0.525   0.925   1.0        0.25       (from 0.0 on every run)
 #   answer NLL after SFT        1.09    0.16    1e-4       1.76       (nats; 14.0 before)
