@@ -1,7 +1,7 @@
 """``bitnet-train eval MODEL``: perplexity and bits per UTF-8 byte of a corpus, or lm-evaluation-harness tasks.
 
 MODEL: a checkpoint directory (our BitLinear forward), a packed ``export --format hf`` directory (stock
-transformers) or a ``.gguf`` in the runtime that computes its architecture (:data:`GGUF_RUNTIMES`). DATA:
+transformers) or a ``.gguf`` in the runtime that computes it (:func:`bitnet_train.runtimes.engine_for`). DATA:
 anything ``data.path`` accepts (:mod:`bitnet_train.documents`), each piece tokenized alone as in training.
 Every token is predicted once, NLL summed in float64. Packed (default): the training stream ``EOS doc1 EOS
 doc2 EOS ...`` in windows of ``seq_len`` predictions, each from a fresh context (EOS tokens are predicted
@@ -18,14 +18,9 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
-
 from .errors import DataError, UserError
+from .runtimes.base import Runtime
 from .windows import Packer
-from .nll import window_nll
-
-IK_ARCHS = ("bitnet-25", "bitnet-b1.58")
-
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_len: int):
@@ -42,195 +37,6 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int):
         end = done + n
         yield tokens[max(end - max_len - 1, 0) : end], n
         done = end
-
-
-class Runtime:
-    """A model and its tokenizer: ``encode(texts)``, ``prefix_bytes(text, ids, k)`` (UTF-8 bytes of ``text``
-    its first ``k`` tokens cover), ``nll(windows)`` (each (seq, n_pred) window's summed NLL), ``close()``."""
-
-    name, context, eos = "?", 2048, 0
-
-    def close(self) -> None:
-        pass
-
-
-class TorchRuntime(Runtime):
-    def __init__(self, path: Path, device: str, batch_size: int = 8):
-        import torch
-
-        from .checkpoint import read_config_json
-        from .tokenizer import load_tokenizer
-
-        qc = read_config_json(path).get("quantization_config") or {}
-        self.torch, self.device, self.batch = torch, device, max(1, batch_size)
-        self.packed = qc.get("quant_method") == "bitnet" and qc.get("quantization_mode", "offline") != "online"
-        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            raise UserError(f"{path}: holds no tokenizer (tokenizer.json); eval needs the checkpoint's tokenizer")
-        self.tok = load_tokenizer(str(path))
-        if self.tok.eos_token_id is None:
-            raise UserError(f"{path}: the tokenizer has no EOS token to separate documents with")
-        self.eos = int(self.tok.eos_token_id)
-        if self.packed:  # transformers' packed BitLinear: stock transformers, eager (no torch.compile)
-            from transformers import AutoModelForCausalLM
-
-            self.name = "transformers"
-            with torch._dynamo.config.patch(disable=True):
-                self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        else:
-            from .model import load_model
-
-            self.name = "bitnet-train"
-            self.model = load_model(path, backend="auto")
-        self.model = self.model.to(device).eval()
-        self.context = int(getattr(self.model.config, "max_position_embeddings", 0) or 2048)
-        try:  # what pretraining wrote beside the weights
-            self.train_seq_len = int(json.loads((path / "bitnet_train.json").read_text())["recipe"]["data"]["seq_len"])
-        except (OSError, KeyError, TypeError, ValueError):
-            self.train_seq_len = None
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return self.tok(texts, add_special_tokens=False)["input_ids"]
-
-    def prefix_bytes(self, text: str, ids: list[int], k: int) -> int:
-        if getattr(self.tok, "is_fast", False):
-            end = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"][k - 1][1]
-            return len(text[:end].encode("utf-8"))
-        return len(self.tok.decode(ids[:k], clean_up_tokenization_spaces=False).encode("utf-8"))
-
-    def nll(self, windows: list[tuple[list[int], int]]) -> list[float]:
-        torch, out = self.torch, []
-        with torch.no_grad(), torch._dynamo.config.patch(disable=True):
-            for s in range(0, len(windows), self.batch):
-                part = windows[s : s + self.batch]
-                x = torch.full((len(part), max(len(w) for w, _ in part) - 1), self.eos, dtype=torch.long)
-                for r, (seq, _) in enumerate(part):  # right padding: a row's real positions come first
-                    x[r, : len(seq) - 1] = torch.tensor(seq[:-1])
-                logits = self.model(x.to(self.device)).logits.float().cpu().numpy()
-                out += [window_nll(logits[r], seq, k) for r, (seq, k) in enumerate(part)]
-        return out
-
-
-class GGUFRuntime(Runtime):
-    """A GGUF in a llama.cpp-family runtime: a fresh context per window, logits of every position."""
-
-    def nll(self, windows):
-        return [window_nll(self.logits(seq[:-1]), seq, k) for seq, k in windows]
-
-
-class LlamaCppRuntime(GGUFRuntime):
-    name = "llama.cpp"
-
-    def __init__(self, path: Path, n_ctx: int | None, threads: int | None = None):
-        n_ctx = n_ctx or 2048
-        try:
-            import llama_cpp
-        except ImportError:
-            raise UserError("running a GGUF needs llama-cpp-python: pip install 'bitnet-train[llama]'") from None
-        try:
-            self.llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_batch=min(n_ctx, 512),
-                                       n_threads=threads or max(1, min(os.cpu_count() or 1, 8)), verbose=False)
-        except ValueError as e:
-            raise UserError(f"{path}: llama.cpp cannot load this GGUF (truncated, or not a model?): {e}") from None
-        self.eos, self.context, self.close = int(self.llm.token_eos()), n_ctx, self.llm.close
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return [list(self.llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)) for t in texts]
-
-    def prefix_bytes(self, text: str, ids: list[int], k: int) -> int:
-        return len(self.llm.detokenize(ids[:k]))
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.asarray(self.llm.scores[: len(ids)])
-
-
-class IkLlamaRuntime(GGUFRuntime):
-    """``bitnet-25``/``bitnet-b1.58`` (ReLU² BitNet) in ik_llama.cpp, through
-    :class:`bitnet_train.export.ik.IkRuntime` when this bitnet-train has it."""
-
-    name = "ik_llama.cpp"
-
-    def __init__(self, path: Path, n_ctx: int, threads: int | None = None):
-        try:
-            from .export.ik import IkRuntime
-        except ImportError:
-            raise UserError(f"{path}: its architecture ({' or '.join(IK_ARCHS)}, ReLU² BitNet) needs ik_llama.cpp "
-                            "support, which this bitnet-train does not have (bitnet_train.export.ik)") from None
-        self.rt = IkRuntime(path, n_ctx=n_ctx or None, threads=threads, logits_all=True)  # None: the model's
-        if (eos := self.rt.meta("tokenizer.ggml.eos_token_id")) is None:
-            raise UserError(f"{path}: no tokenizer.ggml.eos_token_id to separate documents with")
-        self.eos, self.context, self.close = int(eos), self.rt.n_ctx, self.rt.close
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        return [self.rt.tokenize(t, add_bos=False) for t in texts]
-
-    def prefix_bytes(self, text: str, ids: list[int], k: int) -> int:
-        return len(self.rt.detokenize(ids[:k]).encode("utf-8"))
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        self.rt.reset()
-        return self.rt.eval(ids, all_logits=True)
-
-
-# GGUF architecture -> the function that opens it in the runtime that computes it; others: llama.cpp
-GGUF_RUNTIMES = {"bitnet": LlamaCppRuntime, **{a: IkLlamaRuntime for a in IK_ARCHS}}
-
-
-def gguf_meta(path: Path) -> tuple[str | None, dict]:
-    """(architecture, metadata) of a GGUF; architecture None when the gguf package cannot parse the
-    tensor types (ik_llama.cpp's IQ1_BN/IQ2_BN, bitnet.cpp's I2_S)."""
-    import gguf
-
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise UserError(f"{path}: not a GGUF file (no GGUF magic); truncated or not an export?")
-    try:
-        r = gguf.GGUFReader(str(path))
-    except ValueError:
-        return None, {}
-    meta = {k: f.contents() for k, f in r.fields.items() if k.startswith(("general.", "bitnet"))}
-    meta["tensors"] = [t.name for t in r.tensors]
-    return meta.get("general.architecture"), meta
-
-
-def open_gguf(path: Path, n_ctx: int | None, threads: int | None = None) -> Runtime:
-    from .export.gguf import I2S_FILE_TYPE
-
-    arch, meta = gguf_meta(path)
-    if arch is None:  # types the gguf package does not know: ik's ternary types or bitnet.cpp's I2_S
-        from .generate import gguf_file_type
-
-        if gguf_file_type(path) == I2S_FILE_TYPE:
-            raise UserError(f"{path}: an I2_S GGUF runs only in bitnet.cpp, which eval does not drive; evaluate "
-                            "the checkpoint, or an export in another format")
-        arch = IK_ARCHS[0]
-    elif meta.get("general.file_type") == I2S_FILE_TYPE:
-        raise UserError(f"{path}: an I2_S GGUF runs only in bitnet.cpp, which eval does not drive")
-    if arch == "bitnet":
-        act = meta.get("bitnet.hidden_activation", "silu")
-        if act != "silu":
-            raise UserError(
-                f"{path}: architecture 'bitnet' with a {act} FFN; llama.cpp's 'bitnet' graph hardcodes SiLU and "
-                "would compute wrong (finite) logits. Export ReLU² models for ik_llama.cpp (arch bitnet-25) instead")
-        if "output.weight" in meta["tensors"]:
-            raise UserError(f"{path}: has an untied output.weight, which llama.cpp's 'bitnet' graph ignores "
-                            "(it multiplies by token_embd)")
-    trained = int(meta.get(f"{arch}.context_length") or 0) or None
-    rt = GGUF_RUNTIMES.get(arch, LlamaCppRuntime)(path, n_ctx or trained, threads)
-    rt.context = trained or rt.context  # the model's own context bounds --seq-len
-    return rt
-
-
-def open_runtime(model: str, n_ctx: int | None, device: str, batch_size: int, threads: int | None) -> Runtime:
-    p = Path(model)
-    if p.is_file() and p.suffix == ".gguf":
-        return open_gguf(p, n_ctx, threads)
-    if p.is_dir():
-        return TorchRuntime(p, device, batch_size)
-    if not p.exists():
-        raise UserError(f"{model}: no such file or directory")
-    raise UserError(f"{model}: not a checkpoint directory, an export --format hf directory or a .gguf file")
 
 
 def _documents(rt: Runtime, spec: str, text_field: str, split: str):
@@ -321,10 +127,11 @@ def evaluate(model: str, data: str, seq_len: int | None = None, per_document: bo
     rt = None
     try:
         resolve_files(data)  # a bad path fails before the model loads
-        rt = open_runtime(model, seq_len, device or _default_device(), batch_size, threads)
-        n = seq_len or (getattr(rt, "train_seq_len", None) if not per_document else None) or rt.context
-        if n < 1 or n > rt.context:
-            raise UserError(f"--seq-len {n}: must be between 1 and the model's context ({rt.context})")
+        rt = _open(model, seq_len, device or _default_device(), batch_size, threads)
+        context = rt.n_ctx_train or rt.n_ctx  # the model's own context bounds --seq-len
+        n = seq_len or (rt.train_seq_len if not per_document else None) or context
+        if n < 1 or n > context:
+            raise UserError(f"--seq-len {n}: must be between 1 and the model's context ({context})")
         out = score(rt, data, n, per_document, max_tokens, text_field, split, progress, batch_size)
     except DataError as e:
         raise UserError(str(e).replace("data.path ", "--data ", 1)) from None
@@ -333,6 +140,24 @@ def evaluate(model: str, data: str, seq_len: int | None = None, per_document: bo
             rt.close()
     out["model"], out["data"] = str(model), data
     return out
+
+
+def _open(model: str, n_ctx: int | None, device: str, batch_size: int, threads: int | None) -> Runtime:
+    """``model`` in the engine that computes it, with every position's logits and an EOS to separate
+    documents with."""
+    from .runtimes import engine_for, open_model
+
+    engine = engine_for(model)
+    if engine == "bitnet.cpp":
+        raise UserError(f"{model}: an I2_S GGUF runs only in bitnet.cpp, which eval does not drive; evaluate the "
+                        "checkpoint, or an export in another format")
+    rt = open_model(model, engine=engine, n_ctx=n_ctx, threads=threads, all_logits=True, device=device,
+                    batch_size=batch_size)
+    if rt.eos is None:
+        rt.close()
+        raise UserError(f"{model}: the model has no EOS token (tokenizer eos_token_id / tokenizer.ggml.eos_token_id) "
+                        "to separate documents with")
+    return rt
 
 
 def _default_device() -> str:

@@ -23,7 +23,8 @@ sys.path.insert(0, str(REPO / "tests"))
 def tolerances(seeds: list[int], steps: list[int]) -> None:
     from test_export import make_checkpoint
 
-    from bitnet_train.evaluate import LlamaCppRuntime, evaluate, score
+    from bitnet_train.evaluate import evaluate, score
+    from bitnet_train.runtimes import LlamaCpp
     from bitnet_train.export import export
 
     text = (REPO / "tests" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
@@ -60,7 +61,7 @@ def tolerances(seeds: list[int], steps: list[int]) -> None:
             g = d / f"relu{n}.gguf"
             export(ck, "gguf", g, quant="f32", force=True, verify=False, log=quiet)
             ours = evaluate(str(ck), str(docs), per_document=True, progress=False)["bits_per_byte"]
-            rt = LlamaCppRuntime(g, 512)
+            rt = LlamaCpp(g, n_ctx=512, all_logits=True)
             try:
                 theirs = score(rt, str(docs), 512, per_document=True, progress=False)["bits_per_byte"]
             finally:

@@ -2,7 +2,7 @@
 """ik_llama.cpp exports of ReLU² models, measured on this machine.
 
 ``tolerances``: how far ik_llama.cpp's logits are from our model's, per format, over widths and
-seeds, trained and not: the figures behind the ik entries of ``bitnet_train.export.verify.TOLERANCES``.
+seeds, trained and not: the figures behind the ik records' tolerances in ``bitnet_train.export.formats``.
 For each (width, seed, steps) a ReLU² tiny-preset model (2 layers, byte-level BPE of 512 tokens
 trained on the text) is trained ``steps`` steps with AdamW (0: random init), exported to each format
 (``export(..., verify=False)``), run in ik_llama.cpp on a held-out probe of 128 tokens, and compared
@@ -49,8 +49,10 @@ def train_checkpoint(out: Path, text: str, width: int, seed: int, steps: int) ->
 def tolerances(args) -> int:
     import numpy as np
 
-    from bitnet_train.export import export, ik
+    from bitnet_train.export import export
     from bitnet_train.export import verify as V
+    from bitnet_train.export.formats import find
+    from bitnet_train.runtimes.isolated import isolated_probe
     from bitnet_train.export.source import CheckpointSource, load_tokenizer_for
 
     text = Path(args.text).read_text(encoding="utf-8")
@@ -66,16 +68,16 @@ def tolerances(args) -> int:
                 ids = V.probe_ids(tok, probe, 128)
                 ours = V.our_logits(ck, ids)
                 for quant in args.quants.split(","):
-                    if ik.shape_problems(src, quant):
+                    if find(quant, "ik_llama.cpp").shape_problems(src):
                         continue
                     out = work / f"{ck.name}-{quant}.gguf"
                     export(ck, "gguf", out, quant=quant, runtime="ik_llama.cpp", verify=False, log=lambda *a: None)
-                    theirs, _ = ik.ik_logits(out, ids)
+                    theirs, _ = isolated_probe("ik_llama.cpp", out, ids)
                     row = {"width": width, "seed": seed, "steps": steps, "quant": quant,
                            "rel_error": V.rel_error(theirs, ours),
                            "top1": float(np.mean(theirs.argmax(-1) == ours.argmax(-1)))}
                     if quant in ("f16", "f32"):
-                        row["emulated_rel"] = V.rel_error(theirs, V.our_logits(ck, ids, emulate=quant))
+                        row["emulated_rel"] = V.rel_error(theirs, V.emulated_logits(ck, ids, quant))
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     print("\nformat      max rel error   min top-1   max emulated rel (F16/F32)   over", len(rows) // max(1, len(
@@ -135,9 +137,9 @@ def _random_checkpoint(preset: str, out: Path, text: str) -> None:
 def _time_runtime(path: Path, runtime: str, threads: int, prompt: list[int], tokens: int) -> tuple[float, float]:
     """(prefill tokens/s, decode tokens/s) of one file."""
     if runtime == "ik_llama.cpp":
-        from bitnet_train.export.ik import IkRuntime
+        from bitnet_train.runtimes import IkLlama
 
-        rt = IkRuntime(path, n_ctx=len(prompt) + tokens + 8, threads=threads)
+        rt = IkLlama(path, n_ctx=len(prompt) + tokens + 8, threads=threads)
         t0 = time.perf_counter()
         logits = rt.eval(prompt)[-1]
         t1 = time.perf_counter()

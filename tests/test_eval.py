@@ -7,8 +7,6 @@ scored on paragraphs from the rest (held out).
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
 import json
 import math
 from pathlib import Path
@@ -134,31 +132,15 @@ def test_checkpoint_and_export_agree(ckpt, exports, docs, fmt):
 def test_relu2_checkpoint_and_ik_export_agree(docs, tmp_path, text):
     """A ReLU² model's GGUF for ik_llama.cpp (arch bitnet-25, F32) scores as the checkpoint does. Measured
     after merging the ik_llama.cpp exporter (tiny, 2 layers, 30 steps, 60 held-out paragraphs): 5.3e-6
-    relative per document, 6.7e-6 packed. Without that exporter, eval names what is missing."""
+    relative per document, 6.7e-6 packed."""
     from bitnet_train.export import export
     from test_export import make_checkpoint
 
     relu2 = make_checkpoint(tmp_path / "relu2", text[:200_000], preset="tiny", steps=30)
     out = tmp_path / "ik.gguf"
-    if importlib.util.find_spec("bitnet_train.export.ik") is None:
-        export(relu2, "gguf", out, quant="f32", force=True, verify=False, log=lambda *a: None)
-        import gguf  # the same file, with the architecture ik_llama.cpp computes as ReLU²
+    from bitnet_train.runtimes import ikllama
 
-        r = gguf.GGUFReader(str(out))
-        w = gguf.GGUFWriter(str(tmp_path / "ik25.gguf"), "bitnet-25")
-        w.add_context_length(512)
-        for t in r.tensors:
-            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with pytest.raises(Exception, match="needs ik_llama.cpp support"):
-            evaluate(str(tmp_path / "ik25.gguf"), str(docs), progress=False)
-        return
-    from bitnet_train.export import ik
-
-    if not ik.available():
+    if not ikllama.available():
         pytest.skip("no ik-llama-cpp-python wheel for this platform")
     export(relu2, "gguf", out, quant="f32", runtime="ik_llama.cpp", verify=False, log=lambda *a: None)
     for per_document in (True, False):
@@ -238,8 +220,7 @@ def test_bad_input(ckpt, docs, tmp_path, capsys, text):
     relu2 = make_checkpoint(tmp_path / "relu2", text[:50_000], preset="tiny", steps=0)
     g = tmp_path / "relu2.gguf"
     # into llama.cpp's SiLU graph (arch bitnet), the target an exporter that knows ik_llama.cpp must be told
-    llama = {"runtime": "llama.cpp"} if "runtime" in inspect.signature(export).parameters else {}
-    export(relu2, "gguf", g, quant="f32", force=True, verify=False, log=lambda *a: None, **llama)
+    export(relu2, "gguf", g, quant="f32", runtime="llama.cpp", force=True, verify=False, log=lambda *a: None)
     err = _err(["eval", str(g), "--data", str(docs)], capsys)
     assert str(g) in err and "relu2" in err and "SiLU" in err
 
@@ -253,8 +234,6 @@ def test_bad_input(ckpt, docs, tmp_path, capsys, text):
     w.close()
     err = _err(["eval", str(ik), "--data", str(docs)], capsys)
     assert str(ik) in err
-    if importlib.util.find_spec("bitnet_train.export.ik") is None:
-        assert "needs ik_llama.cpp support" in err
 
     notgguf = tmp_path / "x.gguf"
     notgguf.write_bytes(b"not a gguf")

@@ -23,6 +23,7 @@ import torch
 from bitnet_train.export import ExportError, export
 from bitnet_train.export import gguf as G
 from bitnet_train.export import verify as V
+from bitnet_train.runtimes import LlamaCpp, StockTransformers
 
 try:
     import llama_cpp  # noqa: F401
@@ -87,6 +88,11 @@ def relu2_ckpt(tmp_path_factory, text):
     return make_checkpoint(tmp_path_factory.mktemp("relu2") / "ckpt", text, preset="tiny", steps=10, tie_word_embeddings=True)
 
 
+def _llama_logits(path, ids):
+    with LlamaCpp(path, n_ctx=max(64, len(ids) + 8), all_logits=True) as rt:
+        return rt.logits(ids)
+
+
 def _quiet(*_a, **_k):
     pass
 
@@ -134,7 +140,7 @@ def test_hf_export_into_stock_transformers(silu_ckpt, probe, tmp_path):
     ids = probe_ids_of(silu_ckpt, probe)
     assert ag.positions == len(ids)
     assert ag.ppl_ours == pytest.approx(hand_perplexity(V.our_logits(silu_ckpt, ids), ids), rel=1e-9)
-    assert ag.ppl_runtime == pytest.approx(hand_perplexity(V.hf_logits(out, ids), ids), rel=1e-9)
+    assert ag.ppl_runtime == pytest.approx(hand_perplexity(StockTransformers(out).logits(ids), ids), rel=1e-9)
     print(ag)  # the report line (docs/eval.md's table: pytest -s)
     assert 1.0 < ag.ppl_ours < 512 and ag.ppl_rel < 1e-4, str(ag)  # measured: 1.6e-9 (docs/eval.md)
     ours, theirs, rel = reported_perplexities(next(line for line in logs if line.startswith("verify [hf]")))
@@ -199,7 +205,7 @@ def test_gguf_into_llama_cpp(silu_ckpt, probe, tmp_path, quant):
     assert r["runtime"] == "llama.cpp" and r["quant"] == quant
     ids = probe_ids_of(silu_ckpt, probe)
     assert ag.positions == len(ids)
-    theirs, _ = V.gguf_logits(out, ids)
+    theirs = _llama_logits(out, ids)
     assert ag.ppl_runtime == pytest.approx(hand_perplexity(theirs, ids), rel=1e-6)
     assert ag.ppl_ours == pytest.approx(hand_perplexity(V.our_logits(silu_ckpt, ids), ids), rel=1e-9)
     print(ag)
@@ -386,7 +392,7 @@ def test_cli_json_report(silu_ckpt, probe, tmp_path, capsys):
     assert ag["ok"] and ag["fmt"] == "tq2_0" and ag["rel_error"] <= ag["max_rel"]
     ids = probe_ids_of(silu_ckpt, probe)
     assert ag["positions"] == len(ids)
-    assert ag["ppl_runtime"] == pytest.approx(hand_perplexity(V.gguf_logits(out, ids)[0], ids), rel=1e-6)
+    assert ag["ppl_runtime"] == pytest.approx(hand_perplexity(_llama_logits(out, ids), ids), rel=1e-6)
     assert ag["ppl_ours"] == pytest.approx(hand_perplexity(V.our_logits(silu_ckpt, ids), ids), rel=1e-9)
     assert ag["ppl_rel"] == pytest.approx(abs(ag["ppl_runtime"] / ag["ppl_ours"] - 1), rel=1e-9)
     line = next(x for x in cap.err.splitlines() if x.startswith("verify [tq2_0] OK"))
@@ -405,7 +411,7 @@ def test_cli_errors(silu_ckpt, tmp_path, capsys):
     assert "--quant applies to --format gguf" in capsys.readouterr().err
     assert main(["export", str(silu_ckpt), "--format", "gguf", "--quant", "f16", "--tq-fallback", "f16",
                  "--out", str(tmp_path / "i.gguf")]) == 2
-    assert "--tq-fallback applies to --quant tq2_0/tq1_0/i2_s only" in capsys.readouterr().err
+    assert "--tq-fallback applies to --quant tq2_0/tq1_0/q2_0/i2_s only" in capsys.readouterr().err
     assert not (tmp_path / "i.gguf").exists()
 
 
@@ -496,7 +502,7 @@ def test_i2s_export_layout(silu_ckpt, tmp_path, monkeypatch):
     scale (no .scale tensors), F16 token_embd, file type 40. Without a bitnet.cpp build the
     export says it was not checked there."""
     from bitnet_train.export.source import CheckpointSource
-    from bitnet_train.generate import gguf_file_type
+    from bitnet_train.runtimes.gguf_header import summary
 
     monkeypatch.delenv("BITNET_CPP_DIR", raising=False)
     out = tmp_path / "m.gguf"
@@ -505,7 +511,7 @@ def test_i2s_export_layout(silu_ckpt, tmp_path, monkeypatch):
     assert r["agreement"] is None and any("NOT checked in bitnet.cpp" in line for line in logs)
     meta, infos, start = _read_gguf(out)
     assert meta["general.architecture"] == "bitnet" and meta["general.file_type"] == 40
-    assert gguf_file_type(out) == 40
+    assert summary(out)["file_type"] == 40
     assert "tokenizer.ggml.merges" in meta and meta["bitnet.hidden_activation"] == "silu"
     assert not [n for n in infos if n.endswith(".scale")]
     assert infos["token_embd.weight"][1] == 1  # F16

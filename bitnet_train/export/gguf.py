@@ -20,7 +20,7 @@ bitnet.cpp's ``ggml_nbytes`` gives). bitnet.cpp multiplies each I2_S matmul by t
 scale, so I2_S tensors get no ``.scale`` tensor.
 
 llama.cpp's graph hardcodes a SiLU gated FFN and the tied output matrix, so a ReLU² model or an
-untied head is refused unless forced (see :func:`llama_cpp_mismatches`).
+untied head is refused unless forced (:func:`bitnet_train.export.formats.graph_mismatches`).
 """
 
 from __future__ import annotations
@@ -31,15 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtimes.base import strip_generation_tags
+from ..runtimes.bitnetcpp import FILE_TYPE_I2_S as I2S_FILE_TYPE
+from ..runtimes.bitnetcpp import GGML_TYPE_I2_S as I2S_TYPE
+from ..runtimes.llamacpp import FILE_TYPE_Q2_0, GGML_TYPE_Q2_0, ggml_quantize, ggml_row_bytes
+from .formats import GRAPHS, I2S_BLOCKS, ROW_BLOCKS, TQ_BLOCK, Graph
 from .source import CheckpointSource, ExportError
 
 ARCH = "bitnet"
-QUANTS = ("tq2_0", "tq1_0", "f16", "f32", "i2_s")
-TQ_BLOCK = 256
-I2S_TYPE = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml.h
-I2S_FILE_TYPE = 40  # LLAMA_FTYPE_MOSTLY_I2_S in bitnet.cpp's llama.h
+QUANTS = ("tq2_0", "tq1_0", "q2_0", "f16", "f32", "i2_s")
 I2S_TAIL = 32  # the scale (4 bytes) and padding after the codes
-I2S_LAYOUTS = {"x86": 128, "arm": 64}  # values per block (bitnet.cpp's QK_I2_S)
+I2S_LAYOUTS = I2S_BLOCKS  # values per block (bitnet.cpp's QK_I2_S) by build
 
 # checkpoint key (after model.layers.N.) -> GGUF name (after blk.N.)
 _BLOCK_NAMES = {
@@ -59,22 +61,20 @@ _TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weig
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
-def gguf_name(key: str) -> str:
+def gguf_name(key: str, arch: str = ARCH) -> str:
     if key in _TOP_NAMES:
         return _TOP_NAMES[key]
     m = _LAYER_RE.match(key)
     if m and m.group(2) in _BLOCK_NAMES:
         return f"blk.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
-    raise ExportError(f"tensor {key!r} has no place in llama.cpp's '{ARCH}' architecture")
+    raise ExportError(f"tensor {key!r} has no place in the GGUF architecture '{arch}'")
 
 
 def _block(storage: str, i2s_layout: str = "x86") -> int | None:
     """Values per quantization block along a row (None: any row length)."""
-    if storage.startswith("tq"):
-        return TQ_BLOCK
     if storage == "i2_s":
         return I2S_LAYOUTS[i2s_layout]
-    return None
+    return ROW_BLOCKS.get(storage)
 
 
 def pack_i2s(codes: np.ndarray, scale: float, block: int = 128) -> np.ndarray:
@@ -107,6 +107,8 @@ def unpack_i2s(data: np.ndarray, shape: tuple[int, int], block: int = 128) -> tu
 def _qtype(quant: str):
     from gguf import GGMLQuantizationType as Q
 
+    if quant == "q2_0":  # not in the gguf package's enum: the raw id, quantized by ggml itself
+        return GGML_TYPE_Q2_0
     return {"tq2_0": Q.TQ2_0, "tq1_0": Q.TQ1_0, "f16": Q.F16, "f32": Q.F32}[quant]
 
 
@@ -115,44 +117,9 @@ def _file_type(quant: str):
 
     if quant == "i2_s":
         return I2S_FILE_TYPE
+    if quant == "q2_0":
+        return FILE_TYPE_Q2_0
     return {"tq2_0": F.MOSTLY_TQ2_0, "tq1_0": F.MOSTLY_TQ1_0, "f16": F.MOSTLY_F16, "f32": F.ALL_F32}[quant]
-
-
-# ----------------------------------------------------------------------------------------------
-# what llama.cpp computes vs what the model is
-# ----------------------------------------------------------------------------------------------
-
-
-def llama_cpp_mismatches(src: CheckpointSource) -> list[str]:
-    """Ways llama.cpp's ``bitnet`` graph would compute something other than this model."""
-    c = src.config
-    out = []
-    if c.get("model_type") != "bitnet":
-        out.append(f"model_type is {c.get('model_type')!r}; llama.cpp's '{ARCH}' graph is BitNet's")
-    if src.hidden_act != "silu":
-        out.append(
-            f"hidden_act is {src.hidden_act!r}; llama.cpp's '{ARCH}' graph hardcodes a SiLU gated FFN "
-            "(use a *-silu preset, e.g. configs/tiny-silu.yaml)"
-        )
-    if not src.head_is_embedding():
-        out.append(
-            "the output head (lm_head) is untied from the token embedding; llama.cpp's "
-            f"'{ARCH}' graph uses token_embd as the output matrix (train with tie_word_embeddings: true)"
-        )
-    if src.qc.get("use_rms_norm"):
-        out.append("the BitLinear layers have an input RMSNorm (use_rms_norm), which llama.cpp's graph lacks")
-    if c.get("attention_bias") or c.get("mlp_bias"):
-        out.append("the model has biases, which llama.cpp's bitnet graph lacks")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        out.append(f"rope_type is {rope.get('rope_type')!r}; only default RoPE is exported")
-    mods = {m.rsplit(".", 1)[-1] for m in src.ternary_modules}
-    want = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
-    if mods != want:
-        out.append(
-            f"the ternary layers are {sorted(mods)}; llama.cpp's '{ARCH}' graph expects exactly {sorted(want)} ternary"
-        )
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -181,12 +148,6 @@ def _pre_tokenizer_name(tj: dict) -> str | None:
         ):
             return "llama-bpe"
     return None
-
-
-def strip_generation_tags(template: str) -> str:
-    """transformers' ``{% generation %}`` markers (assistant masks for training) are not Jinja:
-    runtimes reject them. Without them the template renders the same text."""
-    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", template)
 
 
 def add_tokenizer(writer, tok, vocab_size: int, force: bool = False) -> str:
@@ -257,27 +218,25 @@ def add_tokenizer(writer, tok, vocab_size: int, force: bool = False) -> str:
 
 def plan(
     src: CheckpointSource, quant: str, tq_fallback: str | None = None, i2s_layout: str = "x86",
-    fold_scales: bool = False,
+    graph: Graph = GRAPHS[ARCH],
 ) -> list[tuple[str, str, str, str]]:
     """(gguf name, checkpoint key, kind, storage) for every tensor, in file order.
 
     kind: ``ternary`` (codes; a ``.scale`` tensor follows unless the storage embeds it, as I2_S
     does), ``folded`` (``codes * scale`` in one tensor, no ``.scale``: for graphs that load no
-    scale tensors, ik_llama.cpp's ``bitnet-25``), ``scale``, ``embed``, ``head`` (an untied
-    ``lm_head`` as ``output.weight``, written only with ``fold_scales``) or ``norm``. storage:
-    ``tq2_0`` / ``tq1_0`` / ``i2_s`` / ``f16`` / ``f32``."""
+    scale tensors, ``graph.folds_scales``), ``scale``, ``embed``, ``head`` (an untied ``lm_head`` as
+    ``output.weight``, for graphs that read one) or ``norm``. storage: ``tq2_0`` / ``tq1_0`` /
+    ``q2_0`` / ``i2_s`` / ``f16`` / ``f32``."""
     rows = []
     for key in src.keys():
         if key == "lm_head.weight":
-            if fold_scales and not src.head_is_embedding():
+            if not graph.head_is_embedding and not src.head_is_embedding():
                 rows.append(("output.weight", key, "head", "f32" if quant == "f32" else "f16"))
-            # else: llama.cpp uses token_embd as the output matrix (llama_cpp_mismatches checks it)
+            # else: the graph multiplies by token_embd (formats.graph_mismatches checks the model agrees)
             continue
-        name = gguf_name(key)
+        name = gguf_name(key, graph.arch)
         shape = src.shape(key)
-        if src.is_ternary(key) and fold_scales:
-            rows.append((name, key, "folded", quant))
-        elif src.is_ternary(key):
+        if src.is_ternary(key):
             storage = quant
             block = _block(quant, i2s_layout)
             if block and shape[-1] % block:
@@ -289,6 +248,9 @@ def plan(
                         f"{block}, export --quant f16, or pass --tq-fallback f16 to store such tensors as F16 codes"
                     )
                 storage = tq_fallback
+            if graph.folds_scales:
+                rows.append((name, key, "folded", storage))
+                continue
             rows.append((name, key, "ternary", storage))
             if storage != "i2_s":
                 rows.append((name[: -len(".weight")] + ".scale", key, "scale", "f32"))
@@ -312,7 +274,8 @@ def _order(row):
 
 
 def _encode(
-    src: CheckpointSource, key: str, kind: str, storage: str, scales: dict, i2s_layout: str = "x86"
+    src: CheckpointSource, key: str, kind: str, storage: str, scales: dict, i2s_layout: str = "x86",
+    graph: Graph = GRAPHS[ARCH],
 ) -> np.ndarray:
     """The bytes (or float array) GGUF stores for one tensor; reads only that tensor."""
     import gguf
@@ -336,11 +299,27 @@ def _encode(
         arr = weight_dequant(*src.ternary(key)).numpy()
     else:
         arr = src.tensor(key).float().numpy()
+    if graph.permute_qk and kind in ("folded", "ternary"):
+        arr = _rope_permuted(src, key, arr)
     if storage == "f32":
         return np.ascontiguousarray(arr, dtype=np.float32)
     if storage == "f16":
         return arr.astype(np.float16)
+    if storage == "q2_0":
+        return ggml_quantize(arr, GGML_TYPE_Q2_0)
     return gguf.quants.quantize(arr, _qtype(storage))
+
+
+def _rope_permuted(src: CheckpointSource, key: str, arr: np.ndarray) -> np.ndarray:
+    """q/k rows reordered for llama.cpp's ``llama`` rotary convention (pairs of a head's two halves
+    interleaved), as llama.cpp's ``convert_hf_to_gguf.py`` permutes them; other tensors unchanged."""
+    c = src.config
+    heads = int(c["num_attention_heads"])
+    if key.endswith("self_attn.k_proj.weight"):
+        heads = int(c.get("num_key_value_heads") or heads)
+    elif not key.endswith("self_attn.q_proj.weight"):
+        return arr
+    return arr.reshape(heads, 2, arr.shape[0] // heads // 2, *arr.shape[1:]).swapaxes(1, 2).reshape(arr.shape)
 
 
 def _info(src: CheckpointSource, key: str, kind: str, storage: str) -> tuple[tuple[int, ...], np.dtype, int, object]:
@@ -352,6 +331,8 @@ def _info(src: CheckpointSource, key: str, kind: str, storage: str) -> tuple[tup
         return shape, np.dtype(np.float32), 4 * n, None
     if storage == "f16":
         return shape, np.dtype(np.float16), 2 * n, None
+    if storage == "q2_0":
+        return shape, np.dtype(np.int8), int(np.prod(shape[:-1])) * ggml_row_bytes(GGML_TYPE_Q2_0, shape[-1]), GGML_TYPE_Q2_0
     if storage == "i2_s":
         # the gguf package has no I2_S: the type id goes in raw, the shape as it is (int8 keeps
         # the writer from reading the byte count as a shape), the size as bitnet.cpp computes it
@@ -371,24 +352,23 @@ def write_gguf(
     name: str | None = None,
     progress=None,
     i2s_layout: str = "x86",
-    arch: str = ARCH,
-    fold_scales: bool = False,
+    graph: Graph = GRAPHS[ARCH],
 ) -> dict:
     """Write ``src`` as a GGUF file at ``out`` (the caller makes it atomic). Returns a summary.
 
-    ``arch`` names the GGUF architecture (and so the prefix of the model keys); ``fold_scales``
-    writes each ternary weight as ``codes * scale`` with no ``.scale`` tensor, and an untied head
-    as ``output.weight`` (:func:`plan`)."""
+    ``graph`` (:data:`bitnet_train.export.formats.GRAPHS`) names the GGUF architecture (and so the prefix
+    of the model keys) and says how its runtime reads weights: graphs that load no ``.scale`` tensors get
+    each ternary weight as ``codes * scale``, graphs that read an output matrix an untied head as
+    ``output.weight``, and ``llama`` its q/k rows in its rotary order (:func:`plan`, :func:`_encode`)."""
     import gguf
 
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant!r}: GGUF quantizations are {', '.join(QUANTS)}")
     if i2s_layout not in I2S_LAYOUTS:
         raise ExportError(f"--i2s-layout {i2s_layout!r}: choose one of {', '.join(I2S_LAYOUTS)}")
-    if fold_scales and quant not in ("f16", "f32"):
-        raise ExportError(f"folded scales are written as F16/F32 only, not {quant!r}")
     c = src.config
-    rows = plan(src, quant, tq_fallback, i2s_layout, fold_scales)
+    arch = graph.arch
+    rows = plan(src, quant, tq_fallback, i2s_layout, graph)
     embed_rows = src.shape("model.embed_tokens.weight")[0]
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
@@ -408,12 +388,15 @@ def write_gguf(
     w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-5)))
     w.add_rope_freq_base(theta)
     w.add_rope_dimension_count(head_dim)
+    if head_dim * heads != int(c["hidden_size"]):
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
     w.add_vocab_size(embed_rows)
     # not read by today's llama.cpp (its graph hardcodes SiLU); written so a runtime that reads it
     # can compute the right FFN, and so anyone can see what the model needs
     w.add_string(f"{arch}.hidden_activation", src.hidden_act)
     w.add_bool(f"{arch}.tie_word_embeddings", src.head_is_embedding())
-    if fold_scales:
+    if graph.folds_scales:
         w.add_string("bitnet_train.weight_layout", "ternary weights as codes * absmean scale (no .scale tensors)")
     elif quant == "i2_s":
         w.add_string(
@@ -435,7 +418,7 @@ def write_gguf(
     w.write_ti_data_to_file()
     scales: dict[str, float] = {}
     for i, (gname, key, kind, storage) in enumerate(rows):
-        data = _encode(src, key, kind, storage, scales, i2s_layout)
+        data = _encode(src, key, kind, storage, scales, i2s_layout, graph)
         w.write_tensor_data(data)
         del data
         if progress:

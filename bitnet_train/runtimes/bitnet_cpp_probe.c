@@ -5,7 +5,7 @@
  *
  * IDS.bin: int32 token ids. OUT.bin: one float32 row of n_vocab logits per id (all positions,
  * one batch). With TEXT.txt, also writes the file's tokenization (int32, BOS/EOS as the GGUF
- * says) to TOKENS.bin. Compiled on demand by bitnet_train/export/verify.py against the build's
+ * says) to TOKENS.bin. Compiled on demand by bitnet_train/runtimes/bitnetcpp.py against the build's
  * own llama.h and libllama; it uses only API calls that bitnet.cpp's llama.cpp forks share, and
  * llama_tokenize in the form the build has (PROBE_TOKENIZE: 1 = takes the model, as in 2024
  * llama.cpp; 2 = takes the vocabulary, 2025 on; 0 = no tokenization). */
