@@ -155,6 +155,19 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) state dict: about what saving it writes."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def _by_name(model, opt, full: dict, f: Path) -> dict:
     """A whole checkpoint's ``optimizer.pt`` (``torch.optim`` numbers its parameters in the order of
     the parameter groups) keyed by parameter name, the form FSDP's ``set_optimizer_state_dict`` shards.
@@ -218,6 +231,8 @@ class Checkpointer:
         from accelerate.utils import gather_object
 
         from .checkpoint import save_checkpoint
+        from .errors import DiskFullError
+        from .fsutil import need_space
 
         acc, world = self.acc, self.acc.num_processes
         ck_dir = self.out / "final" if final else self.out / "checkpoints" / f"step-{state.step:06d}"
@@ -246,18 +261,32 @@ class Checkpointer:
             if not acc.is_main_process:
                 return ck_dir
             unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
-            if final:
-                save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok, state_dict=state_dict,
-                                extra={"stage": "pretrain", "step": state.step, "recipe": self.recipe_dict})
-            else:
-                opt_state = opt.state_dict()
-                save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok,
-                                extra={"stage": "pretrain", "step": state.step},
-                                write_extra=lambda tmp: extra(tmp, opt_state))
+            opt_state = None if final else opt.state_dict()
+            try:
+                # the size is known: a full disk stops the run here, before anything is written
+                need_space(ck_dir, tensor_bytes(state_dict if state_dict is not None else unwrapped.state_dict())
+                           + tensor_bytes(opt_state), f"checkpoint {ck_dir.name}")
+                if final:
+                    save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok, state_dict=state_dict,
+                                    extra={"stage": "pretrain", "step": state.step, "recipe": self.recipe_dict})
+                else:
+                    save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok,
+                                    extra={"stage": "pretrain", "step": state.step},
+                                    write_extra=lambda tmp: extra(tmp, opt_state))
+            except DiskFullError as e:
+                raise DiskFullError(f"{e}. {self.intact()}") from None
         if acc.is_main_process and not final:
             for _, old in list_checkpoints(self.out)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         return ck_dir
+
+    def intact(self) -> str:
+        """What a failed save leaves to resume from, and what to do (the words of the error)."""
+        done = list_checkpoints(self.out)
+        where = (f"The last complete checkpoint, {done[-1][1]}, is intact: --resume continues from it once there "
+                 "is room" if done else "No checkpoint of this run was completed")
+        return (f"{where}; a lower train.keep_last keeps fewer checkpoints (older ones are removed only after a "
+                "new one is complete), another output_dir puts them elsewhere")
 
     def _save_sharded(self, model, opt, ck_dir: Path, write_extra, state: TrainState) -> None:
         """A sharded checkpoint, atomically: the main process opens the temporary directory and

@@ -32,6 +32,11 @@ class AlignDataError(RecipeError):
     """Alignment data that cannot be used; the message names the file/dataset, row and column."""
 
 
+class DiskFullError(UserError):
+    """A write that the filesystem has no room for; the message names the path, the bytes needed or written
+    and the bytes free, and what to do. Nothing partial is left where it failed."""
+
+
 class ExportError(UserError):
     """A checkpoint that cannot be exported as asked; the message names the tensor, key or file."""
 

@@ -9,6 +9,12 @@ and a crash between the two leaves the previous copy under that name, which :fun
 renames back. A process killed mid-write leaves the previous target intact (or restorable),
 plus at most a ``.tmp-*`` leftover that :func:`clean_stale` removes.
 
+Failures of the filesystem itself get an error a user can act on (:func:`write_failure`): a full
+disk (``ENOSPC``, a quota, or torch's ``unexpected pos`` when its writer runs out of room) is a
+:class:`~bitnet_train.errors.DiskFullError` naming the path, the bytes written and free; a read-only
+filesystem or a denied directory a :class:`~bitnet_train.errors.UserError`. Where the size is known
+beforehand, :func:`need_space` refuses before anything is written.
+
 Ownership: :func:`owned` makes one process the only writer of an output directory (or of one export
 path) while it runs, through an ``flock`` that the system releases when the process ends, however
 it ends, so a crash never leaves a stale lock.
@@ -29,7 +35,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import UserError
+from .errors import DiskFullError, UserError
 
 TMP_MARK = ".tmp-"
 PREV_MARK = ".prev-"  # a replaced directory kept until the new one is in place (no-exchange path)
@@ -94,6 +100,69 @@ def recover(target: str | os.PathLike) -> Path | None:
     return restored
 
 
+# torch's zip writer reports a full disk as a RuntimeError with one of these (no errno)
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def nbytes(path: str | os.PathLike) -> int:
+    """Bytes of a file, or of every file under a directory (0 when missing)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) if p.is_dir() else 0
+
+
+def free_bytes(path: str | os.PathLike) -> int:
+    """Bytes free to this user on the filesystem that holds ``path`` (its nearest existing ancestor)."""
+    p = Path(path).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def size_text(n: int) -> str:
+    for unit, k in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= k:
+            return f"{n / k:,.1f} {unit}"
+    return f"{n} bytes"
+
+
+def need_space(target: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse, before writing, ``what`` (about ``needed`` bytes) at ``target`` when its filesystem has
+    less room than that (plus 1% and 16 MiB for metadata)."""
+    free = free_bytes(Path(target).parent)
+    if needed + needed // 100 + 16 * 2**20 > free:
+        raise DiskFullError(f"{what} needs about {size_text(needed)} at {target}, and its filesystem has "
+                            f"{size_text(free)} free; nothing was written. Free space on it, or write elsewhere")
+
+
+def write_failure(exc: BaseException, target: str | os.PathLike, written: int) -> UserError | None:
+    """The error a user can act on for a write of ``target`` that failed because of the filesystem (full,
+    read-only, denied), or None for any other failure (re-raised as it is)."""
+    if not isinstance(exc, Exception):
+        return None
+    eno = getattr(exc, "errno", None)
+    free = free_bytes(Path(target).parent)
+    torch_full = isinstance(exc, RuntimeError) and any(m in str(exc) for m in _TORCH_WRITE_FAILURES)
+    if eno in (errno.ENOSPC, errno.EDQUOT) or (torch_full and free < max(written, 1) + 16 * 2**20):
+        return DiskFullError(f"no space left on the filesystem of {target}: it ran out after {size_text(written)} "
+                             f"were written ({size_text(free)} free now); nothing partial is left there. Free space "
+                             "on it, or write elsewhere")
+    if eno == errno.EROFS:
+        return UserError(f"{target}: the filesystem is read-only; nothing was written")
+    if eno in (errno.EACCES, errno.EPERM):
+        return UserError(f"{target}: permission denied ({getattr(exc, 'filename', None) or target}); nothing was "
+                         "written")
+    return None
+
+
+def _mkdir(d: Path, target: Path) -> None:
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise (write_failure(e, target, 0) or e) from None
+
+
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike):
     """``with atomic_dir(dst) as tmp:`` write into ``tmp``; on success it becomes ``dst``.
@@ -103,10 +172,10 @@ def atomic_dir(target: str | os.PathLike):
     directory is removed and ``dst`` is untouched.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(target.parent, target)
     recover(target)  # an earlier overwrite of this target that a crash interrupted
     tmp = target.parent / f".{target.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    _mkdir(tmp, target)
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -122,8 +191,11 @@ def atomic_dir(target: str | os.PathLike):
         _fsync_dir(target.parent)
         if prev is not None:
             shutil.rmtree(prev, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
+        err = write_failure(e, target, nbytes(tmp))
         shutil.rmtree(tmp, ignore_errors=True)
+        if err is not None:
+            raise err from e
         raise
 
 
@@ -131,7 +203,7 @@ def atomic_dir(target: str | os.PathLike):
 def atomic_path(target: str | os.PathLike):
     """``with atomic_path(dst) as tmp:`` write the file ``tmp``; on success it becomes ``dst``."""
     t = Path(target)
-    t.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir(t.parent, t)
     tmp = t.parent / f".{t.name}{TMP_MARK}{uuid.uuid4().hex[:8]}"
     try:
         yield tmp
@@ -142,9 +214,12 @@ def atomic_path(target: str | os.PathLike):
             os.close(fd)
         os.replace(tmp, t)
         _fsync_dir(t.parent)
-    except BaseException:
+    except BaseException as e:
+        err = write_failure(e, t, nbytes(tmp))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if err is not None:
+            raise err from e
         raise
 
 
@@ -189,13 +264,16 @@ def owned(target: str | os.PathLike, what: str, inside: bool = True):
     t = Path(target)
     created = inside and not t.exists()
     if inside:
-        t.mkdir(parents=True, exist_ok=True)
+        _mkdir(t, t)
         path = t / LOCK_NAME
     else:
-        t.parent.mkdir(parents=True, exist_ok=True)
+        _mkdir(t.parent, t)
         path = t.parent / f".{t.name}.lock"
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise (write_failure(e, t, 0) or e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -175,3 +175,99 @@ def test_ranks_other_than_zero_take_no_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with fsutil.owned(tmp_path, "pretrain"):
         assert not (tmp_path / fsutil.LOCK_NAME).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# a full or read-only filesystem: a clear error, nothing partial, the previous copy intact
+# ---------------------------------------------------------------------------------------------
+
+TORCH_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 27860416 vs 27860308"
+
+
+def test_full_disk_while_writing_leaves_nothing_partial(tmp_path, monkeypatch):
+    import errno
+
+    from bitnet_train.errors import DiskFullError
+
+    f = tmp_path / "m.gguf"
+    f.write_text("old")
+    with pytest.raises(DiskFullError, match=rf"no space left on the filesystem of {f}: it ran out after 5 bytes"):
+        with fsutil.atomic_path(f) as tmp:
+            tmp.write_text("12345")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert f.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+    # torch's zip writer says it without an errno: a full disk when the filesystem has no room left
+    d = tmp_path / "final"
+    d.mkdir()
+    (d / "w").write_text("old")
+    monkeypatch.setattr(fsutil, "free_bytes", lambda path: 4096)
+    with pytest.raises(DiskFullError, match=r"ran out after 3 bytes were written \(4.0 KiB free now\)"):
+        with fsutil.atomic_dir(d) as tmp:
+            (tmp / "w").write_text("new")
+            raise RuntimeError(TORCH_FULL)
+    assert (d / "w").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["final", "m.gguf"]
+    # the same RuntimeError with room to spare is not a full disk: it is raised as it is
+    monkeypatch.setattr(fsutil, "free_bytes", lambda path: 2**40)
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        with fsutil.atomic_dir(d):
+            raise RuntimeError(TORCH_FULL)
+
+
+def test_read_only_filesystem_and_space_check(tmp_path, monkeypatch):
+    import errno
+
+    from bitnet_train.errors import DiskFullError, UserError
+
+    out = tmp_path / "ro" / "run"
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *a, **k):
+        if "ro" in self.parts:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    for enter in (lambda: fsutil.atomic_dir(out / "final"), lambda: fsutil.owned(out, "pretrain")):
+        with pytest.raises(UserError, match="the filesystem is read-only; nothing was written"):
+            with enter():
+                pass
+    monkeypatch.undo()
+    free = fsutil.free_bytes(tmp_path)
+    with pytest.raises(DiskFullError, match=rf"checkpoint step-000020 needs about .* at {tmp_path / 'x'}, and its "
+                                            r"filesystem has .* free; nothing was written"):
+        fsutil.need_space(tmp_path / "x", free, "checkpoint step-000020")
+    fsutil.need_space(tmp_path / "x", 1024, "a small file")  # room: no error
+
+
+def test_pretrain_on_a_full_disk_stops_with_its_last_checkpoint_and_resumes(tmp_path, monkeypatch, capsys):
+    """The disk fills after the step-2 checkpoint: the step-4 save is refused before anything is written,
+    the error names the intact step-2 checkpoint and exits 2 from the CLI; with room again, --resume ends
+    the run as a run that never failed does (the same losses)."""
+    from test_pretrain import _shakespeare, read_metrics, write_recipe
+
+    from bitnet_train.cli import main
+
+    recipe = write_recipe(tmp_path, _shakespeare(), max_steps=6, save_every=2, eval_every=6, keep_last=3)
+    out = tmp_path / "run"
+    real_free = fsutil.free_bytes
+
+    def filling(path):  # room until step 2 is saved
+        return 10 * 2**20 if (out / "checkpoints" / "step-000002").exists() else real_free(path)
+
+    monkeypatch.setattr(fsutil, "free_bytes", filling)
+    assert main(["pretrain", str(recipe), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint step-000004 needs about" in err and "nothing was written" in err, err
+    assert f"The last complete checkpoint, {out / 'checkpoints' / 'step-000002'}, is intact: --resume" in err, err
+    monkeypatch.undo()
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert not list((out / "checkpoints").glob(".*")) and not (out / ".bitnet-train.lock").exists()
+    assert main(["pretrain", str(recipe), "--resume", "--no-progress"]) == 0
+    resumed = [r["loss"] for r in read_metrics(out) if "loss" in r and r["step"] > 2]
+
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    assert main(["pretrain", str(write_recipe(ref, _shakespeare(), max_steps=6, save_every=2, eval_every=6,
+                                               keep_last=3)), "--no-progress"]) == 0
+    assert resumed[-4:] == [r["loss"] for r in read_metrics(ref / "run") if "loss" in r and r["step"] > 2]

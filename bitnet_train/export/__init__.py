@@ -1,9 +1,10 @@
 """``bitnet-train export``: a checkpoint to a packed model a real runtime loads, verified.
 
 Formats: ``hf`` (transformers' packed BitNet layout, :mod:`.hf`) and ``gguf``: for SiLU models
-``--quant tq2_0|tq1_0|f16|f32`` (llama.cpp's ``bitnet`` graph) or ``i2_s`` (bitnet.cpp), both in
-:mod:`.gguf`; for ReLU² models (2B4T's block) ``--quant iq2_bn|iq2_bn_r4|iq1_bn|f16|f32`` for
-ik_llama.cpp's ``bitnet-25`` graph (:mod:`.ik`). Without ``--quant`` the best format whose runtime
+``--quant tq2_0|tq1_0|q2_0|f16|f32`` (llama.cpp's ``bitnet`` graph) or ``i2_s`` (bitnet.cpp), for a
+converted Llama-shaped model the same llama.cpp types in its ``llama`` graph, all in :mod:`.gguf`; for
+ReLU² models (2B4T's block) ``--quant iq2_bn|iq2_bn_r4|iq1_bn|f16|f32`` for ik_llama.cpp's
+``bitnet-25`` graph (:mod:`.ik`). Without ``--quant`` the best format whose runtime
 computes the model is chosen (:func:`choose_quant`).
 Each format is one record of :mod:`.formats` (its runtime, graph, rows, tolerance). The file is written
 under a temporary name, loaded in its runtime and compared with our model on a probe text
@@ -41,7 +42,8 @@ def register(sub) -> None:
     p.add_argument("--format", required=True, choices=("hf", "gguf"))
     p.add_argument(
         "--quant", choices=GGUF_QUANTS,
-        help="GGUF weight format: tq2_0/tq1_0 (llama.cpp, SiLU models), i2_s (bitnet.cpp, see --bitnet-cpp), "
+        help="GGUF weight format: tq2_0/tq1_0/q2_0 (llama.cpp: SiLU BitNet models, converted Llama-shaped ones), "
+        "i2_s (bitnet.cpp, see --bitnet-cpp), "
         "iq2_bn/iq2_bn_r4/iq1_bn (ik_llama.cpp, ReLU² models), f16/f32 (the runtime that computes the model); "
         "default: the best one for the model, printed with the reason. Not used by hf",
     )
@@ -272,9 +274,9 @@ def choose_quant(src) -> tuple[str, str]:
 
     A converted Llama-shaped model: Q2_0 in llama.cpp's llama graph, F16 where rows are not multiples of
     64. SiLU BitNet: TQ2_0 in llama.cpp (measured, docs/runtimes.md), Q2_0 where the rows are not
-    multiples of TQ's 256, F16 where neither packs. ReLU²: ik_llama.cpp's IQ2_BN; IQ2_BN_R4 (the same 2 bits per weight, 4 rows
-    interleaved) where rows under 512 values rule IQ2_BN out (the tiny preset's 256: measured to run
-    and verify there, docs/runtimes.md), F16 where neither packs. Speeds: docs/runtimes.md."""
+    multiples of TQ's 256, F16 where neither packs. ReLU²: ik_llama.cpp's IQ2_BN; IQ2_BN_R4 (the same 2
+    bits per weight, 4 rows interleaved) where rows under 512 values rule IQ2_BN out (the tiny preset's
+    256: measured to run and verify there, docs/runtimes.md), F16 where neither packs."""
     rows = {src.shape(k)[-1] for k in src.keys() if src.is_ternary(k)}
     if src.config.get("model_type") in GRAPHS["llama"].model_types:
         what = f"a converted {src.config.get('model_type')} model: llama.cpp's llama graph"
