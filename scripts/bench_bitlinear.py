@@ -75,6 +75,18 @@ def exactness(tokens: int) -> None:
         print(f"{name:<20} {cells[0]:>18} {cells[1]:>22}")
 
 
+def alternated_medians(forms, repeats: int, inner: int = 1) -> list[float]:
+    """Median seconds per call of each callable, timed alternately ``repeats`` times (``inner`` calls a round)."""
+    times = [[] for _ in forms]
+    for _ in range(repeats):
+        for f, ts in zip(forms, times):
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                f()
+            ts.append((time.perf_counter() - t0) / inner)
+    return [statistics.median(ts) for ts in times]
+
+
 def act_scale_forms(tokens: int, repeats: int) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, {tokens} tokens, median of {repeats}")
     print(f"{'input width':<12} {'abs().amax us':>14} {'vector_norm(inf) us':>20} {'ratio':>7}")
@@ -84,14 +96,7 @@ def act_scale_forms(tokens: int, repeats: int) -> None:
                  lambda: torch.linalg.vector_norm(x, ord=float("inf"), dim=-1, keepdim=True))
         if not torch.equal(forms[0](), forms[1]()):
             raise SystemExit(f"the two forms of max|x| differ at width {k}")
-        times = ([], [])
-        for _ in range(repeats):
-            for f, ts in zip(forms, times):
-                t0 = time.perf_counter()
-                for _ in range(10):
-                    f()
-                ts.append((time.perf_counter() - t0) / 10)
-        a, v = (statistics.median(ts) for ts in times)
+        a, v = alternated_medians(forms, repeats, inner=10)
         print(f"{k:<12} {a * 1e6:>14.0f} {v * 1e6:>20.0f} {v / a:>6.1f}x")
 
 
@@ -107,13 +112,7 @@ def int_gemm_forms(tokens: int, repeats: int) -> None:
         forms = (lambda: quant._int_gemm(xq, wq, int8=True), lambda: quant._int_gemm(xq, wq, int8=False))
         if not torch.equal(forms[0](), forms[1]()):
             raise SystemExit(f"the two products differ at {name}")
-        times = ([], [])
-        for _ in range(repeats):
-            for f, ts in zip(forms, times):
-                t0 = time.perf_counter()
-                f()
-                ts.append(time.perf_counter() - t0)
-        i, f32 = (statistics.median(ts) for ts in times)
+        i, f32 = alternated_medians(forms, repeats)
         print(f"{name:<20} {i * 1e3:>11.2f} {f32 * 1e3:>11.2f} {i / f32:>9.2f}x")
 
 

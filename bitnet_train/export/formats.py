@@ -218,11 +218,3 @@ def find(quant: str, runtime: str | None = None) -> Format:
     if len(found) > 1:
         raise ExportError(f"--quant {quant} runs in {' or '.join(f.runtime for f in found)}: say which with --runtime")
     return found[0]
-
-
-def by_key(key: str) -> Format:
-    """The record a report names (:attr:`Format.key`)."""
-    for f in FORMATS:
-        if f.key == key:
-            return f
-    raise KeyError(key)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import EngineError, Runtime, default_threads, result
-from .gguf_header import chat_template, read_header
+from .gguf_header import CHAT_KEYS, chat_template, read_header
 
 GGML_TYPE_I2_S = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml.h
 FILE_TYPE_I2_S = 40  # LLAMA_FTYPE_MOSTLY_I2_S in bitnet.cpp's llama.h
@@ -108,8 +108,9 @@ class BitnetCpp(Runtime):
 
     def render(self, messages: list[dict]) -> str:
         if self.template is None:  # read on first use: the token list of a big vocabulary takes seconds
-            toks = read_header(self.path, keys=("tokenizer.ggml.tokens",))[0].get("tokenizer.ggml.tokens") or []
-            self.template, self.special = chat_template(self.path, lambda i: toks[i] if i < len(toks) else "")
+            meta = read_header(self.path, keys=(*CHAT_KEYS, "tokenizer.ggml.tokens"))[0]
+            toks = meta.get("tokenizer.ggml.tokens") or []
+            self.template, self.special = chat_template(meta.get, lambda i: toks[i] if i < len(toks) else "")
         return super().render(messages)
 
     def probe(self, ids: list[int], text: str | None = None) -> tuple[np.ndarray, list[int] | None]:

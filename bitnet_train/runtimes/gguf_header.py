@@ -63,11 +63,14 @@ def summary(path: str | Path) -> dict:
             "tensors": [n for n, _d, _t in tensors], "meta": meta}
 
 
-def chat_template(path: str | Path, token_text) -> tuple[str | None, dict]:
+CHAT_KEYS = ("tokenizer.chat_template", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id")
+
+
+def chat_template(meta, token_text) -> tuple[str | None, dict]:
     """(the GGUF's ``tokenizer.chat_template`` or None, its ``bos_token`` / ``eos_token`` texts for rendering
-    it); ``token_text(id)`` gives a token's text in the runtime that loaded the file."""
-    meta = read_header(path, keys=("tokenizer.chat_template", "tokenizer.ggml.bos_token_id",
-                                   "tokenizer.ggml.eos_token_id"))[0]
+    it) from ``meta(key)`` (the metadata of the runtime that loaded the file, or of :func:`read_header`);
+    ``token_text(id)`` gives a token's text there."""
+    meta = {k: meta(k) for k in CHAT_KEYS}
     special = {}
     for name in ("bos", "eos"):
         i = meta.get(f"tokenizer.ggml.{name}_token_id")

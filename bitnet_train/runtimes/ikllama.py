@@ -108,7 +108,7 @@ class IkLlama(Runtime):
         eos = self.meta("tokenizer.ggml.eos_token_id")
         self.eos = int(eos) if eos is not None else None
         self.pos = 0
-        self.template, self.special = chat_template(self.path, self.token_text)
+        self.template, self.special = chat_template(self.meta, self.token_text)
 
     # -- metadata and tokens --------------------------------------------------------------------
     def meta(self, key: str) -> str | None:

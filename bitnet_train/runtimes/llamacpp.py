@@ -45,7 +45,7 @@ class LlamaCpp(Runtime):
         arch = self.llm.metadata.get("general.architecture")
         self.n_ctx_train = int(self.llm.metadata.get(f"{arch}.context_length") or self.n_ctx)
         self.template, self.special = chat_template(
-            self.path, lambda i: self.llm.detokenize([i], special=True).decode("utf-8", errors="replace"))
+            self.llm.metadata.get, lambda i: self.llm.detokenize([i], special=True).decode("utf-8", errors="replace"))
 
     @staticmethod
     def refusal(head: dict) -> str | None:
