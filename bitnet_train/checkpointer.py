@@ -81,15 +81,6 @@ class TrainState:
                    skipped_steps=int(st.get("skipped_steps", 0)))
 
 
-# recipe keys a resumed run must keep: they decide which data the saved position points into, or the model
-REFUSED_ON_RESUME = ("data", "seed", "quant")
-# keys whose change a resumed run reports: the schedule and the step's size
-WARNED_ON_RESUME = ("train.max_steps", "train.lr", "train.min_lr", "train.warmup_steps", "train.schedule",
-                    "train.stage2_start", "train.stage2_lr", "train.stage2_min_lr", "train.weight_decay",
-                    "train.weight_decay_schedule", "train.stage2_weight_decay", "train.batch_size", "train.grad_accum",
-                    "train.clip", "quant_warmup")
-
-
 def _flat(d, prefix: str = "") -> dict:
     out = {}
     for k, v in (d or {}).items():
@@ -101,10 +92,12 @@ def _flat(d, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_recipe(ck: Path, recipe: dict) -> list[str]:
-    """Compare the recipe a checkpoint was saved with to ``recipe``: a changed data key (data.*,
-    seed, quant) raises a RecipeError naming each key with its old and new value; changed schedule
-    keys are returned as warning lines. A checkpoint that recorded no recipe passes."""
+def check_resume_recipe(ck: Path, recipe: dict, rules: dict[str, str]) -> list[str]:
+    """Compare the recipe a checkpoint was saved with to ``recipe`` under ``rules`` (key path ->
+    ``"refuse"`` or ``"warn"``, :func:`bitnet_train.recipe.resume_rules` of the recipe's schema): a
+    changed refused key (the data, the seed, the model) raises a RecipeError naming each key with
+    its old and new value; changed warned keys are returned as warning lines. A checkpoint that
+    recorded no recipe passes."""
     try:
         saved = json.loads((Path(ck) / STATE_FILE).read_text()).get("recipe")
     except (OSError, json.JSONDecodeError) as e:
@@ -117,12 +110,14 @@ def check_resume_recipe(ck: Path, recipe: dict) -> list[str]:
     def under(k, roots):
         return any(k == r or k.startswith(r + ".") for r in roots)
 
-    refused = [k for k in changed if under(k, REFUSED_ON_RESUME)]
+    refuse = [k for k, v in rules.items() if v == "refuse"]
+    warn = [k for k, v in rules.items() if v == "warn"]
+    refused = [k for k in changed if under(k, refuse)]
     if refused:
         what = "; ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in refused)
         raise RecipeError(f"--resume from {ck}: the recipe changed keys that decide the data or the model ({what}); "
                           "restore them, or start a new run in another output_dir")
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if under(k, WARNED_ON_RESUME)]
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed if under(k, warn)]
 
 
 def rng_state() -> dict:

@@ -37,6 +37,9 @@ class ConvertConfig:
     rms_norm_eps: float | None = field(
         default=None, metadata={"min": 0.0, "help": "eps of that RMSNorm; default: the model's rms_norm_eps, else 1e-6"}
     )
+    sub_norm: bool = field(
+        default=False, metadata={"help": "SubLN: a Llama-shaped model becomes a BitNetForCausalLM with RMSNorms (weights 1) "
+                                 "before o_proj and down_proj"})
 
 
 def _is_bitnet_checkpoint(src: str) -> bool:
@@ -78,6 +81,66 @@ def load_hf_model(src: str, dtype=None, device: str | None = None):
     return model
 
 
+# Llama-shaped blocks: attention q/k/v/o, a gated MLP gate/up/down, pre-norms; what BitNet adds is
+# the two sub-norms. The config keys that must hold for the block to be that shape.
+SUB_NORM_TYPES = ("llama", "mistral", "qwen2")
+
+
+def with_sub_norms(model, where: str = "model"):
+    """SubLN (BitNet Distillation's first stage): the same weights in a ``BitNetForCausalLM`` with
+    an RMSNorm (weight 1, the model's eps) before each attention output projection
+    (``attn_sub_norm``) and each FFN down projection (``ffn_sub_norm``). ``hidden_act``, tying, the
+    rotary settings and ``head_dim`` are kept; Qwen2's q/k/v bias becomes ``attention_bias`` (and
+    ``o_proj`` gets a zero bias). An RMSNorm is not the identity: it rescales each token's input
+    of those projections, so the result computes a different function until it is trained. A
+    model whose block is not Llama-shaped is refused, naming the key."""
+    import torch
+    from transformers import BitNetConfig, BitNetForCausalLM
+
+    c = model.config
+    mt = getattr(c, "model_type", None)
+    if mt not in SUB_NORM_TYPES:
+        raise ModelSpecError(f"{where}: sub_norm needs a Llama-shaped block ({', '.join(SUB_NORM_TYPES)}); "
+                             f"config.model_type is {mt!r}")
+    if getattr(c, "mlp_bias", False):
+        raise ModelSpecError(f"{where}: config.mlp_bias is true; BitNet's MLP has no biases")
+    sw = getattr(c, "sliding_window", None)
+    if sw is not None and (mt != "qwen2" or getattr(c, "use_sliding_window", False)) \
+            and sw < getattr(c, "max_position_embeddings", 0):
+        raise ModelSpecError(f"{where}: config.sliding_window is {sw}; BitNet's attention is global")
+    bias = bool(getattr(c, "attention_bias", False)) or mt == "qwen2"
+    keys = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                num_key_value_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                hidden_act=c.hidden_act, max_position_embeddings=c.max_position_embeddings,
+                rms_norm_eps=c.rms_norm_eps, tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+                attention_bias=bias, rope_parameters=getattr(c, "rope_parameters", None),
+                bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+                head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+    cfg = BitNetConfig(**keys)
+    first = next(model.parameters())
+    if first.is_meta:  # the architecture only
+        with torch.device("meta"):
+            new = BitNetForCausalLM(cfg)
+        new.config.bitnet_train = dict(getattr(model.config, "bitnet_train", None) or {})
+        return new
+    dtype = first.dtype
+    new = BitNetForCausalLM(cfg).to(dtype)
+    missing, unexpected = new.load_state_dict(model.state_dict(), strict=False)
+    allowed = (".attn_sub_norm.weight", ".ffn_sub_norm.weight", ".o_proj.bias")
+    missing = [k for k in missing if not (cfg.tie_word_embeddings and k == "lm_head.weight")]
+    bad = list(unexpected) + [k for k in missing if not k.endswith(allowed)]
+    if bad:
+        raise ModelSpecError(f"{where}: tensor {bad[0]!r} has no place in a BitNet block ({len(bad)} such)")
+    with torch.no_grad():
+        for name in missing:  # the new norms start at 1, Qwen2's new o_proj bias at 0
+            p = new.get_parameter(name)
+            p.fill_(0.0 if name.endswith(".bias") else 1.0)
+    new.generation_config = model.generation_config
+    new.config.bitnet_train = dict(getattr(model.config, "bitnet_train", None) or {})
+    return new
+
+
 def _rms_eps(model, rms_norm_eps):
     if rms_norm_eps is not None:
         return float(rms_norm_eps)
@@ -113,29 +176,23 @@ def load_hf_converted(
     dtype=None,
     include=None,
     device: str | None = None,
+    sub_norm: bool = False,
 ):
     """``hf:<src>``: a Hugging Face causal LM, converted to BitLinear on load (``quant='none'``
-    loads it as it is, for a full-precision baseline or fine-tune)."""
+    loads it as it is, for a full-precision baseline or fine-tune); with ``sub_norm`` first made
+    a BitNet model with sub-norms (:func:`with_sub_norms`, with either ``quant``)."""
     if quant not in ("bitnet", "none"):
         raise ModelSpecError(f"quant must be 'bitnet' or 'none', got {quant!r}")
     model = load_hf_model(src, dtype, device)
+    if sub_norm:
+        model = with_sub_norms(model, where=f"model 'hf:{src}'")
     converted = []
     if quant == "bitnet":
         converted = convert_model(model, exclude, use_rms_norm, rms_norm_eps, backend, where=f"model 'hf:{src}'",
                                   include=include)
-    model.config.bitnet_train = {"quant": quant, "source": f"hf:{src}", "converted": len(converted)}
+    model.config.bitnet_train = {"quant": quant, "source": f"hf:{src}", "converted": len(converted),
+                                 **({"sub_norm": True} if sub_norm else {})}
     return model
-
-
-def load_hf_tokenizer(src: str):
-    """The tokenizer saved with a Hugging Face model (pad token and chat template ensured)."""
-    from .tokenizer import load_tokenizer
-
-    try:
-        return load_tokenizer(src)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelSpecError(f"model 'hf:{src}': no usable tokenizer with it: {first}") from None
 
 
 def convert_hf(
@@ -147,19 +204,21 @@ def convert_hf(
     include=None,
     dtype=None,
     tokenizer: bool = True,
+    sub_norm: bool = False,
 ) -> dict:
     """Convert Hugging Face model ``src`` (dir or hub id) and write it as a checkpoint at ``out``
     (atomically). Returns a summary: converted and full-precision module names, parameters."""
     import torch
 
     from .checkpoint import save_checkpoint
+    from .tokenizer import load_tokenizer
 
     model = load_hf_converted(src, exclude=exclude, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps,
-                              dtype=dtype, include=include)
+                              dtype=dtype, include=include, sub_norm=sub_norm)
     tok = None
     if tokenizer:
         try:
-            tok = load_hf_tokenizer(src)
+            tok = load_tokenizer(src, what=f"model 'hf:{src}'")
         except ModelSpecError as e:
             print(f"convert: note: {e}; the checkpoint is written without a tokenizer", file=sys.stderr)
     kept = sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)
@@ -177,6 +236,7 @@ def convert_hf(
         "ternary_params": n_bit,
         "params": n_all,
         "use_rms_norm": use_rms_norm,
+        "sub_norm": sub_norm,
     }
 
 
@@ -199,6 +259,9 @@ def register(sub) -> None:
                    help="convert only these modules (repeatable); default: every eligible Linear")
     p.add_argument("--rms-norm", action="store_true", help="add an RMSNorm on every BitLinear input (use_rms_norm)")
     p.add_argument("--rms-norm-eps", type=float, default=None, help="its eps (default: the model's rms_norm_eps, else 1e-6)")
+    p.add_argument("--sub-norm", action="store_true",
+                   help="SubLN: make a Llama-shaped model (Llama, Mistral, SmolLM, Qwen2) a BitNetForCausalLM with "
+                        "RMSNorms before o_proj and down_proj (weights 1)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the saved latent weights (default float32)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -210,7 +273,7 @@ def cmd_convert(args) -> int:
 
     s = convert_hf(
         args.model, args.out, exclude=args.exclude, include=args.include, use_rms_norm=args.rms_norm,
-        rms_norm_eps=args.rms_norm_eps, dtype=getattr(torch, args.dtype),
+        rms_norm_eps=args.rms_norm_eps, dtype=getattr(torch, args.dtype), sub_norm=args.sub_norm,
     )
     if args.json:
         print(json.dumps(s, indent=2))
@@ -219,7 +282,8 @@ def cmd_convert(args) -> int:
         f"convert: {s['architecture']}: {len(s['converted'])} Linear layers -> BitLinear "
         f"({s['ternary_params']:,} of {s['params']:,} parameters ternary); kept full precision: "
         f"{', '.join(s['full_precision_linear']) or 'no Linear'} plus embeddings and norms"
-        f"{'; RMSNorm on BitLinear inputs' if s['use_rms_norm'] else ''}; wrote {s['out']}",
+        f"{'; RMSNorm on BitLinear inputs' if s['use_rms_norm'] else ''}"
+        f"{'; sub-norms before o_proj and down_proj (BitNetForCausalLM)' if s['sub_norm'] else ''}; wrote {s['out']}",
         file=sys.stdout,
     )
     return 0

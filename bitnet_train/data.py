@@ -104,19 +104,33 @@ class DataConfig:
             raise RecipeError("data.text_field: must not be empty")
 
 
-def make_tokenizer(cfg: DataConfig):
-    """The tokenizer a recipe's ``data`` section names: ``bpe:<n>`` trains a byte-level BPE on (up
-    to 8 MB of) the data; anything else is a transformers name or path. For a tokenized directory
-    it is the tokenizer saved there (after checking it matches ``data.tokenizer``)."""
+def make_tokenizer(cfg: DataConfig, model: str | None = None):
+    """The tokenizer of a fresh run, from its ``data`` section (and ``model:``): ``bpe:<n>`` trains
+    a byte-level BPE on (up to 8 MB of) the data; anything else is a transformers name or path.
+    For a tokenized directory it is the tokenizer saved there (after checking it matches
+    ``data.tokenizer``). A pretrained ``model: hf:...`` comes with its vocabulary: the default
+    ``data.tokenizer`` then means the model's own (a BPE trained on our data would not match its
+    embeddings), and any other ``bpe:`` is an error."""
+    from dataclasses import fields
+
     from .tokenizer import load_tokenizer, train_bpe
 
-    if is_token_dir(cfg.path):
-        return tokenizer_for_token_dir(cfg.path, cfg.tokenizer)
     spec = cfg.tokenizer
+    if model is not None and model.startswith("hf:") and spec.startswith("bpe:"):
+        default = next(f.default for f in fields(DataConfig) if f.name == "tokenizer")
+        if spec != default:
+            raise RecipeError(
+                f"data.tokenizer {spec!r} trains a new vocabulary, which does not match the embeddings of "
+                f"model {model!r}; leave data.tokenizer out (the model's own tokenizer is used) or name "
+                "a tokenizer with the model's vocabulary"
+            )
+        return load_tokenizer(model[3:], what=f"model {model!r}")
+    if is_token_dir(cfg.path):
+        return tokenizer_for_token_dir(cfg.path, spec)
     if spec.startswith("bpe:"):
         texts = iter_documents(cfg.path, cfg.text_field, max_chars=BPE_SAMPLE_CHARS, split=cfg.split)
         return train_bpe(texts, vocab_size=int(spec[4:]))
-    return load_tokenizer(spec)
+    return load_tokenizer(spec, what=f"data.tokenizer {spec!r}")
 
 
 def open_training_data(cfg: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1):

@@ -1,10 +1,11 @@
-"""The pretraining loop, as components: an :class:`Evaluator` (validation loss), :func:`train_step`
-(one optimizer step over ``grad_accum`` micro-batches), :class:`StopSignal` (SIGINT/SIGTERM, or
-``stop_after`` in tests, agreed on by every rank) and :func:`train_loop`, which runs them from a
-:class:`~bitnet_train.checkpointer.TrainState` to ``max_steps`` and checkpoints on the way.
+"""The pretraining loop, as components: an :class:`Evaluator` (validation loss of the ternary
+model), :func:`train_step` (one optimizer step over ``grad_accum`` micro-batches),
+:class:`StopSignal` (SIGINT/SIGTERM, or ``stop_after`` in tests, agreed on by every rank) and
+:func:`train_loop`, which runs them on a :class:`~bitnet_train.run.Run` from its state to
+``max_steps`` and checkpoints on the way.
 
-Setting up (tokenizer, model, optimizer, data, restoring a checkpoint) is
-:func:`bitnet_train.train.pretrain`'s; this module gets the pieces ready-made.
+Setting up (tokenizer, model, optimizer, objective, data, restoring a checkpoint) is
+:func:`bitnet_train.run.open_run`'s; this module reads the Run it builds.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import math
 import signal
 import time
 
-from .checkpointer import TrainState
 from .errors import TrainingError
 from .schedule import lr_at, weight_decay_at
 
@@ -35,11 +35,11 @@ def _next_batch(blocks, batch_size: int, device):
     return out.to(device, non_blocking=True) if device.type != "cpu" else out
 
 
-def _token_loss(model, x, reduction: str = "mean"):
+def _token_loss_sum(model, x):
     import torch.nn.functional as F
 
     logits = model(input_ids=x[:, :-1]).logits
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction=reduction)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum")
 
 
 class Evaluator:
@@ -47,7 +47,10 @@ class Evaluator:
     (:class:`~bitnet_train.stream.HeldOut`, packed as ``bitnet-train eval`` packs), each rank
     scoring windows ``rank, rank + world, ...`` of the first ``limit`` (None: all), summed over
     ranks; None when there are none. ``bits_per_byte`` is set when every window was scored and the
-    text's bytes are known: NLL / ln 2 / UTF-8 bytes, as ``eval`` reports it."""
+    text's bytes are known: NLL / ln 2 / UTF-8 bytes, as ``eval`` reports it.
+
+    The model is scored fully ternary (``quant_lambda`` 1, what ``eval``, ``export`` and stock
+    transformers run) at every point of the quantization warm-up; the training λ is restored after."""
 
     def __init__(self, held_out, batch_size: int, acc, limit: int | None = None):
         wins = held_out.windows if limit is None else held_out.windows[:limit]
@@ -62,17 +65,19 @@ class Evaluator:
 
         if not self.any:
             return None
+        from .warmup import fully_quantized
+
         acc = self.acc
         model.eval()
         total, n = 0.0, 0
-        with torch.no_grad():
+        with torch.no_grad(), fully_quantized(model):
             i = 0
             while i < len(self.val):
                 j = i + 1  # a batch of windows of one length (all but the last are seq_len + 1)
                 while j < len(self.val) and j - i < self.batch_size and len(self.val[j]) == len(self.val[i]):
                     j += 1
                 x = torch.tensor(self.val[i:j], dtype=torch.long, device=acc.device)
-                total += _token_loss(model, x, reduction="sum").double().item()
+                total += _token_loss_sum(model, x).double().item()
                 n += x[:, 1:].numel()
                 i = j
         model.train()
@@ -83,39 +88,44 @@ class Evaluator:
         return total / n
 
 
-def train_step(model, opt, blocks, state: TrainState, recipe, acc) -> tuple[dict, float]:
-    """One optimizer step at ``state.step``: the quantization warm-up and the schedules for this
-    step, ``grad_accum`` micro-batches of forward and backward, clipping, and the update (or, with
-    ``train.non_finite: skip``, no update for a non-finite loss or gradient norm). Advances
-    ``state``; returns the step's metrics record and its (global mean) loss."""
+def train_step(run) -> tuple[dict, float]:
+    """One optimizer step of ``run`` at ``run.state.step``: the quantization warm-up and the
+    schedules for this step, ``grad_accum`` micro-batches of the objective's forward and backward,
+    clipping, and the update (or, with ``train.non_finite: skip``, no update for a non-finite loss
+    or gradient norm). Advances the state; returns the step's metrics record (with the
+    objective's loss parts, averaged like the loss) and its (global mean) loss."""
     import torch
 
     from .distributed import clip_grad_norm, is_fsdp, set_gradient_sync
     from .warmup import apply_warmup
 
+    recipe, acc, model, opt, state = run.recipe, run.acc, run.model, run.opt, run.state
     t, world = recipe.train, acc.num_processes
     t0 = time.perf_counter()
-    if recipe.quant == "bitnet":
-        apply_warmup(model, state.step, recipe.quant_warmup)
+    lam = apply_warmup(model, state.step, recipe.quant_warmup) if recipe.quant == "bitnet" else None
     lr, wd = lr_at(state.step, t), weight_decay_at(state.step, t)
     opt.param_groups[0]["lr"] = opt.param_groups[1]["lr"] = lr
     opt.param_groups[0]["weight_decay"] = wd  # group 1 (vectors) is never decayed
     opt.zero_grad(set_to_none=True)
     fsdp = is_fsdp(model)
-    loss_sum = 0.0
+    sums: dict[str, float] = {}
     for i in range(t.grad_accum):
-        x = _next_batch(blocks, t.batch_size, acc.device)
+        x = _next_batch(run.blocks, t.batch_size, acc.device)
         # gradients are all-reduced (FSDP: reduce-scattered) across ranks only on the last micro-batch
         last = i == t.grad_accum - 1
         if fsdp:
             set_gradient_sync(model, last)
         with acc.no_sync(model) if not (last or fsdp) else contextlib.nullcontext():
-            loss = _token_loss(model, x)
+            loss, parts = run.objective(model, x)
             acc.backward(loss / t.grad_accum)
-        loss_sum += loss.item()
-    loss_val = loss_sum / t.grad_accum
+        vals = torch.stack([loss.detach().float(), *(v.float() for v in parts.values())]).tolist()  # one sync
+        for k, v in zip(("loss", *parts), vals):
+            sums[k] = sums.get(k, 0.0) + v
+    means = {k: v / t.grad_accum for k, v in sums.items()}
     if world > 1:
-        loss_val = acc.reduce(torch.tensor([loss_val], dtype=torch.float64, device=acc.device), "mean").item()
+        reduced = acc.reduce(torch.tensor(list(means.values()), dtype=torch.float64, device=acc.device), "mean")
+        means = dict(zip(means, reduced.tolist()))
+    loss_val = means.pop("loss")
     problem = None if math.isfinite(loss_val) else f"non-finite loss {loss_val}"
     grad_norm = None
     if problem is None:  # with clip 0 the norm is only measured (scaled by 1: the gradients are unchanged)
@@ -137,6 +147,11 @@ def train_step(model, opt, blocks, state: TrainState, recipe, acc) -> tuple[dict
     dt = time.perf_counter() - t0
     rec = {"step": state.step, "loss": loss_val if problem is None else None, "lr": lr, "weight_decay": wd,
            "tokens": state.tokens, "tokens_per_s": round(tokens_per_step / dt if dt > 0 else 0.0, 1)}
+    if lam is not None and lam < 1.0:
+        rec["quant_lambda"] = lam
+    if problem is None:
+        rec.update(means)
+    rec.update(run.objective.step_stats())
     if grad_norm is not None:
         rec["grad_norm"] = grad_norm
     if problem is not None:
@@ -180,21 +195,20 @@ def _bpb(evaluate) -> dict:
     return {} if v is None else {"val_bits_per_byte": v}
 
 
-def train_loop(model, opt, blocks, state: TrainState, recipe, acc, evaluate: Evaluator, save, log,
-               stop: StopSignal, bar, fresh: bool) -> dict:
-    """Train from ``state`` to ``train.max_steps``: a step, its metrics, an evaluation every
-    ``eval_every`` steps and at the end, a checkpoint (``save(final=False)``) every ``save_every``
-    steps and at the end, and a stop (with a checkpoint) when ``stop`` says so. A ``fresh`` run
-    evaluates once before the first step. Returns the summary; ``save(final=True)`` at the end."""
-    t = recipe.train
+def train_loop(run, stop: StopSignal, bar) -> dict:
+    """Train ``run`` from its state to ``train.max_steps``: a step, its metrics, an evaluation
+    every ``eval_every`` steps and at the end, a checkpoint (``run.save()``) every ``save_every``
+    steps and at the end, and a stop (with a checkpoint) when ``stop`` says so. A fresh run
+    evaluates once before the first step. Returns the summary; ``final/`` is the caller's."""
+    t, state, evaluate, log = run.recipe.train, run.state, run.evaluate, run.log
     first_val = last_val = last_loss = None
-    if fresh and t.eval_every:
-        first_val = evaluate(model)
+    if run.fresh and t.eval_every:
+        first_val = evaluate(run.model)
         if first_val is not None:
             log({"step": 0, "val_loss": first_val, **_bpb(evaluate)})
     interrupted = False
     while state.step < t.max_steps:
-        rec, loss = train_step(model, opt, blocks, state, recipe, acc)
+        rec, loss = train_step(run)
         step = state.step
         if "skipped" in rec:
             bar.write(f"step {step}: {rec['skipped']}; update skipped ({state.skipped_steps} so far)")
@@ -203,23 +217,25 @@ def train_loop(model, opt, blocks, state: TrainState, recipe, acc, evaluate: Eva
         log(rec)
         bar.update(1)
         post = {"loss": f"{loss:.3f}", "lr": f"{rec['lr']:.2e}", "tok/s": f"{rec['tokens_per_s']:,.0f}"}
+        if "teacher_s" in rec:
+            post["teacher"] = f"{rec['teacher_s']:.2f}s"
         if state.skipped_steps:
             post["skipped"] = state.skipped_steps
         bar.set_postfix(post)
         if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
-            last_val = evaluate(model)
+            last_val = evaluate(run.model)
             if last_val is not None:
                 log({"step": step, "val_loss": last_val, **_bpb(evaluate)})
                 bar.write(f"step {step}: val_loss {last_val:.4f}")
         if step % t.save_every == 0 or step == t.max_steps:
-            save()
+            run.save()
         if stop(step):
             interrupted = True
             if step % t.save_every and step != t.max_steps:
-                save()
+                run.save()
             break
     summary = {"step": state.step, "tokens": state.tokens, "loss": last_loss, "first_val_loss": first_val,
-               "val_loss": last_val, "skipped_steps": state.skipped_steps, "world_size": acc.num_processes}
+               "val_loss": last_val, "skipped_steps": state.skipped_steps, "world_size": run.acc.num_processes}
     if interrupted:
         summary["interrupted"] = True
     return summary

@@ -10,6 +10,9 @@ Field metadata understood here:
 * ``choices``: allowed values (``field(default="bitnet", metadata={"choices": ("bitnet", "none")})``)
 * ``help``: one line shown in error messages and ``bitnet-train recipe-keys``
 * ``min`` / ``max``: numeric bounds
+* ``resume``: what ``--resume`` does when the key (or, on a section's field, any key below it)
+  differs from the checkpoint's recipe: ``"refuse"`` (it decides the data or the model) or
+  ``"warn"`` (the schedule, the step's size); read by :func:`resume_rules`
 """
 
 from __future__ import annotations
@@ -143,6 +146,21 @@ def build(cls, data: Any, file: str = "recipe", prefix: str = ""):
             msg = str(e)
             raise RecipeError(msg if msg.startswith(f"{file}: ") else f"{file}: {msg}") from None
     return obj
+
+
+def resume_rules(schema, prefix: str = "") -> dict[str, str]:
+    """``{key path: "refuse" | "warn"}`` from the ``resume`` metadata of ``schema``'s fields (a
+    section's rule covers every key below it)."""
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for f in dataclasses.fields(schema):
+        path = _join(prefix, f.name)
+        rule = (f.metadata or {}).get("resume")
+        if rule is not None:
+            out[path] = rule
+        elif dataclasses.is_dataclass(hints[f.name]):
+            out.update(resume_rules(hints[f.name], path))
+    return out
 
 
 def _join(prefix: str, key: str) -> str:

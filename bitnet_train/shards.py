@@ -281,9 +281,7 @@ def tokenizer_for_token_dir(path, spec: str):
     """The tokenizer to train on a tokenized directory with, given the recipe's ``data.tokenizer``:
     the one saved in the directory when ``spec`` is the spec it was tokenized with (or that
     directory), else ``spec`` loaded (its fingerprint is checked by :class:`ShardData`)."""
-    from transformers import AutoTokenizer
-
-    from .tokenizer import ensure_special_tokens, load_tokenizer
+    from .tokenizer import load_tokenizer
 
     idx = read_index(path)
     saved = Path(path).expanduser() / TOKENIZER_DIR
@@ -291,13 +289,13 @@ def tokenizer_for_token_dir(path, spec: str):
     if spec == rec or (Path(spec).expanduser().is_dir() and Path(spec).expanduser().resolve() == saved.resolve()):
         if not saved.is_dir():
             raise DataError(f"{saved}: the tokenizer saved with the tokenized data is missing")
-        return ensure_special_tokens(AutoTokenizer.from_pretrained(saved))
+        return load_tokenizer(saved, error=DataError)
     if spec.startswith("bpe:"):
         raise DataError(
             f"data.path {str(path)!r} was tokenized with {rec!r}, but data.tokenizer is {spec!r} (a new BPE cannot be "
             f"trained on token ids): set data.tokenizer to {rec!r} (the tokenizer saved in {saved})"
         )
-    return load_tokenizer(spec)
+    return load_tokenizer(spec, what=f"data.tokenizer {spec!r}")
 
 
 class ShardData:

@@ -41,14 +41,22 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int =
     return fast
 
 
-def load_tokenizer(name_or_path: str):
-    """A transformers tokenizer from a hub name or a local directory, with a pad token and a
-    chat template (the default one when it has none)."""
+def load_tokenizer(name_or_path, what: str | None = None, error: type[Exception] | None = None,
+                   special_tokens: bool = True):
+    """The one loader of a saved tokenizer: a transformers tokenizer from a hub name or a local
+    directory, with a pad token and a chat template (the default one when it has none) unless
+    ``special_tokens`` is False. When it cannot be loaded, ``error`` (default
+    :class:`~bitnet_train.errors.ModelSpecError`) names ``what`` (default: the path) and the cause."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(name_or_path)
-    ensure_special_tokens(tok)
-    return tok
+    from .errors import ModelSpecError
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    except Exception as e:  # noqa: BLE001 - transformers raises OSError, ValueError, KeyError, ... here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise (error or ModelSpecError)(f"{what or str(name_or_path)}: cannot load a tokenizer from it: {first}") from None
+    return ensure_special_tokens(tok) if special_tokens else tok
 
 
 def ensure_special_tokens(tok):

@@ -13,6 +13,7 @@ call :func:`apply_warmup` once per optimizer step with the same recipe keys::
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .recipe import RecipeError
@@ -50,3 +51,20 @@ def apply_warmup(model, step: int, cfg: QuantWarmupConfig) -> float:
     lam = quant_lambda_at(step, cfg)
     set_quant_lambda(model, lam)
     return lam
+
+
+@contextmanager
+def fully_quantized(model):
+    """Every BitLinear at ``quant_lambda`` 1 inside the block (the model as ``eval``, ``export`` and
+    stock transformers run it), each back at its own value after."""
+    from .bitlinear import bitlinear_modules
+
+    mods = [m for _, m in bitlinear_modules(model)]
+    saved = [m.quant_lambda for m in mods]
+    for m in mods:
+        m.quant_lambda = 1.0
+    try:
+        yield
+    finally:
+        for m, v in zip(mods, saved):
+            m.quant_lambda = v

@@ -227,8 +227,8 @@ def test_cli_convert(tok, tmp_path, capsys):
 
 
 def test_shipped_qat_recipes_validate(tmp_path):
-    """The shipped qat-* recipes load and validate without network (no model is fetched)."""
-    found = sorted((REPO / "recipes").glob("qat-*.yaml"))
+    """The shipped qat-* and distill-* recipes load and validate without network (no model is fetched)."""
+    found = sorted((REPO / "recipes").glob("qat-*.yaml")) + sorted((REPO / "recipes").glob("distill-*.yaml"))
     assert any(p.name == "qat-smollm2.yaml" for p in found)
     for p in found:
         r = load_pretrain_recipe(p)
@@ -238,6 +238,8 @@ def test_shipped_qat_recipes_validate(tmp_path):
     assert r.model == "hf:HuggingFaceTB/SmolLM2-135M"
     with pytest.raises(RecipeError, match="convert.use_rms_norm"):
         load_pretrain_recipe(REPO / "recipes" / "qat-smollm2.yaml", ["convert.use_rms_norm=maybe"])
+    r = load_pretrain_recipe(REPO / "recipes" / "distill-smollm2.yaml", ["distill.teacher=hf:elsewhere"])
+    assert r.convert.sub_norm and r.distill.teacher == "hf:elsewhere" and r.model.endswith("SmolLM2-135M-Instruct")
 
 
 def qat_recipe(tmp: Path, name: str, model: str, quant: str, steps: int, warmup: int = 0, lr: float = 3e-3,
@@ -350,3 +352,73 @@ def test_hf_recipe_tokenizer_rules(tok, tmp_path):
     s = pretrain(r, progress=False)
     qc = json.loads((Path(s["final"]) / "config.json").read_text())["quantization_config"]
     assert qc["use_rms_norm"] is True and "model.layers.0.self_attn.o_proj" in qc["modules_to_not_convert"]
+
+
+# ----------------------------------------------------------------------------- SubLN
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("llama", True), ("qwen2", False), ("mistral", False)])
+def test_sub_norm_conversion(arch, tied, tok, tmp_path):
+    """--sub-norm: a Llama-shaped model becomes a BitNetForCausalLM holding every weight of the
+    original (with the two new norms taken out, the full-precision logits are the original's to
+    the bit), the new norms start at 1, and stock transformers runs the ternary checkpoint as we do."""
+    from transformers import AutoModelForCausalLM, BitNetForCausalLM
+
+    from bitnet_train.convert import with_sub_norms
+
+    cfg = tiny_config(arch, tok)
+    cfg.tie_word_embeddings = tied
+    torch.manual_seed(3)
+    src_model = AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():
+        for n, p in src_model.named_parameters():
+            if n.endswith("bias"):
+                p.uniform_(-0.5, 0.5)  # Qwen2's q/k/v biases non-trivial, so that carrying them over is checked
+    src = tmp_path / "hf"
+    src_model.save_pretrained(src)
+    tok.save_pretrained(src)
+    ids = torch.randint(0, len(tok), (2, 20))
+
+    fp = with_sub_norms(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)).eval()
+    assert type(fp) is BitNetForCausalLM and fp.config.hidden_act == "silu"
+    assert fp.config.tie_word_embeddings is tied and (fp.lm_head.weight is fp.get_input_embeddings().weight) is tied
+    assert fp.config.attention_bias is (arch == "qwen2")
+    norms = [m for n, m in fp.named_modules() if n.endswith(("attn_sub_norm", "ffn_sub_norm"))]
+    assert len(norms) == 2 * DIMS["num_hidden_layers"] and all(bool((m.weight == 1).all()) for m in norms)
+    for layer in fp.model.layers:
+        layer.self_attn.attn_sub_norm = nn.Identity()
+        layer.mlp.ffn_sub_norm = nn.Identity()
+    with torch.no_grad():
+        assert torch.equal(fp(ids).logits, src_model(ids).logits)
+
+    s = convert_hf(str(src), tmp_path / "ck", sub_norm=True)
+    assert s["sub_norm"] and len(s["converted"]) == 7 * DIMS["num_hidden_layers"]
+    raw = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert raw["model_type"] == "bitnet" and raw["architectures"] == ["BitNetForCausalLM"]
+    ours = load_checkpoint(tmp_path / "ck").eval()
+    with torch.no_grad():
+        mine = ours(ids).logits
+    stock = stock_logits([tmp_path / "ck"], ids, tmp_path)[str(tmp_path / "ck")]
+    assert rel(mine, stock["logits"]) < 1e-5 and "AutoBitLinear" in stock["classes"]
+
+
+def test_sub_norm_refuses_other_blocks(tok, tmp_path):
+    from bitnet_train.convert import with_sub_norms
+    from transformers import AutoModelForCausalLM
+
+    for arch in ("qwen3", "gemma", "phi3"):
+        m = AutoModelForCausalLM.from_config(tiny_config(arch, tok))
+        with pytest.raises(ModelSpecError, match=f"sub_norm needs a Llama-shaped block.*model_type is '{arch}'"):
+            with_sub_norms(m)
+    cfg = tiny_config("mistral", tok)
+    cfg.sliding_window = 16
+    with pytest.raises(ModelSpecError, match="config.sliding_window is 16"):
+        with_sub_norms(AutoModelForCausalLM.from_config(cfg))
+    cfg = tiny_config("llama", tok)
+    cfg.mlp_bias = True
+    with pytest.raises(ModelSpecError, match="config.mlp_bias"):
+        with_sub_norms(AutoModelForCausalLM.from_config(cfg))
+    # from the command line: a clear error, nothing written
+    src = save_tiny("gemma", tok, tmp_path / "g")
+    rc = cli.main(["convert", str(src), "--out", str(tmp_path / "out"), "--sub-norm"])
+    assert rc == 2 and not (tmp_path / "out").exists()

@@ -519,24 +519,55 @@ def test_val_path_is_scored_like_eval(tmp_path, shakespeare_path):
     assert last["val_bits_per_byte"] == pytest.approx(e["bits_per_byte"], rel=2e-6)
 
 
+def test_validation_scores_the_ternary_model_during_the_warm_up(tmp_path, shakespeare_path, capfd):
+    """Mid warm-up (quant_lambda 0.1 at the last step) val_loss is the fully ternary model's, which
+    eval scores from the saved checkpoint; ending before the warm-up does is warned about."""
+    from bitnet_train.evaluate import evaluate
+
+    paras = [p.strip() for p in shakespeare_path.read_text()[-40_000:].split("\n\n") if p.strip()]
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps({"text": p}) + "\n" for p in paras[:40]))
+    r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)),
+                             ["train.max_steps=3", "train.eval_every=0", "train.eval_batches=1000",
+                              f"data.val_path={val}", "data.val_tokens=0", "quant_warmup.steps=20"])
+    s = pretrain(r, progress=False)
+    steps = [m for m in read_metrics(r.output_dir) if "loss" in m]
+    assert [m["quant_lambda"] for m in steps] == [0.0, 0.05, 0.1]
+    e = evaluate(str(Path(r.output_dir) / "final"), str(val), seq_len=64, progress=False)
+    assert s["val_loss"] == pytest.approx(e["loss"], rel=2e-6)
+    err = capfd.readouterr().err
+    assert "warning: final/ was saved at step 3, before the quantization warm-up's 20 steps ended" in err
+    assert "quant_lambda 0.10" in err
+
+
 def test_clip_zero_still_catches_non_finite_gradients(tmp_path, shakespeare_path, monkeypatch):
     import torch
 
-    import bitnet_train.loop as loop
+    from bitnet_train.distill import TokenLoss
     from bitnet_train.train import TrainingError
 
-    real = loop._token_loss
+    real = TokenLoss.__call__
 
-    def finite_loss_nan_grad(model, x, reduction="mean"):
-        loss = real(model, x, reduction)
+    def finite_loss_nan_grad(self, model, x):
+        loss, parts = real(self, model, x)
         p = next(model.parameters())
-        return loss + 0 * torch.sqrt(p.sum() * 0) if reduction == "mean" else loss  # value + 0, gradient 0 * inf
+        return loss + 0 * torch.sqrt(p.sum() * 0), parts  # value + 0, gradient 0 * inf
 
-    monkeypatch.setattr(loop, "_token_loss", finite_loss_nan_grad)
+    monkeypatch.setattr(TokenLoss, "__call__", finite_loss_nan_grad)
     r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)),
                              ["train.eval_every=0", "train.clip=0"])
     with pytest.raises(TrainingError, match="non-finite gradient norm nan at step 1"):
         pretrain(r, progress=False)
+
+
+def test_resume_rules_sit_beside_their_keys():
+    from bitnet_train.recipe import resume_rules
+    from bitnet_train.train import PretrainRecipe
+
+    rules = resume_rules(PretrainRecipe)
+    assert {k for k, v in rules.items() if v == "refuse"} == {"data", "seed", "quant"}
+    assert {"train.lr", "train.max_steps", "train.grad_accum", "quant_warmup", "distill"} <= set(rules)
+    assert "train.eval_every" not in rules and "wandb" not in rules
 
 
 def test_resume_refuses_changed_data_keys_and_old_positions(tmp_path, shakespeare_path):

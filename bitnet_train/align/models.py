@@ -37,17 +37,10 @@ def _tokenizer_source(recipe) -> str:
 
 def load_align_tokenizer(recipe):
     """The tokenizer (the model directory's by default) with pad token and the recipe's chat template."""
-    from transformers import AutoTokenizer
-
-    from ..tokenizer import DEFAULT_CHAT_TEMPLATE, ensure_special_tokens
+    from ..tokenizer import DEFAULT_CHAT_TEMPLATE, ensure_special_tokens, load_tokenizer
 
     src = _tokenizer_source(recipe)
-    try:
-        tok = AutoTokenizer.from_pretrained(src)
-    except (OSError, ValueError) as e:
-        raise RecipeError(
-            f"tokenizer: cannot load a tokenizer from {src!r} ({str(e).splitlines()[0]}); set the tokenizer key"
-        ) from None
+    tok = load_tokenizer(src, what=f"tokenizer {src!r} (set the tokenizer key)", error=RecipeError, special_tokens=False)
     ct = recipe.chat_template
     if ct is not None:
         if ct == "default":

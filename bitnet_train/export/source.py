@@ -125,7 +125,7 @@ class CheckpointSource:
 
 def load_tokenizer_for(src: CheckpointSource, tokenizer: str | None = None):
     """The tokenizer saved with the checkpoint (or ``tokenizer``, a directory or hub name)."""
-    from transformers import AutoTokenizer
+    from ..tokenizer import load_tokenizer
 
     where = tokenizer or str(src.path)
     if tokenizer is None and not any((src.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
@@ -133,7 +133,4 @@ def load_tokenizer_for(src: CheckpointSource, tokenizer: str | None = None):
             f"{src.path}: the checkpoint holds no tokenizer; pass --tokenizer DIR_OR_NAME "
             "(the exported model carries its tokenizer)"
         )
-    try:
-        return AutoTokenizer.from_pretrained(where)
-    except Exception as e:  # noqa: BLE001 - transformers raises many kinds here
-        raise ExportError(f"{where}: cannot load the tokenizer: {e}") from None
+    return load_tokenizer(where, error=ExportError, special_tokens=False)

