@@ -38,8 +38,12 @@ class ConvertConfig:
         default=None, metadata={"min": 0.0, "help": "eps of that RMSNorm; default: the model's rms_norm_eps, else 1e-6"}
     )
     sub_norm: bool = field(
-        default=False, metadata={"help": "SubLN: a Llama-shaped model becomes a BitNetForCausalLM with RMSNorms (weights 1) "
+        default=False, metadata={"help": "SubLN: a Llama-shaped model becomes a BitNetForCausalLM with RMSNorms "
                                  "before o_proj and down_proj"})
+    sub_norm_init: str = field(
+        default="calibrated", metadata={"choices": ("calibrated", "ones"),
+                                        "help": "the sub-norms' weights: the mean RMS of their input on a built-in "
+                                                "English sample (the fp model stays close), or 1 (BitNet Distillation's)"})
 
 
 def _is_bitnet_checkpoint(src: str) -> bool:
@@ -86,14 +90,67 @@ def load_hf_model(src: str, dtype=None, device: str | None = None):
 SUB_NORM_TYPES = ("llama", "mistral", "qwen2")
 
 
-def with_sub_norms(model, where: str = "model"):
+def calibration_ids(tokenizer, tokens: int = 2048, seq_len: int = 256):
+    """``[tokens // seq_len, seq_len]`` token ids of English text that ships with Python (CPython's
+    pydoc topics, as ``data.path: builtin:pydoc``): the sample :func:`with_sub_norms` calibrates on."""
+    import torch
+
+    from .documents import BUILTIN_PYDOC, iter_documents
+
+    ids: list[int] = []
+    for doc in iter_documents(BUILTIN_PYDOC, max_chars=tokens * 8):
+        ids += tokenizer(doc, add_special_tokens=False)["input_ids"]
+        if len(ids) >= tokens:
+            break
+    n = max(1, min(len(ids), tokens) // seq_len)
+    return torch.tensor(ids[: n * seq_len]).reshape(n, -1)
+
+
+def _input_rms(model, ids) -> dict[str, float]:
+    """The mean per-token RMS of the input of every ``o_proj`` and ``down_proj`` of ``model`` on ``ids``."""
+    import torch
+
+    found, hooks = {}, []
+    for name, mod in model.named_modules():
+        if name.endswith(("self_attn.o_proj", "mlp.down_proj")):
+            def hook(_m, args, _out, name=name):
+                x = args[0].float()
+                found[name] = x.pow(2).mean(-1).sqrt().mean().item()
+            hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids.to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def sub_norm_sample(src, model, init: str):
+    """The calibration ids for ``sub_norm_init`` (None for ``ones`` or a model on the meta device),
+    tokenized with the tokenizer saved beside model ``src``."""
+    if init == "ones" or next(model.parameters()).is_meta:
+        return None
+    from .tokenizer import load_tokenizer
+
+    tok = load_tokenizer(src, what=f"model {str(src)!r} (sub_norm_init: calibrated tokenizes a sample with its "
+                                   "tokenizer; sub_norm_init: ones needs none)")
+    return calibration_ids(tok)
+
+
+def with_sub_norms(model, where: str = "model", calibrate=None):
     """SubLN (BitNet Distillation's first stage): the same weights in a ``BitNetForCausalLM`` with
-    an RMSNorm (weight 1, the model's eps) before each attention output projection
-    (``attn_sub_norm``) and each FFN down projection (``ffn_sub_norm``). ``hidden_act``, tying, the
-    rotary settings and ``head_dim`` are kept; Qwen2's q/k/v bias becomes ``attention_bias`` (and
-    ``o_proj`` gets a zero bias). An RMSNorm is not the identity: it rescales each token's input
-    of those projections, so the result computes a different function until it is trained. A
-    model whose block is not Llama-shaped is refused, naming the key."""
+    an RMSNorm (the model's eps) before each attention output projection (``attn_sub_norm``) and
+    each FFN down projection (``ffn_sub_norm``). ``hidden_act``, tying, the rotary settings and
+    ``head_dim`` are kept; Qwen2's q/k/v bias becomes ``attention_bias`` (and ``o_proj`` gets a
+    zero bias). A model whose block is not Llama-shaped is refused, naming the key.
+
+    An RMSNorm is not the identity: it divides each token's input of those projections by its RMS.
+    With weights 1 (``calibrate=None``) the result computes another function until it is trained.
+    ``calibrate`` (token ids, :func:`calibration_ids`) sets each norm's weights to the mean RMS of
+    its input over those tokens, measured in ``model``: a token whose input has that RMS then
+    passes unchanged, and the full-precision model stays close to the original (the figures are
+    in docs/performance.md)."""
     import torch
     from transformers import BitNetConfig, BitNetForCausalLM
 
@@ -132,10 +189,16 @@ def with_sub_norms(model, where: str = "model"):
     bad = list(unexpected) + [k for k in missing if not k.endswith(allowed)]
     if bad:
         raise ModelSpecError(f"{where}: tensor {bad[0]!r} has no place in a BitNet block ({len(bad)} such)")
+    rms = _input_rms(model, calibrate) if calibrate is not None else {}
+    site = {"attn_sub_norm": "o_proj", "ffn_sub_norm": "down_proj"}
     with torch.no_grad():
-        for name in missing:  # the new norms start at 1, Qwen2's new o_proj bias at 0
+        for name in missing:  # the new norms start at 1 (or the calibrated RMS), Qwen2's new o_proj bias at 0
             p = new.get_parameter(name)
-            p.fill_(0.0 if name.endswith(".bias") else 1.0)
+            if name.endswith(".bias"):
+                p.zero_()
+            else:
+                block, norm = name[: -len(".weight")].rsplit(".", 1)  # model.layers.i.self_attn, attn_sub_norm
+                p.fill_(rms.get(f"{block}.{site[norm]}", 1.0))
     new.generation_config = model.generation_config
     new.config.bitnet_train = dict(getattr(model.config, "bitnet_train", None) or {})
     return new
@@ -177,6 +240,7 @@ def load_hf_converted(
     include=None,
     device: str | None = None,
     sub_norm: bool = False,
+    sub_norm_init: str = "calibrated",
 ):
     """``hf:<src>``: a Hugging Face causal LM, converted to BitLinear on load (``quant='none'``
     loads it as it is, for a full-precision baseline or fine-tune); with ``sub_norm`` first made
@@ -185,7 +249,7 @@ def load_hf_converted(
         raise ModelSpecError(f"quant must be 'bitnet' or 'none', got {quant!r}")
     model = load_hf_model(src, dtype, device)
     if sub_norm:
-        model = with_sub_norms(model, where=f"model 'hf:{src}'")
+        model = with_sub_norms(model, where=f"model 'hf:{src}'", calibrate=sub_norm_sample(src, model, sub_norm_init))
     converted = []
     if quant == "bitnet":
         converted = convert_model(model, exclude, use_rms_norm, rms_norm_eps, backend, where=f"model 'hf:{src}'",
@@ -205,6 +269,7 @@ def convert_hf(
     dtype=None,
     tokenizer: bool = True,
     sub_norm: bool = False,
+    sub_norm_init: str = "calibrated",
 ) -> dict:
     """Convert Hugging Face model ``src`` (dir or hub id) and write it as a checkpoint at ``out``
     (atomically). Returns a summary: converted and full-precision module names, parameters."""
@@ -214,7 +279,8 @@ def convert_hf(
     from .tokenizer import load_tokenizer
 
     model = load_hf_converted(src, exclude=exclude, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps,
-                              dtype=dtype, include=include, sub_norm=sub_norm)
+                              dtype=dtype, include=include, sub_norm=sub_norm,
+                              sub_norm_init=sub_norm_init)
     tok = None
     if tokenizer:
         try:
@@ -261,7 +327,9 @@ def register(sub) -> None:
     p.add_argument("--rms-norm-eps", type=float, default=None, help="its eps (default: the model's rms_norm_eps, else 1e-6)")
     p.add_argument("--sub-norm", action="store_true",
                    help="SubLN: make a Llama-shaped model (Llama, Mistral, SmolLM, Qwen2) a BitNetForCausalLM with "
-                        "RMSNorms before o_proj and down_proj (weights 1)")
+                        "RMSNorms before o_proj and down_proj")
+    p.add_argument("--sub-norm-init", choices=("calibrated", "ones"), default="calibrated",
+                   help="their weights: the mean RMS of their input on a built-in English sample (default), or 1")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype of the saved latent weights (default float32)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -274,6 +342,7 @@ def cmd_convert(args) -> int:
     s = convert_hf(
         args.model, args.out, exclude=args.exclude, include=args.include, use_rms_norm=args.rms_norm,
         rms_norm_eps=args.rms_norm_eps, dtype=getattr(torch, args.dtype), sub_norm=args.sub_norm,
+        sub_norm_init=args.sub_norm_init,
     )
     if args.json:
         print(json.dumps(s, indent=2))

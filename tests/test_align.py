@@ -304,3 +304,29 @@ def test_sft_data_without_usable_columns_is_an_error(tmp_path):
     T.write_jsonl([{"question": "a", "answer": "b"}], tmp_path / "s.jsonl")
     with pytest.raises(RecipeError, match="'messages' column or 'prompt' and 'completion'"):
         prepare_sft_rows(load_rows(AlignDataConfig(path=str(tmp_path / "s.jsonl"))), "s.jsonl")
+
+
+def test_sft_distillation(pretrained, tmp_path):
+    """SFT with distill: a teacher equal to the student leaves the first step's loss TRL's own
+    (KD and relations 0; the cross-entropy normalised as TRL normalises it, with grad accumulation),
+    the parts and the teacher's time are logged, and the student then moves away from the teacher."""
+    from bitnet_train.align import SFTRecipe, sft
+
+    _, pre = pretrained
+    rows = tmp_path / "s.jsonl"
+    T.write_jsonl(T.sft_rows(T.triples(T.TINY_WORDS)[:32], conversational=True), rows)
+
+    def run(name, distill=None):
+        r = load_recipe(SFTRecipe, data={
+            "output_dir": str(tmp_path / name), "model": str(pre), "data": {"path": str(rows)},
+            "train": {"max_steps": 3, "batch_size": 2, "grad_accum": 2, "lr": 1e-3, "lr_scheduler": "constant",
+                      "max_length": 48, "save_every": 3, "log_every": 1},
+            **({"distill": distill} if distill else {})})
+        sft(r, progress=False)
+        return [m for m in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+    plain = run("plain")
+    kd = run("kd", {"teacher": str(pre), "kd_weight": 1.0, "temperature": 2.0, "relation_weight": 1.0})
+    assert kd[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
+    assert abs(kd[0]["loss_kd"]) < 1e-6 and abs(kd[0]["loss_relation"]) < 1e-6 and kd[0]["teacher_s"] > 0
+    assert kd[-1]["loss_kd"] > 1e-4 and kd[-1]["loss_relation"] > 1e-5

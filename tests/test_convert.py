@@ -391,6 +391,17 @@ def test_sub_norm_conversion(arch, tied, tok, tmp_path):
     with torch.no_grad():
         assert torch.equal(fp(ids).logits, src_model(ids).logits)
 
+    # calibrated (the default of convert): each norm's weights are the mean RMS of its input on a
+    # built-in sample, so the full-precision model moves less than with weights 1
+    from bitnet_train.convert import calibration_ids
+
+    ones = with_sub_norms(src_model).eval()
+    cal = with_sub_norms(src_model, calibrate=calibration_ids(tok)).eval()
+    with torch.no_grad():
+        ref = src_model(ids).logits
+        d_ones, d_cal = rel(ones(ids).logits, ref), rel(cal(ids).logits, ref)
+    assert d_cal < d_ones and not torch.equal(cal.model.layers[0].mlp.ffn_sub_norm.weight, ones.model.layers[0].mlp.ffn_sub_norm.weight)
+
     s = convert_hf(str(src), tmp_path / "ck", sub_norm=True)
     assert s["sub_norm"] and len(s["converted"]) == 7 * DIMS["num_hidden_layers"]
     raw = json.loads((tmp_path / "ck" / "config.json").read_text())

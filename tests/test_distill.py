@@ -224,3 +224,44 @@ def test_distill_keys_are_copied_to_the_student_checkpoint_recipe(trained_teache
     saved = json.loads((Path(s["final"]) / "bitnet_train.json").read_text())["recipe"]["distill"]
     assert saved["teacher"] == str(trained_teacher) and saved["kd_weight"] == 10.0
 
+
+
+# ----------------------------------------------------------------------------- several processes
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_distil_like_one(mode, tmp_path, shakespeare_path):
+    """DDP and FSDP2 (2 CPU processes x batch B, the teacher replicated on each) give the losses
+    and loss parts of 1 process x 2B within the tolerances of tests/test_ddp.py and test_fsdp.py."""
+    from test_ddp import TOLERANCE as DDP_TOL
+    from test_ddp import _launch as ddp_launch
+    from test_fsdp import TOLERANCE as FSDP_TOL
+    from test_fsdp import launch_two
+    from test_pretrain import read_metrics, write_recipe
+
+    p = write_recipe(tmp_path, shakespeare_path)
+    common = ["train.max_steps=3", "train.save_every=10", "train.eval_every=3", "train.eval_batches=2",
+              "train.warmup_steps=1", "train.lr=0.01", "train.min_lr=0.001"]
+    # the teacher: the same preset trained 3 steps in full precision, its tokenizer the run's
+    t = pretrain(load_pretrain_recipe(p, common + [f"output_dir={tmp_path}/teacher", "quant=none",
+                                                  "train.batch_size=8"]), progress=False)
+    sets = common + [f"data.tokenizer={t['final']}", f"distill.teacher={t['final']}", "distill.kd_weight=1",
+                     "distill.relation_weight=1", "distill.temperature=2"]
+    one = pretrain(load_pretrain_recipe(p, sets + [f"output_dir={tmp_path}/one", "train.batch_size=8"]), progress=False)
+    two = sets + [f"output_dir={tmp_path}/two", "train.batch_size=4"]
+    if mode == "ddp":
+        ddp_launch(tmp_path, p, "full", two)
+    else:
+        worker = ("import sys\nfrom bitnet_train.train import load_pretrain_recipe, pretrain\n"
+                  "print('SUMMARY', pretrain(load_pretrain_recipe(sys.argv[1], sys.argv[2:]), progress=False))\n")
+        out = launch_two(tmp_path, worker, ["--use_fsdp", "--fsdp_version", "2"], [p, *two])
+        assert "'fsdp': True" in out
+    tol = {**(DDP_TOL if mode == "ddp" else FSDP_TOL), "loss_kd": 5e-4, "loss_relation": 5e-3}
+    a = [m for m in read_metrics(tmp_path / "one") if "loss" in m]
+    b = [m for m in read_metrics(tmp_path / "two") if "loss" in m]
+    assert len(a) == len(b) == 3 and one["world_size"] == 1
+    for ra, rb in zip(a, b):
+        assert ra["loss_kd"] > 0 and ra["loss_relation"] > 0
+        for k, rel in tol.items():
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=rel, abs=1e-6), (k, ra, rb)

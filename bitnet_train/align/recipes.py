@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..distill import DistillConfig
 from ..metrics import WandbConfig
 from ..recipe import load_recipe
 from ..warmup import QuantWarmupConfig
@@ -76,6 +77,7 @@ class SFTRecipe:
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer dir or hub name (default: the model's)"})
     chat_template: str | None = field(default=None, metadata={"help": _CHAT_TEMPLATE_HELP})
     quant_warmup: QuantWarmupConfig = field(default_factory=QuantWarmupConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -36,7 +36,10 @@ def sft(recipe: SFTRecipe, resume: bool = False, progress: bool = True, stop_aft
 
 def _sft(recipe: SFTRecipe, resume: bool, progress: bool, stop_after: int | None) -> dict:
     out, last, resume_step, tok, model = _setup(recipe, resume, "sft")  # checks TRL is installed
+    import torch
     from trl import SFTConfig
+
+    from ..distill import Distillation, make_objective
 
     train_ds, eval_ds = stage_datasets(recipe, prepare_sft_rows)
     kind = prepare_sft_rows(train_ds.select(range(1)), "data")[1]
@@ -49,11 +52,13 @@ def _sft(recipe: SFTRecipe, resume: bool, progress: bool, stop_after: int | None
         dataset_num_proc=None,
     )
     cls = summed_sft_trainer()
+    objective = make_objective(recipe, model, tok, "cuda" if torch.cuda.is_available() else "cpu", stage="sft")
     try:
         trainer = cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok)
     except (ValueError, RuntimeError) as e:
         raise RecipeError(f"sft: TRL rejected the setup: {str(e).splitlines()[0]}") from None
     trainer.sum_loss = t.loss_reduction == "sum"
+    trainer.distillation = objective if isinstance(objective, Distillation) else None
     return train_stage(trainer, recipe, out, "sft", tok, last, resume_step, stop_after)
 
 

@@ -183,15 +183,43 @@ def summed_sft_trainer():
 
     class BitNetSFTTrainer(with_our_checkpoint_format(SFTTrainer)):
         """SFTTrainer whose loss is the *sum* of the per-token losses of a micro-batch's trained tokens
-        (the 2B4T report's "summation instead of mean") when ``sum_loss`` is set."""
+        (the 2B4T report's "summation instead of mean") when ``sum_loss`` is set, and which
+        distils from a teacher when ``distillation`` (a :class:`~bitnet_train.distill.Distillation`)
+        is set: cross-entropy, KD and relations over the tokens the loss counts, normalised as
+        TRL normalises its loss (by the accumulated batch's trained tokens)."""
 
         sum_loss = False
+        distillation = None
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if self.sum_loss:
                 # TRL divides the summed per-token loss by num_items_in_batch; 1 leaves the sum
                 num_items_in_batch = 1
+            if self.distillation is not None and model.training:
+                loss = self._distilled_loss(model, inputs, num_items_in_batch)
+                return (loss, None) if return_outputs else loss
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+        def _distilled_loss(self, model, inputs, num_items_in_batch):
+            import torch
+            import torch.nn.functional as F
+
+            d = self.distillation
+            fw = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
+            t_logits, t_qkv = d.teacher_forward(**fw, use_cache=False)
+            logits, s_qkv = d.student_forward(model, **fw, use_cache=False)
+            labels = inputs["labels"][:, 1:]
+            counted = labels != -100
+            n_here = counted.sum()
+            n = num_items_in_batch if num_items_in_batch is not None else n_here
+            s_rows, t_rows = logits[:, :-1][counted], t_logits[:, :-1][counted]
+            ce = F.cross_entropy(s_rows.float(), labels[counted], reduction="sum") / n
+            share = (n_here / n) if torch.is_tensor(n) or n else 1.0
+            loss, parts = d.loss(ce, s_rows, t_rows, s_qkv, t_qkv, kd_divisor=n, rel_scale=share,
+                                 attention_mask=fw.get("attention_mask"))
+            for k, v in {**parts, **d.step_stats()}.items():
+                self._metrics["train"][k].append(float(v))
+            return loss
 
     return BitNetSFTTrainer
 
