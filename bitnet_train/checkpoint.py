@@ -62,6 +62,19 @@ def quantization_config_for(model: torch.nn.Module) -> dict | None:
     return quantization_config(not_converted, bool(rms), float(rms[0].rms_norm.variance_epsilon) if rms else 1e-6)
 
 
+def checkpoint_metadata(model) -> tuple[dict | None, dict]:
+    """What a checkpoint of ``model`` carries in ``config.json`` besides the model's own config:
+    its ``quantization_config`` (None for a full-precision model) and its ``bitnet_train`` block
+    (the model's, with ``quant`` and the BitLinear ``backend``). The one place they are made, for
+    :func:`save_checkpoint` and for the Trainer checkpoints of ``sft``/``dpo``."""
+    qc = quantization_config_for(model)
+    meta = dict(getattr(model.config, "bitnet_train", None) or {})
+    meta["quant"] = "bitnet" if qc else "none"
+    if qc:
+        meta["backend"] = bit_backend(model)
+    return qc, meta
+
+
 def save_checkpoint(
     model: PreTrainedModel,
     path: str | os.PathLike,
@@ -79,13 +92,9 @@ def save_checkpoint(
     ``weights=False`` writes the config only (a sharded checkpoint's weights are ``write_extra``'s).
     """
     path = Path(path)
-    qc = quantization_config_for(model)
+    qc, meta = checkpoint_metadata(model)
     cfg = model.config
     had_qc = getattr(cfg, "quantization_config", None)
-    meta = dict(getattr(cfg, "bitnet_train", None) or {})
-    meta["quant"] = "bitnet" if qc else "none"
-    if qc:
-        meta["backend"] = bit_backend(model)
     with atomic_dir(path) as tmp:
         try:
             if qc:

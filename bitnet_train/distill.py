@@ -12,8 +12,10 @@
   ``softmax(A @ A.T / sqrt(d))`` over all positions of the sequence; the loss is
   KL(teacher || student) averaged over heads and rows, summed over Q, K and V.
 
-The recipe section is :class:`DistillConfig` (``distill:``); :func:`make_objective` builds the
-objective of a run. The teacher is read from the recipe whenever a run starts (a resumed run reads
+The recipe section is :class:`DistillConfig` (``distill:``, in ``pretrain`` and ``sft`` recipes);
+:func:`make_objective` builds the objective of a run (the pretraining loop calls it on each block;
+the SFT trainer, :mod:`bitnet_train.align.trainer`, uses its teacher and student forwards and
+:meth:`Distillation.loss` over the tokens TRL's loss counts). The teacher is read from the recipe whenever a run starts (a resumed run reads
 it again; it is never checkpointed), in eval mode with no gradients, replicated on every process
 (under DDP and FSDP each rank holds a whole teacher).
 """

@@ -152,19 +152,18 @@ class TokenCounter:
 
 def _patch_checkpoint_config(model, ck_dir: Path) -> None:
     """Trainer checkpoints hold the weights written by save_pretrained; put our quantization_config
-    into their config.json so that they load (here and in stock transformers) as ternary models."""
-    from ..checkpoint import bit_backend, quantization_config_for
+    and metadata (:func:`~bitnet_train.checkpoint.checkpoint_metadata`) into their config.json so
+    that they load (here and in stock transformers) as ternary models."""
+    from ..checkpoint import checkpoint_metadata
 
     f = ck_dir / "config.json"
     if not f.is_file():
         return
     cfg = json.loads(f.read_text())
-    qc = quantization_config_for(model)
+    qc, meta = checkpoint_metadata(model)
     if qc:
         cfg["quantization_config"] = qc
-        meta = dict(cfg.get("bitnet_train") or {})
-        meta.update(quant="bitnet", backend=bit_backend(model))
-        cfg["bitnet_train"] = meta
+    cfg["bitnet_train"] = meta
     f.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
