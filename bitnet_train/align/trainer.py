@@ -200,7 +200,6 @@ def summed_sft_trainer():
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
         def _distilled_loss(self, model, inputs, num_items_in_batch):
-            import torch
             import torch.nn.functional as F
 
             d = self.distillation
@@ -213,7 +212,7 @@ def summed_sft_trainer():
             n = num_items_in_batch if num_items_in_batch is not None else n_here
             s_rows, t_rows = logits[:, :-1][counted], t_logits[:, :-1][counted]
             ce = F.cross_entropy(s_rows.float(), labels[counted], reduction="sum") / n
-            share = (n_here / n) if torch.is_tensor(n) or n else 1.0
+            share = n_here / n  # this micro-batch's part of the accumulated batch's trained tokens
             loss, parts = d.loss(ce, s_rows, t_rows, s_qkv, t_qkv, kd_divisor=n, rel_scale=share,
                                  attention_mask=fw.get("attention_mask"))
             for k, v in {**parts, **d.step_stats()}.items():
