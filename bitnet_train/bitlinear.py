@@ -1,29 +1,19 @@
 """BitLinear and the converter that swaps a built model's ``nn.Linear`` layers for it.
 
 The quantization math lives in :mod:`bitnet_train.quant`; this file only wires it into a layer.
-Backends:
+Which backend runs (``torch``, ``triton``, ``auto``): :mod:`bitnet_train.backends`. The backend is
+set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model) and resolved once per
+layer and device type — at its first forward after construction, ``set_backend``, an assignment to
+``.backend`` or a move (``.to``) — not per forward.
 
-* ``torch``  — the PyTorch reference, always available: one ``torch.autograd.Function``
-  (``bitlinear_autograd._BitLinearFn``) that keeps for backward only the int8 activation codes with
-  their per-token scales and the int8 ternary weight codes with their scale.
-* ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward).
-* ``auto``   — the fastest measured: ``torch`` for now (the Triton kernels are correct but not yet
-  faster on an H100, see docs/performance.md); ``triton`` on CUDA once ``AUTO_PREFERS_TRITON`` is set.
-
-The backend is set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model);
-the environment variable ``BITNET_TRAIN_BACKEND`` overrides it for every layer. Both are read
-when the backend is resolved — once per layer and device type, at its first forward after
-construction, ``set_backend``, an assignment to ``.backend`` or a move (``.to``) — not per forward.
-
-What the ``torch`` backend computes, and why: :mod:`bitnet_train.bitlinear_autograd`.
-Shared activation codes (q/k/v, gate/up; both backends), the weight codes' lifetime and the
-``quant_lambda`` buffer: the same module.
+What the ``torch`` backend computes, and why: :mod:`bitnet_train.bitlinear_autograd`, with the
+layer's parts: the shared activation codes (q/k/v, gate/up; both backends) and the weight codes'
+cache. The layer's state and its forward paths: :class:`BitLinear`'s docstring.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import os
 from typing import Iterable
 
 import torch
@@ -31,11 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import quant
-from .bitlinear_autograd import BitLinearRMSNorm, WeightCodeCache, _BitLinearFn, _SharedActQuant
-
-BACKENDS = ("torch", "triton", "auto")
-AUTO_PREFERS_TRITON = False  # flip when bitnet_train.kernels.bench shows the Triton path ahead of torch
-BACKEND_ENV = "BITNET_TRAIN_BACKEND"
+from .backends import check_backend, resolve_backend
+from .bitlinear_autograd import BitLinearRMSNorm, SharedActQuant, TorchBitLinearFn, WeightCodes
 
 # Modules never converted: embeddings and norms are not nn.Linear; the output head is.
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "output", "score", "classifier")
@@ -44,43 +31,44 @@ DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "output", "score", "classifier")
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _check_backend(name: str, where: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"unknown BitLinear backend {name!r} ({where}); choose one of {', '.join(BACKENDS)}")
-    return name
+# The layer's behaviour switches: instance attributes of every BitLinear, set in its __init__ from
+# these defaults (keyword arguments of BitLinear, or set_switches(model, ...) for a built model).
+SWITCHES = {
+    # training forwards (autograd recording) without autocast compute the exact integer product too;
+    # False keeps stock transformers' fake-quant arithmetic there (bitlinear_autograd's notes)
+    "exact_training_forward": True,
+    # True: training keeps no weight codes between forward and backward (the backward quantizes the
+    # saved latent weight again): a quarter of the fp32 linear weights less memory at the activation
+    # peak, for one more weight quantization per layer and step (not measurable in the 125m step of
+    # docs/performance.md); activation-checkpointing recomputes quantize again. False: the codes are
+    # cached from the forward to the backward (recomputes reuse them).
+    "recompute_weight_codes": True,
+    # False: no weight-code cache at all (every forward quantizes the weight; WeightCodes' notes)
+    "cache_weight_codes": True,
+}
+
+# quant_lambda's regimes, the only Python-level branch on λ (it changes at most twice per warm-up)
+FULL_PRECISION, BLEND, TERNARY = "full_precision", "blend", "ternary"
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """The backend that will actually run for a tensor on ``device``."""
-    env = os.environ.get(BACKEND_ENV)
-    name = _check_backend(env, f"${BACKEND_ENV}") if env else requested
-    if name == "auto":
-        # the best available: on an H100 (docs/performance.md) the Triton kernels are still slower than torch's
-        # bf16 path, so `auto` runs the torch reference until a tuned kernel beats it
-        return "triton" if AUTO_PREFERS_TRITON and device.type == "cuda" and triton_available() else "torch"
-    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(
-            "BitLinear backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernels "
-            "in Triton's CPU interpreter); use backend 'torch' or 'auto' on the CPU"
-        )
-    return name
-
-
-class BitLinear(WeightCodeCache, nn.Linear):
+class BitLinear(nn.Linear):
     """A linear layer with absmean ternary weights and per-token absmax int8 activations.
 
     Parameters and state dict are those of ``nn.Linear`` (``weight``, optional ``bias``), holding
-    the latent full-precision weights that the straight-through estimator trains. ``quant_lambda``
-    in [0, 1] blends quantization in (0 = full precision, 1 = fully quantized); it is held in the
-    non-persistent fp32 buffer ``quant_lambda_t``.
+    the latent full-precision weights that the straight-through estimator trains, and of the
+    optional input ``rms_norm``. Everything else, set in ``__init__``:
+
+    * ``quant_lambda`` in [0, 1] blends quantization in (0 = full precision, 1 = fully quantized),
+      held in the non-persistent fp32 buffer ``quant_lambda_t`` that the forward reads; its regime
+      (``FULL_PRECISION``, ``BLEND``, ``TERNARY``) picks the forward path;
+    * ``backend`` as requested and the backend it resolved to per device type (``resolved``);
+    * ``weight_codes``: the cached ternary codes of the weight (:class:`WeightCodes`);
+    * ``act_share``: the activation codes shared with sibling projections (``SharedActQuant``, set
+      by :func:`share_input_quantization`) or None;
+    * the behaviour switches of ``SWITCHES`` (keyword arguments here).
+
+    The forward's paths: :meth:`forward_full_precision`, :meth:`forward_blend`,
+    :meth:`forward_torch`, :meth:`forward_triton` and :meth:`forward_triton_decode`.
     """
 
     def __init__(
@@ -94,15 +82,25 @@ class BitLinear(WeightCodeCache, nn.Linear):
         quant_lambda: float = 1.0,
         use_rms_norm: bool = False,
         rms_norm_eps: float = 1e-6,
+        **switches: bool,
     ):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self.backend = backend
         self.register_buffer("quant_lambda_t", torch.zeros((), dtype=torch.float32, device=device), persistent=False)
-        self.quant_lambda = quant_lambda
-        self._act_share = None  # a _SharedActQuant when siblings read the same input
+        self._lam = 1.0
+        self.regime = TERNARY
+        self._backend = "auto"
+        self.resolved: dict[str, str] = {}  # device type -> the backend that runs there
+        self.weight_codes = WeightCodes()
+        self.act_share: SharedActQuant | None = None
+        for name, default in SWITCHES.items():
+            setattr(self, name, bool(switches.pop(name, default)))
+        if switches:
+            raise TypeError(f"BitLinear: unknown switch {', '.join(switches)}; the switches are {', '.join(SWITCHES)}")
         self.rms_norm = BitLinearRMSNorm(in_features, rms_norm_eps) if use_rms_norm else None
         if self.rms_norm is not None and device is not None:
             self.rms_norm.to(device=device, dtype=dtype)
+        self.backend = backend
+        self.quant_lambda = quant_lambda
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> "BitLinear":
@@ -125,46 +123,43 @@ class BitLinear(WeightCodeCache, nn.Linear):
 
     @property
     def backend(self) -> str:
-        return self.__dict__["_backend"]
+        return self._backend
 
     @backend.setter
     def backend(self, name: str) -> None:
-        self.__dict__["_backend"] = _check_backend(name, "BitLinear(backend=...)")
+        self._backend = check_backend(name, "BitLinear(backend=...)")
         self._resolve_now()
 
     def _resolve_now(self) -> None:
         """Resolve for the weight's device now (so a compiled forward finds it done); a backend
         that cannot run there (triton on the CPU) is reported by the first forward instead."""
-        resolved = {}
-        w = self.__dict__.get("_parameters", {}).get("weight")
+        self.resolved = {}
+        w = self._parameters.get("weight")
         if w is not None and w.device.type != "meta":
             try:
-                resolved[w.device.type] = resolve_backend(self.backend, w.device)
+                self.resolved[w.device.type] = resolve_backend(self.backend, w.device)
             except RuntimeError:
                 pass
-        self.__dict__["_resolved"] = resolved
 
-    def _backend_for(self, device: torch.device) -> str:
-        resolved = self._resolved
-        name = resolved.get(device.type)
+    def backend_for(self, device: torch.device) -> str:
+        name = self.resolved.get(device.type)
         if name is None:
-            name = resolved[device.type] = resolve_backend(self.backend, device)
+            name = self.resolved[device.type] = resolve_backend(self.backend, device)
         return name
 
     # -- quant_lambda: a tensor the forward reads, a float mirror for Python ----------------------
 
     @property
     def quant_lambda(self) -> float:
-        return self.__dict__["_lam"]
+        return self._lam
 
     @quant_lambda.setter
     def quant_lambda(self, value: float) -> None:
         value = float(value)
         with torch.no_grad():
             self.quant_lambda_t.fill_(value)
-        self.__dict__["_lam"] = value
-        # the regime is the only Python-level branch: it changes at most twice per warm-up
-        self.__dict__["_lam_mode"] = "off" if value <= 0.0 else ("quant" if value >= 1.0 else "blend")
+        self._lam = value
+        self.regime = FULL_PRECISION if value <= 0.0 else (TERNARY if value >= 1.0 else BLEND)
 
     def init_buffers(self) -> None:
         """Fill the buffers from the layer's Python state (called by the meta-device build,
@@ -179,44 +174,58 @@ class BitLinear(WeightCodeCache, nn.Linear):
         self._resolve_now()  # a device move resolves the backend again
         return self
 
+    # -- the weight codes' cache -------------------------------------------------------------------
+
+    def clear_weight_cache(self) -> None:
+        """Drop the cached ternary codes (after a write that bypasses autograd's version counter)."""
+        self.weight_codes.clear()
+
+    def track_weight_source(self, source: torch.Tensor | None) -> None:
+        """Key the cached codes on ``source``'s version too (:meth:`WeightCodes.track`)."""
+        self.weight_codes.track(source)
+
+    def _cacheable(self) -> bool:
+        return self.cache_weight_codes and not self.weight.is_inference()
+
+    # -- the forward and its paths -------------------------------------------------------------------
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        mode = self._lam_mode
-        if mode == "off":
-            return F.linear(x, self.weight, self.bias)
-        if mode == "blend":
-            # branch-free in λ (a tensor): the same arithmetic as quant.bitlinear_reference(x, w, b, λ)
-            lam = self.quant_lambda_t
-            xb = quant.blend(x, quant.act_fake_quant_values(x), lam)
-            wb = quant.blend(self.weight, quant.weight_fake_quant_values(self.weight), lam)
-            return F.linear(xb, wb, self.bias)
-        backend = self._backend_for(x.device)
-        compiling = torch.compiler.is_compiling()
-        # codes shared by q/k/v (gate/up); skipped under torch.compile (the compiler sees the graph)
-        share = self._act_share if not compiling else None
-        if backend == "triton":
-            from .kernels import bitlinear_triton, matmul
+        if self.regime == FULL_PRECISION:
+            return self.forward_full_precision(x)
+        if self.regime == BLEND:
+            return self.forward_blend(x)
+        if self.backend_for(x.device) == "triton":
+            if self._decoding(x):
+                return self.forward_triton_decode(x)
+            return self.forward_triton(x)
+        return self.forward_torch(x)
 
-            wq = self._quantized_weight()
-            if (
-                wq is not None
-                and x.shape[-1] > 0
-                and x.numel() // x.shape[-1] <= matmul.GEMV_MAX_M
-                and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)))
-            ):
-                # decoding without autograd: the GEMV kernel on 2-bit packed codes (cached with the int8
-                # ones), the same output bits; up to GEMV_FUSED_QUANT_MAX_M rows it quantizes x itself
-                fused = x.numel() // x.shape[-1] <= matmul.GEMV_FUSED_QUANT_MAX_M
-                act_q = share.codes(x, "triton") if share is not None and not fused else None
-                return matmul.ternary_matmul(x, self._packed_weight(), wq[1], self.bias, act_q=act_q)
-            return bitlinear_triton(x, self.weight, self.bias, wq, share.codes(x, "triton") if share is not None else None)
+    def forward_full_precision(self, x: torch.Tensor) -> torch.Tensor:
+        """λ = 0: the latent weights as an ``nn.Linear``."""
+        return F.linear(x, self.weight, self.bias)
+
+    def forward_blend(self, x: torch.Tensor) -> torch.Tensor:
+        """0 < λ < 1, branch-free in λ (a tensor): ``quant.bitlinear_reference(x, w, b, λ)``'s arithmetic."""
+        lam = self.quant_lambda_t
+        xb = quant.blend(x, quant.act_fake_quant_values(x), lam)
+        wb = quant.blend(self.weight, quant.weight_fake_quant_values(self.weight), lam)
+        return F.linear(xb, wb, self.bias)
+
+    def _shared(self) -> "SharedActQuant | None":
+        # codes shared by q/k/v (gate/up); not under torch.compile (the compiler sees the graph)
+        return None if torch.compiler.is_compiling() else self.act_share
+
+    def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """λ = 1 on the ``torch`` backend: :class:`TorchBitLinearFn` (bitlinear_autograd's notes say
+        which arithmetic runs when)."""
+        share = self._shared()
         xq, a = share.codes(x, "torch") if share is not None else quant.act_quant(x)
+        compiling = torch.compiler.is_compiling()
         recompute = self.recompute_weight_codes and torch.is_grad_enabled() and self.weight.requires_grad
-        if compiling or recompute:
-            wq, s = quant.weight_quant(self.weight)
-        else:
-            wq, s = self._torch_weight_codes()
+        cached = not (compiling or recompute) and self._cacheable()
+        wq, s = self.weight_codes.torch_codes(self.weight) if cached else quant.weight_quant(self.weight)
         dev = x.device.type
         if torch.is_autocast_enabled(dev):
             cdt = torch.get_autocast_dtype(dev)
@@ -224,18 +233,39 @@ class BitLinear(WeightCodeCache, nn.Linear):
             cdt = x.dtype  # training: the exact product in the model's own dtype
         else:
             cdt = None  # inference without autocast: stock transformers' arithmetic
-        release = "recompute" if recompute else (None if compiling else self._release_torch_weight_codes)
-        return _BitLinearFn.apply(x, self.weight, self.bias, xq, a, wq, s, cdt, release)
+        return TorchBitLinearFn.apply(x, self.weight, self.bias, xq, a, wq, s, cdt, recompute,
+                                      self.weight_codes if cached else None)
 
-    # training forwards (autograd recording) without autocast compute the exact integer product too;
-    # False keeps stock transformers' fake-quant arithmetic there (see the module notes)
-    exact_training_forward = True
-    # True (the default): training keeps no weight codes between forward and backward (the backward
-    # quantizes the saved latent weight again): a quarter of the fp32 linear weights less memory at
-    # the activation peak, for one more weight quantization per layer and step (not measurable in
-    # the 125m step of docs/performance.md); activation-checkpointing recomputes quantize again.
-    # False: the codes are cached from the forward to the backward (recomputes reuse them).
-    recompute_weight_codes = True
+    def _decoding(self, x: torch.Tensor) -> bool:
+        """The Triton GEMV's case: few rows, no autograd recording, cached codes."""
+        from .kernels import matmul
+
+        return (
+            self._cacheable()
+            and x.shape[-1] > 0
+            and x.numel() // x.shape[-1] <= matmul.GEMV_MAX_M
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)))
+        )
+
+    def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """λ = 1 on the ``triton`` backend: int8 codes through the tiled kernel, STE backward."""
+        from .kernels import bitlinear_triton
+
+        share = self._shared()
+        wq = self.weight_codes.triton_codes(self.weight) if self._cacheable() else None
+        return bitlinear_triton(x, self.weight, self.bias, wq, share.codes(x, "triton") if share is not None else None)
+
+    def forward_triton_decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoding without autograd on the ``triton`` backend: the GEMV kernel on 2-bit packed codes
+        (cached with the int8 ones), the same output bits as :meth:`forward_triton`; up to
+        ``GEMV_FUSED_QUANT_MAX_M`` rows it quantizes ``x`` itself."""
+        from .kernels import matmul
+
+        share = self._shared()
+        wq = self.weight_codes.triton_codes(self.weight)
+        fused = x.numel() // x.shape[-1] <= matmul.GEMV_FUSED_QUANT_MAX_M
+        act_q = share.codes(x, "triton") if share is not None and not fused else None
+        return matmul.ternary_matmul(x, self.weight_codes.packed(), wq[1], self.bias, act_q=act_q)
 
     def extra_repr(self) -> str:
         s = super().extra_repr() + f", backend={self.backend}"
@@ -279,7 +309,7 @@ def convert_to_bitlinear(
     """
     patterns = (tuple(DEFAULT_EXCLUDE) if default_exclude else ()) + tuple(exclude or ())
     include = tuple(include) if include is not None else None
-    _check_backend(backend, "convert_to_bitlinear(backend=...)")
+    check_backend(backend, "convert_to_bitlinear(backend=...)")
     # an output head tied to the input embedding must stay a plain Linear (it shares its weight)
     tied_ids = set()
     get_in = getattr(model, "get_input_embeddings", None)
@@ -347,7 +377,7 @@ def share_input_quantization(model: nn.Module) -> list[tuple[str, ...]]:
     their own (whose inputs would differ) are grouped; the state dict is unchanged. The sharing is
     a check at run time (the same tensor object, not modified since), so a group whose members are
     called on different inputs still computes each one's own codes. Both backends share, each
-    layer with its own backend's quantizer (``_SharedActQuant``). Returns the grouped names."""
+    layer with its own backend's quantizer (``SharedActQuant``). Returns the grouped names."""
     groups = []
     for pname, parent in model.named_modules():
         for names in SHARED_INPUT_GROUPS:
@@ -356,9 +386,9 @@ def share_input_quantization(model: nn.Module) -> list[tuple[str, ...]]:
                 continue
             if len({m.in_features for m in members}) != 1:
                 continue
-            share = _SharedActQuant(len(members))
+            share = SharedActQuant(len(members))
             for m in members:
-                m._act_share = share
+                m.act_share = share
             groups.append(tuple(f"{pname}.{n}" if pname else n for n in names))
     return groups
 
@@ -368,9 +398,19 @@ def bitlinear_modules(model: nn.Module) -> list[tuple[str, BitLinear]]:
 
 
 def set_backend(model: nn.Module, backend: str) -> None:
-    _check_backend(backend, "set_backend")
+    check_backend(backend, "set_backend")
     for _, m in bitlinear_modules(model):
         m.backend = backend
+
+
+def set_switches(model: nn.Module, **switches: bool) -> None:
+    """Set behaviour switches (names in ``SWITCHES``) on every BitLinear of ``model``."""
+    unknown = sorted(set(switches) - set(SWITCHES))
+    if unknown:
+        raise ValueError(f"set_switches: unknown switch {', '.join(unknown)}; the switches are {', '.join(SWITCHES)}")
+    for _, m in bitlinear_modules(model):
+        for name, value in switches.items():
+            setattr(m, name, bool(value))
 
 
 def set_quant_lambda(model: nn.Module, value: float) -> None:

@@ -18,8 +18,8 @@ What the ``torch`` backend computes (``quant_lambda`` = 1):
   weight's dtypes — the arithmetic of stock transformers' ``AutoBitLinear`` (online), so stock
   transformers (eager) reproduces our logits bit for bit (tests/test_model.py asserts it). In
   fp32 it differs from the exact product by fp32 rounding only (about 1e-7 relative), so a
-  training loss and an evaluation loss of the same batch agree to that. ``exact_training_forward
-  = False`` (class or instance attribute) keeps this arithmetic in training too.
+  training loss and an evaluation loss of the same batch agree to that. The switch
+  ``exact_training_forward = False`` (``bitlinear.SWITCHES``) keeps this arithmetic in training too.
 * **Backward** (all cases): the straight-through gradients of the fake-quantized product, from the
   codes: ``grad_x = g @ W_deq``, ``grad_W = g^T @ x_deq``, ``grad_b = sum(g)``, with
   ``W_deq``/``x_deq`` rebuilt bit for bit in the dtype the fake-quant product multiplied in (the
@@ -27,7 +27,7 @@ What the ``torch`` backend computes (``quant_lambda`` = 1):
   exactly (``torch.equal``, tested).
 
 Shared inputs: q/k/v (and gate/up) projections that read the same tensor quantize it once
-(:func:`share_input_quantization`, applied by :func:`convert_to_bitlinear`; :class:`_SharedActQuant`
+(:func:`~bitnet_train.bitlinear.share_input_quantization`, applied by ``convert_to_bitlinear``; :class:`SharedActQuant`
 below), on the ``torch`` backend and on the ``triton`` one (which hands the Triton ``act_quant``
 kernel's codes to ``bitlinear_triton``, or to the packed GEMV kernel when decoding more than
 ``GEMV_FUSED_QUANT_MAX_M`` rows; up to that many rows the GEMV kernel quantizes inside itself and
@@ -54,33 +54,34 @@ import torch.nn.functional as F
 from . import quant
 
 
-class _BitLinearFn(torch.autograd.Function):
+class TorchBitLinearFn(torch.autograd.Function):
     """The ``torch`` backend at ``quant_lambda`` = 1 (see the module notes for what it computes).
 
-    Saved for backward: the int8 activation codes and their fp32 per-token scales, and either the
-    int8 ternary weight codes with their fp32 scale or (``release == "recompute"``, the default in
-    training) a reference to the latent weight parameter with that scale, from which the backward
-    makes the codes again — never a fake-quantized float copy of the input or of the weight."""
+    Saved for backward: the int8 activation codes and their fp32 per-token scales, and either
+    (``recompute``, the default in training) a reference to the latent weight parameter with this
+    forward's scale, from which the backward makes the codes again, or the int8 ternary weight
+    codes with their fp32 scale — never a fake-quantized float copy of the input or of the weight.
+    ``codes``: the layer's :class:`WeightCodes` whose torch entry these codes came from, dropped
+    once this backward has used them (``None``: nothing to drop)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, xq, a, wq, s, compute_dtype, release):
+    def forward(ctx, x, weight, bias, xq, a, wq, s, compute_dtype, recompute: bool, codes: "WeightCodes | None"):
         if compute_dtype is None:
             # stock transformers' arithmetic: F.linear on the dequantized operands, in their dtypes
             y = F.linear(quant.act_dequant(xq, a, x.dtype), quant.weight_dequant(wq, s, weight.dtype), bias)
         else:
             y = quant.int_linear(xq, a, wq, s, bias, compute_dtype)
-        ctx.recompute = release == "recompute"
-        if ctx.recompute:
+        ctx.recompute = recompute
+        if recompute:
             # keep no weight codes: the backward quantizes the (saved, not copied) latent weight again,
             # with the scale of this forward (a 0-dim tensor)
             ctx.save_for_backward(xq, a, weight, s)
-            release = None
         else:
             ctx.save_for_backward(xq, a, wq, s)
         ctx.compute_dtype = compute_dtype
         ctx.x_shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.release = release
+        ctx.codes = None if recompute else codes
         return y
 
     @staticmethod
@@ -105,13 +106,13 @@ class _BitLinearFn(torch.autograd.Function):
                 torch.mm(g2.t(), quant.act_dequant(xq.reshape(-1, k), a.reshape(-1, 1), dw), out=grad_w)
             grad_w = grad_w.to(ctx.w_dtype)
         wq, s = quant.weight_quant(w, s) if ctx.recompute else (w, s)  # autograd checked w is unchanged
-        if ctx.release is not None:
-            ctx.release()  # this step's weight codes are not needed by any later forward
+        if ctx.codes is not None:
+            ctx.codes.release_torch()  # this step's weight codes are not needed by any later forward
         if ctx.needs_input_grad[0]:
             grad_x = g2.mm(quant.weight_dequant(wq, s, dx)).reshape(ctx.x_shape).to(ctx.x_dtype)
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _act_quantizer(backend: str):
@@ -123,11 +124,11 @@ def _act_quantizer(backend: str):
 
         return triton_ops.act_quant
     if backend != "torch":
-        raise ValueError(f"_SharedActQuant: no activation quantizer for backend {backend!r}")
+        raise ValueError(f"SharedActQuant: no activation quantizer for backend {backend!r}")
     return quant.act_quant
 
 
-class _SharedActQuant:
+class SharedActQuant:
     """The activation codes of one input tensor, shared by the ``size`` sibling projections that
     read it (q/k/v, gate/up), on either backend. The first caller quantizes; the others find the
     same tensor object (a weak reference, and the same autograd version: not modified in place
@@ -162,87 +163,90 @@ class _SharedActQuant:
         return value
 
 
-class WeightCodeCache:
-    """The weight-code cache of :class:`~bitnet_train.bitlinear.BitLinear` (a mixin: the layer's
-    ``weight`` parameter is read through ``self.weight``).
+class WeightCodes:
+    """The cached ternary codes of one :class:`~bitnet_train.bitlinear.BitLinear`'s weight (the
+    layer's ``weight_codes`` attribute; not part of the state dict, not copied by ``deepcopy``).
 
-    Weight codes are computed once per weight version and reused by every forward until the
-    weight changes. The key is the parameter's identity, storage pointer, shape, dtype and
-    autograd version counter: any in-place update (optimizer step, load_state_dict, copy_) bumps
-    the version, and .to() or assigning .data changes the storage. Writes that bypass autograd's
-    version counter (through .data of an alias or raw storage) are not seen; call
-    clear_weight_cache() after such writes, or name the tensor the weight is refilled from with
-    :meth:`track_weight_source` (FSDP2's sharded parameter: done by ``shard_model``).
+    Codes are computed once per weight version and reused by every forward until the weight
+    changes. The key is the parameter's identity, storage pointer, shape, dtype and autograd
+    version counter: any in-place update (optimizer step, load_state_dict, copy_) bumps the
+    version, and .to() or assigning .data changes the storage. Writes that bypass autograd's
+    version counter (through .data of an alias or raw storage) are not seen; call :meth:`clear`
+    after such writes, or name the tensor the weight is refilled from with :meth:`track` (FSDP2's
+    sharded parameter: done by ``shard_model``).
 
-    torch backend: the codes (int8, a quarter of an fp32 weight) are kept from the forward to
-    this layer's backward (activation-checkpointing recomputes reuse them), then dropped, so
-    they cost no memory at the optimizer step; without a backward (inference) they stay.
-    triton backend: kept until the weight changes (gradient-accumulation micro-batches too).
+    ``torch``: the codes (int8, a quarter of an fp32 weight) are kept from the forward to this
+    layer's backward (activation-checkpointing recomputes reuse them), then dropped
+    (:meth:`release_torch`), so they cost no memory at the optimizer step; without a backward
+    (inference) they stay. ``triton``: kept until the weight changes (gradient-accumulation
+    micro-batches too), with their 2-bit packing for the decoding GEMV built on first use.
     """
 
-    cache_quantized_weight = True
+    def __init__(self):
+        self.source: torch.Tensor | None = None  # the tensor the weight is refilled from (FSDP2)
+        self.torch_entry = None  # (key, (int8 codes, fp32 scale)): quant.weight_quant
+        self.triton_entry = None  # (key, (int8 codes, [s, 1/s])): kernels.quantize_weight
+        self.packed_entry = None  # (key of triton_entry, 2-bit packed codes)
 
-    def _weight_cache_key(self, w):
-        src = self.__dict__.get("_weight_source")
+    def __deepcopy__(self, memo):  # a copy starts empty: keys name the original's tensors
+        return WeightCodes()
+
+    def __getstate__(self):  # pickling: the cache is transient
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def key(self, w: torch.Tensor):
+        src = self.source
         return (id(w), w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version,
                 None if src is None else (id(src), src._version), torch.is_inference_mode_enabled())
 
-    def track_weight_source(self, source: torch.Tensor | None) -> None:
-        """Key the cached codes on ``source``'s autograd version too: the tensor that the weight
-        seen by ``forward`` is refilled from without a version bump of its own. FSDP2 is the case
+    def track(self, source: torch.Tensor | None) -> None:
+        """Key the codes on ``source``'s autograd version too: the tensor that the weight seen by
+        ``forward`` is refilled from without a version bump of its own. FSDP2 is the case
         (:func:`bitnet_train.distributed.shard_model` passes the sharded parameter): it all-gathers
         into the same unsharded tensor before every forward and preserves that tensor's version
         counter, while the optimizer step and a checkpoint load write the shard in place (a version
-        bump). ``None`` stops tracking. Not part of the state dict."""
-        self.__dict__["_weight_source"] = source
-        self.clear_weight_cache()
+        bump). ``None`` stops tracking."""
+        self.source = source
+        self.clear()
 
-    def _torch_weight_codes(self):
-        w = self.weight
-        if not self.cache_quantized_weight or w.is_inference():
-            return quant.weight_quant(w)
-        key = self._weight_cache_key(w)
-        cached = self.__dict__.get("_wq_torch")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+    def torch_codes(self, w: torch.Tensor):
+        key = self.key(w)
+        if self.torch_entry is not None and self.torch_entry[0] == key:
+            return self.torch_entry[1]
         value = quant.weight_quant(w)
-        self.__dict__["_wq_torch"] = (key, value)
+        self.torch_entry = (key, value)
         return value
 
-    def _release_torch_weight_codes(self) -> None:
-        self.__dict__.pop("_wq_torch", None)
+    def release_torch(self) -> None:
+        self.torch_entry = None
 
-    def _quantized_weight(self):
-        w = self.weight
-        if not self.cache_quantized_weight or w.is_inference():
-            return None
-        # codes made under inference_mode are inference tensors, which autograd cannot save
-        key = self._weight_cache_key(w)
-        cached = self.__dict__.get("_wq_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+    def triton_codes(self, w: torch.Tensor):
+        # codes made under inference_mode are inference tensors, which autograd cannot save: the key
+        # holds the mode
+        key = self.key(w)
+        if self.triton_entry is not None and self.triton_entry[0] == key:
+            return self.triton_entry[1]
         from .kernels import quantize_weight
 
         value = quantize_weight(w)
-        self.__dict__["_wq_cache"] = (key, value)
+        self.triton_entry = (key, value)
         return value
 
-    def _packed_weight(self):
-        """2-bit packed codes of the current cached weight codes (built on first use)."""
-        cached = self.__dict__["_wq_cache"]
-        packed = self.__dict__.get("_wq_packed")
-        if packed is None or packed[0] != cached[0]:
+    def packed(self) -> torch.Tensor:
+        """2-bit packed codes of the current Triton codes (built on first use)."""
+        key, (codes, _) = self.triton_entry
+        if self.packed_entry is None or self.packed_entry[0] != key:
             from .kernels import pack_ternary
 
-            packed = (cached[0], pack_ternary(cached[1][0]))
-            self.__dict__["_wq_packed"] = packed
-        return packed[1]
+            self.packed_entry = (key, pack_ternary(codes))
+        return self.packed_entry[1]
 
-    def clear_weight_cache(self) -> None:
-        """Drop the cached ternary codes (they are rebuilt on demand)."""
-        self.__dict__.pop("_wq_cache", None)
-        self.__dict__.pop("_wq_packed", None)
-        self.__dict__.pop("_wq_torch", None)
+    def clear(self) -> None:
+        """Drop every cached code (they are rebuilt on demand)."""
+        self.torch_entry = self.triton_entry = self.packed_entry = None
 
 
 class BitLinearRMSNorm(nn.Module):

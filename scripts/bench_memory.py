@@ -158,8 +158,12 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     quant = "none" if args.quant == "stock" else args.quant
     model = bitnet_train.build_model(args.preset, quant=quant, seed=0, **({"backend": "torch"} if quant == "bitnet" else {}))
-    if args.weight_codes is not None and hasattr(bitnet_train.BitLinear, "recompute_weight_codes"):
-        bitnet_train.BitLinear.recompute_weight_codes = args.weight_codes == "recompute"
+    if args.weight_codes is not None:
+        recompute = args.weight_codes == "recompute"
+        if hasattr(bitnet_train.bitlinear, "set_switches"):
+            bitnet_train.bitlinear.set_switches(model, recompute_weight_codes=recompute)
+        elif hasattr(bitnet_train.BitLinear, "recompute_weight_codes"):  # an older checkout (--code): a class switch
+            bitnet_train.BitLinear.recompute_weight_codes = recompute
     if args.quant == "stock":
         assert os.environ.get("TORCHDYNAMO_DISABLE") == "1"
         _stockify(model)
@@ -258,7 +262,7 @@ def main() -> None:
     ap.add_argument("--lock", default=None, help="run each worker under `flock LOCK`")
     ap.add_argument("--json", default=None, help="also write all results to this file")
     ap.add_argument("--weight-codes", choices=("recompute", "cache"), default=None,
-                    help="BitLinear.recompute_weight_codes True (recompute) or False (cache); default: the library's")
+                    help="the BitLinear switch recompute_weight_codes True (recompute) or False (cache); default: the library's")
     ap.add_argument("--malloc", choices=tuple(MALLOCS), default="glibc",
                     help="the C allocator of the workers: glibc's malloc (the default) or jemalloc / tcmalloc, "
                          "preloaded (LD_PRELOAD) from ldconfig's paths or this Python's prefix")

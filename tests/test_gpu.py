@@ -105,12 +105,12 @@ def test_bitlinear_triton_weight_cache_on_cuda():
     opt = torch.optim.AdamW(lin.parameters(), lr=1e-3, fused=True)
     for _ in range(3):
         x = torch.randn(4, 64, 512, device="cuda")
-        key0 = lin.__dict__.get("_wq_cache", (None,))[0]
+        key0 = (lin.weight_codes.triton_entry or (None,))[0]
         y = lin(x)
         torch.testing.assert_close(y, ref(x), rtol=1e-4, atol=1e-4)
         y.sum().backward()
         y2 = lin(x)  # second micro-batch of the same step: the cached codes
-        assert lin.__dict__["_wq_cache"][0] != key0 and torch.equal(y, y2)
+        assert lin.weight_codes.triton_entry[0] != key0 and torch.equal(y, y2)
         opt.step()
         opt.zero_grad()
         ref.load_state_dict(lin.state_dict())
@@ -129,7 +129,7 @@ def test_triton_shared_input_on_cuda():
     m = bitnet_train.build_model("tiny", seed=3, backend="triton", num_hidden_layers=2).cuda().to(torch.bfloat16)
     unshared = copy.deepcopy(m)
     for _, b in bitlinear_modules(unshared):
-        b._act_share = None
+        b.act_share = None
     calls = []
     real = autograd.act_quant
 

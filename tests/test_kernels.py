@@ -373,7 +373,7 @@ def test_bitlinear_weight_cache(monkeypatch, opt_name):
     lin = BitLinear(24, 12, bias=True, backend="triton")
     ref = BitLinear(24, 12, bias=True, backend="triton")
     ref.load_state_dict(lin.state_dict())
-    ref.cache_quantized_weight = False
+    ref.cache_weight_codes = False
     opt_cls = torch.optim.SGD if opt_name == "sgd" else torch.optim.AdamW
     opt, ref_opt = opt_cls(lin.parameters(), lr=0.05), opt_cls(ref.parameters(), lr=0.05)
     batches = [torch.randn(3, 24) for _ in range(3)]
@@ -460,11 +460,11 @@ def test_bitlinear_triton_decode_uses_packed_gemv(rows):
     lin = BitLinear(40, 21, bias=True, backend="triton")
     x = torch.randn(1, rows, 40)
     y_train = lin(x)  # autograd path: int8 codes, tiled kernel
-    assert "_wq_packed" not in lin.__dict__
+    assert lin.weight_codes.packed_entry is None
     with torch.no_grad():
         y_eval = lin(x)
     assert torch.equal(y_eval, y_train.detach())  # same int32 products, same rescale
-    assert ("_wq_packed" in lin.__dict__) == (rows <= 16)
+    assert (lin.weight_codes.packed_entry is not None) == (rows <= 16)
     # a cache filled under inference_mode (generation during training) must not reach autograd
     with torch.no_grad():
         lin.weight.mul_(1.5)  # a new version: the cache is rebuilt inside inference_mode
@@ -550,7 +550,7 @@ def _unshared_copy(model):
 
     other = copy.deepcopy(model)
     for _, b in bitlinear_modules(other):
-        b._act_share = None
+        b.act_share = None
     return other
 
 
@@ -563,7 +563,7 @@ def test_triton_shared_input_quantized_once_and_identical(monkeypatch):
                                             "model.layers.0.self_attn.v_proj"),
                                            ("model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj")]
     unshared = _unshared_copy(m)
-    assert all(b._backend_for(torch.device("cpu")) == "triton" for _, b in bitlinear_modules(m))
+    assert all(b.backend_for(torch.device("cpu")) == "triton" for _, b in bitlinear_modules(m))
     tcalls, qcalls = _count_act_quant(monkeypatch)
     ids = torch.randint(0, 40, (2, 9))  # 18 token rows: the autograd (tiled) path
     out = m(ids).logits
@@ -589,7 +589,7 @@ def test_triton_shared_input_quantized_once_and_identical(monkeypatch):
             assert len(tcalls) == unshared_calls, (rows, tcalls)
         assert torch.equal(out, ref), rows
     # the shared codes do not outlive the forward
-    assert all(b._act_share is None or b._act_share._entry is None for _, b in bitlinear_modules(m))
+    assert all(b.act_share is None or b.act_share._entry is None for _, b in bitlinear_modules(m))
 
 
 @pytest.mark.parametrize("path", ["train", "decode"])
@@ -629,7 +629,7 @@ def test_triton_shared_codes_per_backend(monkeypatch):
     # q quantizes (triton); k finds a triton entry and quantizes with torch; v then finds the torch
     # entry and quantizes with triton again
     assert (len(tcalls), len(qcalls)) == (2, 1)
-    assert attn.q_proj._act_share._entry is not None  # v's entry waits for uses that do not come ...
+    assert attn.q_proj.act_share._entry is not None  # v's entry waits for uses that do not come ...
     h_ref = h.detach().clone().requires_grad_(True)
     ys_ref = [ref.q_proj(h_ref), ref.k_proj(h_ref), ref.v_proj(h_ref)]
     g = [torch.randn_like(y) for y in ys]

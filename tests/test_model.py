@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import bitnet_train
 from bitnet_train import BitLinear, quant
-from bitnet_train.bitlinear import resolve_backend
+from bitnet_train.backends import resolve_backend
 from bitnet_train.checkpoint import CheckpointError
 from bitnet_train.model import ModelSpecError
 
@@ -392,7 +392,7 @@ def test_shared_input_quantized_once_and_identical(monkeypatch):
     unshared = bitnet_train.build_model("tiny", seed=7, backend="torch", num_hidden_layers=2)
     unshared.load_state_dict(m.state_dict())
     for _, b in bitnet_train.bitlinear.bitlinear_modules(unshared):
-        b._act_share = None
+        b.act_share = None
     assert set(m.state_dict()) == set(unshared.state_dict())  # the sharing adds no state
     calls = []
     real = quant.act_quant
@@ -410,7 +410,7 @@ def test_shared_input_quantized_once_and_identical(monkeypatch):
     for (n, p), (_, q) in zip(m.named_parameters(), unshared.named_parameters()):
         assert torch.equal(p.grad, q.grad), n
     # the shared codes do not outlive the forward
-    assert all(b._act_share is None or b._act_share._entry is None for _, b in bitnet_train.bitlinear.bitlinear_modules(m))
+    assert all(b.act_share is None or b.act_share._entry is None for _, b in bitnet_train.bitlinear.bitlinear_modules(m))
 
 
 def test_shared_input_is_checked_at_run_time():
@@ -430,8 +430,8 @@ def test_shared_input_is_checked_at_run_time():
 
 @pytest.mark.parametrize("recompute", [False, True])
 def test_checkpoint_recompute_and_weight_codes(monkeypatch, recompute):
-    monkeypatch.setattr(BitLinear, "recompute_weight_codes", recompute)
     m = bitnet_train.build_model("tiny", seed=9, backend="torch", num_hidden_layers=2)
+    bitnet_train.bitlinear.set_switches(m, recompute_weight_codes=recompute)
     m.gradient_checkpointing_enable()
     m.train()
     n_bit = len(bitnet_train.bitlinear.bitlinear_modules(m))
@@ -449,7 +449,7 @@ def test_checkpoint_recompute_and_weight_codes(monkeypatch, recompute):
         opt.step()
         opt.zero_grad()
     # after the backward no layer keeps its codes (no memory at the optimizer step) ...
-    assert not any("_wq_torch" in b.__dict__ for _, b in bitnet_train.bitlinear.bitlinear_modules(m))
+    assert not any(b.weight_codes.torch_entry is not None for _, b in bitnet_train.bitlinear.bitlinear_modules(m))
     # ... while inference keeps them: a second no-grad forward quantizes nothing
     with torch.no_grad():
         m(ids)
@@ -541,3 +541,32 @@ def test_compiled_warmup_does_not_recompile_per_step():
     step(1.0)
     assert cnt.frame_count == after  # ... and stays compiled
     torch._dynamo.reset()
+
+
+def test_bitlinear_state_is_set_in_init_and_switches_are_checked():
+    import copy
+
+    from bitnet_train.bitlinear import BLEND, FULL_PRECISION, SWITCHES, TERNARY, set_switches
+
+    lin = BitLinear(16, 8, backend="torch", quant_lambda=0.5, recompute_weight_codes=False)
+    state = vars(lin)
+    for name in ("regime", "resolved", "weight_codes", "act_share", *SWITCHES):
+        assert name in state, name  # a plain attribute from __init__, not made later by a forward
+    assert lin.regime == BLEND and lin.resolved == {"cpu": "torch"} and lin.recompute_weight_codes is False
+    lin.quant_lambda = 0.0
+    assert lin.regime == FULL_PRECISION
+    lin.quant_lambda = 1.0
+    assert lin.regime == TERNARY
+    with torch.no_grad():
+        lin(torch.randn(2, 16))
+    assert lin.weight_codes.torch_entry is not None  # inference keeps its codes ...
+    assert copy.deepcopy(lin).weight_codes.torch_entry is None  # ... a copy starts without them
+    with pytest.raises(TypeError, match="unknown switch fast"):
+        BitLinear(16, 8, fast=True)
+    with pytest.raises(ValueError, match="unknown switch fast"):
+        set_switches(nn.Sequential(lin), fast=True)
+    set_switches(nn.Sequential(lin), cache_weight_codes=False)
+    lin.clear_weight_cache()
+    with torch.no_grad():
+        lin(torch.randn(2, 16))
+    assert lin.weight_codes.torch_entry is None

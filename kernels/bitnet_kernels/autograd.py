@@ -20,7 +20,7 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return weight_codes(weight, s_inv), s_inv
 
 
-class _BitLinearFn(torch.autograd.Function):
+class TritonBitLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, weight_q, act_q):
         k = x.shape[-1]
@@ -76,4 +76,4 @@ def bitlinear_triton(
     ``ValueError``. Without it the function quantizes ``x`` itself."""
     if act_q is not None:
         check_act_codes(x, act_q, "bitlinear_triton")
-    return _BitLinearFn.apply(x, weight, bias, weight_q, act_q)
+    return TritonBitLinearFn.apply(x, weight, bias, weight_q, act_q)
