@@ -55,6 +55,27 @@ def resume_point(out: Path, resume: bool, stage: str, pattern: re.Pattern = PRET
     return ckpts[-1] if (resume and ckpts) else None
 
 
+def intact(out: Path, pattern: re.Pattern = PRETRAIN_CHECKPOINT) -> str:
+    """What a failed save leaves to resume from, and what to do (the words of the error)."""
+    done = list_checkpoints(out, pattern)
+    where = (f"The last complete checkpoint, {done[-1][1]}, is intact: --resume continues from it once there "
+             "is room" if done else "No checkpoint of this run was completed")
+    return (f"{where}; a lower train.keep_last keeps fewer checkpoints (older ones are removed only after a "
+            "new one is complete), another output_dir puts them elsewhere")
+
+
+def drop_incomplete(out: Path, pattern: re.Pattern) -> list[Path]:
+    """Remove the checkpoint directories of ``out/checkpoints`` that a killed save left incomplete
+    (named like a checkpoint, without the state file that is written last). Call it holding the
+    output directory's lock."""
+    d = Path(out) / "checkpoints"
+    gone = [p for p in d.iterdir() if pattern.match(p.name) and p.is_dir() and not (p / STATE_FILE).is_file()] \
+        if d.is_dir() else []
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
 # ----------------------------------------------------------------------------- pretraining state
 
 
@@ -276,12 +297,7 @@ class Checkpointer:
         return ck_dir
 
     def intact(self) -> str:
-        """What a failed save leaves to resume from, and what to do (the words of the error)."""
-        done = list_checkpoints(self.out)
-        where = (f"The last complete checkpoint, {done[-1][1]}, is intact: --resume continues from it once there "
-                 "is room" if done else "No checkpoint of this run was completed")
-        return (f"{where}; a lower train.keep_last keeps fewer checkpoints (older ones are removed only after a "
-                "new one is complete), another output_dir puts them elsewhere")
+        return intact(self.out)
 
     def _save_sharded(self, model, opt, ck_dir: Path, write_extra, state: TrainState) -> None:
         """A sharded checkpoint, atomically: the main process opens the temporary directory and

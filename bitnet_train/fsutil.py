@@ -245,6 +245,27 @@ def clean_stale(directory: str | os.PathLike) -> list[Path]:
     return done
 
 
+def clean_leftovers(target: str | os.PathLike) -> list[Path]:
+    """Tidy what a killed writer of this same ``target`` (a file or a directory written with
+    :func:`atomic_path` / :func:`atomic_dir`) left: a previous copy of an interrupted overwrite is
+    restored, its temporaries removed. Other targets' temporaries in the same directory (a running
+    trainer's, another export's) are not touched. Call it holding ``target``'s lock (:func:`owned`)."""
+    t = Path(target)
+    done = []
+    if not t.parent.is_dir():
+        return done
+    restored = recover(t)
+    if restored is not None:
+        done.append(restored)
+    for p in t.parent.glob(f".{t.name}{TMP_MARK}*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done.append(p)
+    return done
+
+
 LOCK_NAME = ".bitnet-train.lock"  # inside an output directory; an export path's is ``.NAME.lock`` beside it
 
 

@@ -139,7 +139,19 @@ def write_token_dir(source: str, tokenizer, out, *, tokenizer_spec: str, text_fi
     """Tokenize ``source`` (any ``data.path`` the streaming reader accepts) into the directory
     ``out``, atomically. Returns the index. ``workers > 1`` tokenizes batches in that many
     processes (the parent reads the source and writes the shards, in order: the output is
-    identical to ``workers=1``)."""
+    identical to ``workers=1``). A second writer of the same ``out`` is refused while one runs;
+    what a killed one left there is removed first."""
+    from .fsutil import clean_leftovers, owned
+
+    with owned(out, "tokenize", inside=False):
+        clean_leftovers(out)
+        return _write_token_dir(source, tokenizer, out, tokenizer_spec=tokenizer_spec, text_field=text_field,
+                                split=split, shard_tokens=shard_tokens, dtype=dtype, batch=batch, workers=workers,
+                                progress=progress)
+
+
+def _write_token_dir(source: str, tokenizer, out, *, tokenizer_spec: str, text_field: str, split: str,
+                     shard_tokens: int, dtype: str, batch: int, workers: int, progress: bool) -> dict:
     from .fsutil import atomic_dir
 
     if shard_tokens < 1:

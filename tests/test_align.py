@@ -190,6 +190,57 @@ def _sft_recipe(pre, d, **train):
                   "save_every": 2, "log_every": 1, **train}})
 
 
+def test_sft_full_disk_keeps_the_last_checkpoint_and_resumes(pretrained, tmp_path, monkeypatch):
+    """A TRL stage's checkpoint on a full disk: refused before writing when the free space is known to be
+    short, and a write failing with ENOSPC midway leaves no partial checkpoint-N; both name the intact
+    checkpoint; a killed save's incomplete directory is dropped on --resume, which ends as an
+    uninterrupted run does."""
+    import errno
+
+    import transformers
+
+    from bitnet_train import fsutil
+    from bitnet_train.align import sft
+    from bitnet_train.errors import DiskFullError
+
+    _, pre = pretrained
+    for x in ("a", "b"):
+        (tmp_path / x).mkdir()
+        T.write_jsonl(T.sft_rows(T.triples(T.TINY_WORDS)[:32], conversational=False), tmp_path / x / "s.jsonl")
+    ck = tmp_path / "b" / "out" / "checkpoints"
+    real_free = fsutil.free_bytes
+    monkeypatch.setattr(fsutil, "free_bytes", lambda p: 2**20 if (ck / "checkpoint-2").exists() else real_free(p))
+    with pytest.raises(DiskFullError, match=rf"checkpoint checkpoint-4 needs about .* nothing was written.*"
+                                            rf"The last complete checkpoint, {ck / 'checkpoint-2'}, is intact"):
+        sft(_sft_recipe(pre, tmp_path / "b"), progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-2"]
+
+    real_rng = transformers.Trainer._save_rng_state
+
+    def full_at_4(self, output_dir):
+        if Path(output_dir).name == "checkpoint-4":  # the model is written, the disk fills midway
+            raise OSError(errno.ENOSPC, "No space left on device", str(Path(output_dir) / "rng_state.pth"))
+        return real_rng(self, output_dir)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", full_at_4)
+    with pytest.raises(DiskFullError, match=rf"no space left on the filesystem of {ck / 'checkpoint-4'}.*"
+                                            rf"The last complete checkpoint, {ck / 'checkpoint-2'}, is intact"):
+        sft(_sft_recipe(pre, tmp_path / "b"), resume=True, progress=False)
+    monkeypatch.undo()
+    assert sorted(p.name for p in ck.glob("checkpoint-*")) == ["checkpoint-2"]
+    (ck / "checkpoint-4").mkdir()  # what a save killed before its trainer_state.json leaves
+    (ck / "checkpoint-4" / "model.safetensors").write_bytes(b"partial")
+    rest = sft(_sft_recipe(pre, tmp_path / "b"), resume=True, progress=False)
+    full = sft(_sft_recipe(pre, tmp_path / "a"), progress=False)
+    assert rest["step"] == full["step"] == 4
+
+    def losses(x):
+        return [r["loss"] for r in map(json.loads, (tmp_path / x / "out" / "metrics.jsonl").read_text().splitlines())
+                if "loss" in r]
+    assert losses("a") == losses("b") and len(losses("a")) == 4
+
+
 def test_sft_resume_is_exact(pretrained, tmp_path):
     from bitnet_train.align import sft
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
-from ..checkpointer import STATE_FILE, TRAINER_CHECKPOINT, list_checkpoints, resume_point
-from ..errors import RecipeError, UserError
+from ..checkpointer import STATE_FILE, TRAINER_CHECKPOINT, drop_incomplete, intact, list_checkpoints, resume_point
+from ..errors import DiskFullError, RecipeError, UserError
 from ..recipe import to_dict
 from ..warmup import QuantWarmupConfig
 
@@ -173,6 +174,31 @@ def with_our_checkpoint_format(base):
             super()._save(output_dir, state_dict)
             _patch_checkpoint_config(self.model, Path(output_dir or self.args.output_dir))
 
+        def _save_checkpoint(self, model, trial):
+            """The Trainer's checkpoint, with a full disk refused before writing where the size is
+            known (the model and optimizer state), and a write the filesystem fails leaving no
+            partial ``checkpoint-N`` behind: both exit 2 naming the checkpoint still intact."""
+            from ..checkpointer import tensor_bytes
+            from ..fsutil import nbytes, need_space, write_failure
+
+            run_dir = Path(self._get_output_dir(trial=trial))
+            ck = run_dir / f"checkpoint-{self.state.global_step}"
+            out = run_dir.parent
+            if self.args.should_save:
+                opt = None if self.args.save_only_model or self.optimizer is None else self.optimizer.state_dict()
+                try:
+                    need_space(ck, tensor_bytes(self.model.state_dict()) + tensor_bytes(opt), f"checkpoint {ck.name}")
+                except DiskFullError as e:
+                    raise DiskFullError(f"{e}. {intact(out, TRAINER_CHECKPOINT)}") from None
+            try:
+                super()._save_checkpoint(model, trial)
+            except BaseException as e:
+                err = write_failure(e, ck, nbytes(ck)) if self.args.should_save else None
+                if err is None:
+                    raise
+                shutil.rmtree(ck, ignore_errors=True)  # the partial checkpoint; earlier ones stay
+                raise type(err)(f"{err}. {intact(out, TRAINER_CHECKPOINT)}") from None
+
     _Trainer.__name__ = base.__name__
     return _Trainer
 
@@ -229,6 +255,7 @@ def latest_trainer_checkpoint(out: Path) -> Path | None:
 
 
 def trainer_resume_point(out: Path, resume: bool, stage: str):
+    drop_incomplete(out, TRAINER_CHECKPOINT)  # what a killed save left (the state file is written last)
     last = resume_point(out, resume, stage, TRAINER_CHECKPOINT)
     if last is None:
         return None, None
@@ -243,8 +270,11 @@ def _finish(trainer, tok, recipe, out: Path, stage: str, counter, t_start: float
         model = model.module
     step = trainer.state.global_step
     recipe_dict = to_dict(recipe)
-    final = save_checkpoint(model, out / "final", tokenizer=tok,
-                            extra={"stage": stage, "step": step, "recipe": recipe_dict})
+    try:
+        final = save_checkpoint(model, out / "final", tokenizer=tok,
+                                extra={"stage": stage, "step": step, "recipe": recipe_dict})
+    except DiskFullError as e:
+        raise DiskFullError(f"{e}. {intact(out, TRAINER_CHECKPOINT)}") from None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     dt = time.perf_counter() - t_start
     return {

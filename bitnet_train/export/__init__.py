@@ -161,14 +161,14 @@ def export(checkpoint, fmt: str, out, log=print, **options) -> dict:
 
 
 def _export(checkpoint, fmt_name: str, out: Path, o: ExportOptions, log) -> dict:
-    from ..fsutil import atomic_dir, atomic_path
+    from ..fsutil import atomic_dir, atomic_path, clean_leftovers
     from .source import load_tokenizer_for
     from .verify import DEFAULT_PROBE, verify_export
 
     t0 = time.perf_counter()
     src = CheckpointSource(checkpoint)
     tok = load_tokenizer_for(src, o.tokenizer)
-    _clean_leftovers(out)
+    clean_leftovers(out)
     fmt = _format(src, fmt_name, o, log)
     graph = graph_for(src, fmt.runtime, fmt.quant) if fmt.is_gguf else None
     mismatches = _check(src, fmt, graph, o)
@@ -332,21 +332,6 @@ class _Bar:
         if self.bar is not None:
             self.bar.close()
         return False
-
-
-def _clean_leftovers(out: Path) -> None:
-    """Tidy what a killed export to this same ``out`` left: a previous copy of an interrupted
-    overwrite is restored, temporaries removed (only this target's: other writers' in the same
-    directory, e.g. a running trainer's, are not touched)."""
-    import shutil
-
-    from ..fsutil import TMP_MARK, recover
-
-    if not out.parent.is_dir():
-        return
-    recover(out)
-    for p in out.parent.glob(f".{out.name}{TMP_MARK}*"):
-        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def _size(p: Path) -> str:
