@@ -1,14 +1,14 @@
 """bitnet-train: train 1.58-bit (ternary) BitNet language models and ship them to CPUs."""
 
-from .bitlinear import (
+from bitnet_train.modeling.bitlinear import (
     BitLinear,
     convert_to_bitlinear,
     revert_to_linear,
     set_backend,
     set_quant_lambda,
 )
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .model import ModelSpecError, build_model, list_presets, load_model, load_preset
+from bitnet_train.checkpoint.format import CheckpointError, load_checkpoint, save_checkpoint
+from bitnet_train.modeling.models import ModelSpecError, build_model, list_presets, load_model, load_preset
 
 __version__ = "0.1.0"  # the one place: pyproject.toml reads it (dynamic = ["version"])
 

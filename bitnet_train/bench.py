@@ -8,11 +8,11 @@ so that ``bitnet-train --help`` does not import Triton.
 
 from __future__ import annotations
 
-from .benchargs import add_kernels_arguments
+from bitnet_train.benchargs import add_kernels_arguments
 
 
 def cmd_kernels(args) -> int:
-    from .kernels.bench import run
+    from bitnet_train.kernels.bench import run
 
     return run(args)
 

@@ -11,19 +11,19 @@ import argparse
 import importlib
 import sys
 
-from .errors import USER_ERRORS, UserError  # noqa: F401 - UserError: re-exported
+from bitnet_train.errors import USER_ERRORS
 
 # (module, what it provides) — in the order shown by --help
 COMMAND_MODULES = [
     "bitnet_train.commands",  # init, info
-    "bitnet_train.train",  # pretrain
-    "bitnet_train.data",  # tokenize
+    "bitnet_train.training.pretrain",  # pretrain
+    "bitnet_train.data.config",  # tokenize
     "bitnet_train.align",  # sft, dpo
-    "bitnet_train.convert",  # convert
+    "bitnet_train.modeling.convert",  # convert
     "bitnet_train.export",  # export
-    "bitnet_train.generate",  # generate
+    "bitnet_train.runtimes.generate",  # generate
     "bitnet_train.bench",  # bench
-    "bitnet_train.evaluate",  # eval
+    "bitnet_train.evaluation.evaluate",  # eval
 ]
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bitnet-train",
         description="Train 1.58-bit (ternary) BitNet language models and ship them to CPUs.",
     )
-    from . import __version__
+    from bitnet_train import __version__
 
     parser.add_argument("--version", action="version", version=f"bitnet-train {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -37,9 +37,9 @@ RECIPE_STAGES = ("pretrain", "sft", "dpo")  # the stages that read a recipe (the
 
 def recipe_schemas(stages=RECIPE_STAGES) -> dict:
     """Stage name -> its recipe schema (a dataclass), for ``recipe-keys`` and scripts/gen_docs.py."""
-    from .align import DPORecipe, SFTRecipe
-    from .recipe import RecipeError
-    from .train import PretrainRecipe
+    from bitnet_train.align import DPORecipe, SFTRecipe
+    from bitnet_train.recipe import RecipeError
+    from bitnet_train.training.pretrain import PretrainRecipe
 
     known = {"pretrain": PretrainRecipe, "sft": SFTRecipe, "dpo": DPORecipe}
     bad = [s for s in stages if s not in known]
@@ -49,7 +49,7 @@ def recipe_schemas(stages=RECIPE_STAGES) -> dict:
 
 
 def cmd_recipe_keys(args) -> int:
-    from .recipe import keys_table
+    from bitnet_train.recipe import keys_table
 
     if args.stages:
         print(keys_table(recipe_schemas(args.stages), markdown=args.markdown), end="")
@@ -62,8 +62,8 @@ def cmd_recipe_keys(args) -> int:
 
 
 def cmd_init(args) -> int:
-    from .checkpoint import save_checkpoint
-    from .model import build_model
+    from bitnet_train.checkpoint.format import save_checkpoint
+    from bitnet_train.modeling.models import build_model
 
     model = build_model(args.model, quant=args.quant, seed=args.seed)
     save_checkpoint(model, args.out)
@@ -74,8 +74,8 @@ def cmd_init(args) -> int:
 
 def model_summary(spec: str) -> dict:
     """Figures for ``info``: built on the meta device, so even 2B4T costs no memory."""
-    from .bitlinear import BitLinear
-    from .model import load_model, load_preset, model_kind
+    from bitnet_train.modeling.bitlinear import BitLinear
+    from bitnet_train.modeling.models import load_model, load_preset, model_kind
 
     model = load_model(spec, device="meta")
     kind = model_kind(spec)
@@ -121,7 +121,7 @@ def _gib(n: int) -> str:
 
 
 def cmd_info(args) -> int:
-    from .model import configs_dir, list_presets, load_preset
+    from bitnet_train.modeling.models import configs_dir, list_presets, load_preset
 
     if args.list or not args.model:
         print(f"presets in {configs_dir()}:")

@@ -35,7 +35,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import DiskFullError, UserError
+from bitnet_train.errors import DiskFullError, UserError
 
 TMP_MARK = ".tmp-"
 PREV_MARK = ".prev-"  # a replaced directory kept until the new one is in place (no-exchange path)

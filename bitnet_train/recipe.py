@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 
-from .errors import RecipeError
+from bitnet_train.errors import RecipeError
 
 
 def _type_name(tp) -> str:

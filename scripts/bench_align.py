@@ -50,7 +50,7 @@ def main() -> int:
     from transformers import AutoTokenizer
 
     from bitnet_train.align import dpo, load_dpo_recipe, load_sft_recipe, sft
-    from bitnet_train.model import load_model
+    from bitnet_train.modeling.models import load_model
 
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)

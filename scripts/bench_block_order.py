@@ -1,4 +1,4 @@
-"""The token shards' block order in memory: :class:`~bitnet_train.blockorder.BlockPermutation`
+"""The token shards' block order in memory: :class:`~bitnet_train.data.block_order.BlockPermutation`
 (a keyed Feistel network, computed per index) at the 2B4T recipe's size against a materialized
 ``numpy`` permutation (what the shard reader built before, per rank and epoch).
 
@@ -10,7 +10,7 @@ Prints the traced peak memory and the time per index of the Feistel order for th
 
 import time, tracemalloc
 import numpy as np
-from bitnet_train.blockorder import BlockPermutation
+from bitnet_train.data.block_order import BlockPermutation
 n = 4 * 10**12 // 4097  # 2B4T: 4 T tokens, seq_len 4096
 tracemalloc.start()
 t = time.perf_counter()

@@ -29,8 +29,8 @@ SHAKESPEARE = next(p for p in (REPO.parent / "shared" / "data" / "tinyshakespear
 
 
 def time_data(data, batch_size: int, min_tokens: int, min_seconds: float) -> tuple[float, int]:
-    from bitnet_train.data import DataPosition
-    from bitnet_train.loop import _next_batch
+    from bitnet_train.data.block_order import DataPosition
+    from bitnet_train.training.loop import _next_batch
 
     it = data.train_blocks(DataPosition())
     _next_batch(it, batch_size, "cpu")  # opens the files, first tokenizer call
@@ -46,7 +46,7 @@ def time_trainer(model_name: str, vocab: int, seq_len: int, batch_size: int, ste
     import torch
     import torch.nn.functional as F
 
-    from bitnet_train.model import build_model
+    from bitnet_train.modeling.models import build_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(model_name, quant="bitnet", seed=0, vocab_size=vocab).to(device).float().train()
@@ -85,8 +85,9 @@ def main() -> int:
 
     import torch
 
-    from bitnet_train.data import DataConfig, PackedData, make_tokenizer
-    from bitnet_train.shards import ShardData, write_token_dir
+    from bitnet_train.data.config import DataConfig, make_tokenizer
+    from bitnet_train.data.stream import PackedData
+    from bitnet_train.data.shards import ShardData, write_token_dir
 
     cfg = DataConfig(path=args.data, tokenizer=args.tokenizer, seq_len=args.seq_len)
     tok = make_tokenizer(cfg)

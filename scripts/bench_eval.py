@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO / "tests"))
 def tolerances(seeds: list[int], steps: list[int]) -> None:
     from test_export import make_checkpoint
 
-    from bitnet_train.evaluate import evaluate, score
+    from bitnet_train.evaluation.evaluate import evaluate, score
     from bitnet_train.runtimes import LlamaCpp
     from bitnet_train.export import export
 

@@ -62,9 +62,9 @@ print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024, "seconds": dt}))
 def make_checkpoint(preset: str, out: Path, text: Path) -> None:
     import torch
 
-    from bitnet_train.checkpoint import save_checkpoint
-    from bitnet_train.model import build_model, load_preset
-    from bitnet_train.tokenizer import train_bpe
+    from bitnet_train.checkpoint.format import save_checkpoint
+    from bitnet_train.modeling.models import build_model, load_preset
+    from bitnet_train.data.tokenizer import train_bpe
 
     data = text.read_text(encoding="utf-8")
     vocab = load_preset(preset)["vocab_size"]

@@ -116,9 +116,9 @@ SPEED_FORMATS = (("ik IQ2_BN", "relu2", "iq2_bn"), ("ik IQ2_BN_R4", "relu2", "iq
 def _random_checkpoint(preset: str, out: Path, text: str) -> None:
     import torch
 
-    from bitnet_train.checkpoint import save_checkpoint
-    from bitnet_train.model import build_model, load_preset
-    from bitnet_train.tokenizer import train_bpe
+    from bitnet_train.checkpoint.format import save_checkpoint
+    from bitnet_train.modeling.models import build_model, load_preset
+    from bitnet_train.data.tokenizer import train_bpe
 
     tok = train_bpe([text[i : i + 50_000] for i in range(0, len(text), 50_000)], vocab_size=load_preset(preset)["vocab_size"])
     # bf16 latent weights, built as bf16 (half the RAM of fp32: the 2B4T shape fits 24 GB); the

@@ -160,8 +160,8 @@ def worker(args) -> None:
     model = bitnet_train.build_model(args.preset, quant=quant, seed=0, **({"backend": "torch"} if quant == "bitnet" else {}))
     if args.weight_codes is not None:
         recompute = args.weight_codes == "recompute"
-        if hasattr(bitnet_train.bitlinear, "set_switches"):
-            bitnet_train.bitlinear.set_switches(model, recompute_weight_codes=recompute)
+        if hasattr(bitnet_train.modeling.bitlinear, "set_switches"):
+            bitnet_train.modeling.bitlinear.set_switches(model, recompute_weight_codes=recompute)
         elif hasattr(bitnet_train.BitLinear, "recompute_weight_codes"):  # an older checkout (--code): a class switch
             bitnet_train.BitLinear.recompute_weight_codes = recompute
     if args.quant == "stock":
@@ -170,7 +170,7 @@ def worker(args) -> None:
     model.train()
     params = sum(p.numel() for p in model.parameters())
     try:
-        from bitnet_train.optim import build_optimizer, init_adamw_state
+        from bitnet_train.training.optim import build_optimizer, init_adamw_state
     except ImportError:  # an older checkout (--code): its AdamW, state made in the first step
         opt, made = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1), 0
     else:  # the pretraining optimizer, as pretrain() makes it (its state before the first forward)

@@ -64,8 +64,8 @@ def _step_fn(model, opt, batch, seq_len, vocab, seed):
 def throughput(preset: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
     import torch
 
-    from bitnet_train.model import build_model
-    from bitnet_train.optim import build_optimizer, init_adamw_state
+    from bitnet_train.modeling.models import build_model
+    from bitnet_train.training.optim import build_optimizer, init_adamw_state
 
     fns, n_params = {}, None
     for quant in ("bitnet", "none"):
@@ -108,7 +108,7 @@ tie_word_embeddings: true
 def quality(steps: int, data: Path, model: str, batch: int, seq: int, fp_lrs=()) -> dict:
     """Validation loss of BitNet and ``quant: none`` on the recipe's schedule; ``fp_lrs``: more fp
     runs at these peak learning rates (min_lr = lr / 10), so the baseline is not held to BitNet's LR."""
-    from bitnet_train.train import load_pretrain_recipe, pretrain
+    from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
     res = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,8 +174,8 @@ def timed_pretrain(args) -> dict:
     import torch
 
     from bitnet_train.cli import main as cli_main
-    from bitnet_train.data import is_token_dir
-    from bitnet_train.train import load_pretrain_recipe, pretrain
+    from bitnet_train.data.shards import is_token_dir
+    from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
     out = Path(args.tp_out or tempfile.mkdtemp(prefix="bench-pretrain-"))
     out.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,8 @@ def main() -> int:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from bitnet_train.tokenizer import train_bpe
-    from bitnet_train.train import load_pretrain_recipe, pretrain
+    from bitnet_train.data.tokenizer import train_bpe
+    from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -52,7 +52,8 @@ def one(args) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from bitnet_train.data import DataPosition, PackedData
+    from bitnet_train.data.block_order import DataPosition
+    from bitnet_train.data.stream import PackedData
 
     tok = AutoTokenizer.from_pretrained(args.tok)
     t0 = time.perf_counter()
@@ -109,8 +110,8 @@ def main(argv=None) -> int:
         print(f"corpus {mb} MB ready ({time.perf_counter() - t:.0f} s)", file=sys.stderr)
     tok_dir = d / "tok"
     if not (tok_dir / "tokenizer.json").is_file():
-        from bitnet_train.documents import iter_documents
-        from bitnet_train.tokenizer import train_bpe
+        from bitnet_train.data.documents import iter_documents
+        from bitnet_train.data.tokenizer import train_bpe
 
         train_bpe(iter_documents(str(d / f"corpus-{min(sizes)}MB.jsonl"), max_chars=2_000_000),
                   vocab_size=4096).save_pretrained(tok_dir)

@@ -44,7 +44,7 @@ def worker(kind: str, seed: int) -> dict:
                 "dpo_pref_gain": round(r["pref_dpo"] - r["pref_sft"], 4)}
         if kind == "pretrain":
             import test_pretrain as P
-            from bitnet_train.train import load_pretrain_recipe, pretrain
+            from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
             recipe = load_pretrain_recipe(P.write_recipe(d, P._shakespeare(), max_steps=60, save_every=30,
                                                          eval_every=30), [f"seed={seed}"])

@@ -24,8 +24,8 @@ from conftest import SHAKESPEARE  # noqa: E402
 from test_fsdp import B, COMMON, _launch  # noqa: E402
 from test_pretrain import read_metrics, write_recipe  # noqa: E402
 
-from bitnet_train.checkpoint import load_checkpoint  # noqa: E402
-from bitnet_train.train import load_pretrain_recipe, pretrain  # noqa: E402
+from bitnet_train.checkpoint.format import load_checkpoint  # noqa: E402
+from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain  # noqa: E402
 
 
 def rel(a, b):

@@ -8,7 +8,7 @@ here. Sizes: ``tiny`` (the preset: 4 layers, hidden 256, FFN 704) and ``tiny4x``
 hidden 512, FFN 1408, 8 heads / 4 KV heads: 4.0x the non-embedding parameters). Data: the 1.1 MB
 tinyshakespeare beside the repository (``../shared/data/``) when present, else the 300 KB excerpt in
 ``tests/data``; its last ``--held-out`` characters are never trained on (nor seen by the tokenizer) and
-every saved checkpoint is scored on them with :func:`bitnet_train.evaluate.evaluate` (what ``bitnet-train
+every saved checkpoint is scored on them with :func:`bitnet_train.evaluation.evaluate.evaluate` (what ``bitnet-train
 eval CKPT --data held_out.txt`` prints: packed windows of the training ``seq_len``, bits per UTF-8 byte).
 
 One configuration per command, each result a JSON file in ``--results`` (default ``docs/quality/``), so
@@ -80,7 +80,7 @@ def split_text(data: Path, held_out: int, tmp: Path) -> tuple[Path, Path]:
 
 def count_params(ckpt: Path) -> tuple[int, int]:
     """(all parameters, those outside the token embedding; the head is tied) of a checkpoint."""
-    from bitnet_train.model import load_model
+    from bitnet_train.modeling.models import load_model
 
     model = load_model(ckpt, backend="torch")
     total = sum(p.numel() for p in model.parameters())
@@ -109,8 +109,8 @@ def recipe_lr() -> tuple[float, float]:
 def run_one(size: str, quant: str, args) -> dict:
     import torch
 
-    from bitnet_train.evaluate import evaluate
-    from bitnet_train.train import load_pretrain_recipe, pretrain
+    from bitnet_train.evaluation.evaluate import evaluate
+    from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
     torch.set_num_threads(args.threads)
     if args.points < 1 or args.steps % args.points:
@@ -310,7 +310,7 @@ sizes: {sizes}. Data: `{r['data']}`, its first {r['train_chars']:,} characters f
 when the loop's own validation took every 20th block of them; the code now holds out `data.val_tokens` of
 whole documents instead, so a rerun trains on slightly different tokens) and its last {r['held_out_chars']:,} characters held out: never trained
 on, not seen by the tokenizer. Every {r['steps'] // len(r['points'])} steps a checkpoint is scored on the
-held-out text with `bitnet_train.evaluate.evaluate` (as `bitnet-train eval CKPT --data held_out.txt`: packed
+held-out text with `bitnet_train.evaluation.evaluate.evaluate` (as `bitnet-train eval CKPT --data held_out.txt`: packed
 windows of 128 tokens, bits per UTF-8 byte; {r['points'][0]['eval_tokens']:,} tokens). CPU, {r['threads']}
 torch threads. The picture shows each size and quant at its best peak LR among those run (lowest final
 held-out bits per byte; the legend names it), the first table lists every run, and the gap compares best

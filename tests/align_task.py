@@ -154,7 +154,7 @@ max_position_embeddings: 128
 
 def pretrain_micro(d: Path, seed: int = 0, steps: int = 40) -> Path:
     from bitnet_train.recipe import load_recipe
-    from bitnet_train.train import PretrainRecipe, pretrain
+    from bitnet_train.training.pretrain import PretrainRecipe, pretrain
 
     (d / "micro.yaml").write_text(MICRO)
     r = load_recipe(PretrainRecipe, data={
@@ -172,7 +172,7 @@ def run_pipeline(d: Path, pre: Path, seed: int, sft: dict, dpo: dict) -> dict:
     from transformers import AutoTokenizer
 
     from bitnet_train.cli import main as cli
-    from bitnet_train.model import load_model
+    from bitnet_train.modeling.models import load_model
 
     repo = Path(__file__).resolve().parents[1]
     tok = AutoTokenizer.from_pretrained(pre)

@@ -27,7 +27,7 @@ def assert_clean_error(rc, err, *needles):
 def ckpt(tmp_path_factory):
     """A tiny BitNet checkpoint with a tokenizer (random init is enough: nothing here trains)."""
     import bitnet_train
-    from bitnet_train.tokenizer import train_bpe
+    from bitnet_train.data.tokenizer import train_bpe
     from conftest import SHAKESPEARE
 
     text = SHAKESPEARE.read_text()[:60_000]
@@ -54,7 +54,7 @@ def test_truncated_safetensors_in_export(ckpt, tmp_path):
     rc, err = cli("export", bad, "--format", "hf", "--out", tmp_path / "out2", "--no-verify", "--no-progress")
     assert_clean_error(rc, err, f)
     assert not (tmp_path / "out2").exists()
-    from bitnet_train.checkpoint import CheckpointError, load_checkpoint
+    from bitnet_train.checkpoint.format import CheckpointError, load_checkpoint
 
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):  # loading it names it too
         load_checkpoint(bad)

@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 
 from bitnet_train import cli
-from bitnet_train.bitlinear import BitLinear, bitlinear_modules, convert_to_bitlinear
-from bitnet_train.checkpoint import load_checkpoint
-from bitnet_train.convert import convert_hf, convert_model, load_hf_converted
-from bitnet_train.model import ModelSpecError, load_model
+from bitnet_train.modeling.bitlinear import BitLinear, bitlinear_modules, convert_to_bitlinear
+from bitnet_train.checkpoint.format import load_checkpoint
+from bitnet_train.modeling.convert import convert_hf, convert_model, load_hf_converted
+from bitnet_train.modeling.models import ModelSpecError, load_model
 from bitnet_train.recipe import RecipeError
-from bitnet_train.tokenizer import train_bpe
-from bitnet_train.train import load_pretrain_recipe, pretrain
+from bitnet_train.data.tokenizer import train_bpe
+from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 from conftest import SHAKESPEARE  # noqa: E402
@@ -138,7 +138,7 @@ def test_every_architecture_roundtrips(tok, tmp_path):
             with torch.no_grad():  # make the norm weights non-trivial so that loading them is checked
                 for _, b in bitlinear_modules(m):
                     b.rms_norm.weight.uniform_(0.5, 1.5)
-            from bitnet_train.checkpoint import save_checkpoint
+            from bitnet_train.checkpoint.format import save_checkpoint
 
             save_checkpoint(m, tmp_path / arch)
             ref = load_checkpoint(tmp_path / arch).eval()
@@ -300,7 +300,7 @@ QAT_MIN = {"fp_drop": 1.0, "naive_minus_fp": 0.0, "qat_gain": 0.15}
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_qat_recovers_after_conversion(arch, tok, tmp_path, monkeypatch):
-    import bitnet_train.warmup as warmup
+    import bitnet_train.training.quant_warmup as warmup
 
     # the loop's warm-up calls are recorded to check that they drive every BitLinear of the
     # converted model
@@ -343,7 +343,7 @@ def test_hf_recipe_tokenizer_rules(tok, tmp_path):
         pretrain(r, progress=False)
     # a full-precision checkpoint directory with quant: bitnet is converted too (with the convert: keys)
     fp = tmp_path / "fpck"
-    from bitnet_train.checkpoint import save_checkpoint
+    from bitnet_train.checkpoint.format import save_checkpoint
 
     save_checkpoint(load_model(f"hf:{src}", quant="none"), fp, tokenizer=tok)
     p = qat_recipe(tmp_path, "y", str(fp), "bitnet", 2, warmup=1, data=small, convert={"exclude": ["*.o_proj"], "use_rms_norm": True})
@@ -364,7 +364,7 @@ def test_sub_norm_conversion(arch, tied, tok, tmp_path):
     the bit), the new norms start at 1, and stock transformers runs the ternary checkpoint as we do."""
     from transformers import AutoModelForCausalLM, BitNetForCausalLM
 
-    from bitnet_train.convert import with_sub_norms
+    from bitnet_train.modeling.convert import with_sub_norms
 
     cfg = tiny_config(arch, tok)
     cfg.tie_word_embeddings = tied
@@ -393,7 +393,7 @@ def test_sub_norm_conversion(arch, tied, tok, tmp_path):
 
     # calibrated (the default of convert): each norm's weights are the mean RMS of its input on a
     # built-in sample, so the full-precision model moves less than with weights 1
-    from bitnet_train.convert import calibration_ids
+    from bitnet_train.modeling.convert import calibration_ids
 
     ones = with_sub_norms(src_model).eval()
     cal = with_sub_norms(src_model, calibrate=calibration_ids(tok)).eval()
@@ -414,7 +414,7 @@ def test_sub_norm_conversion(arch, tied, tok, tmp_path):
 
 
 def test_sub_norm_refuses_other_blocks(tok, tmp_path):
-    from bitnet_train.convert import with_sub_norms
+    from bitnet_train.modeling.convert import with_sub_norms
     from transformers import AutoModelForCausalLM
 
     for arch in ("qwen3", "gemma", "phi3"):

@@ -6,17 +6,20 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_train.blockorder import merge_positions
-from bitnet_train.data import (DataConfig, DataError, DataPosition, PackedData, iter_blocks, iter_documents,
-                               open_training_data, resolve_files)
-from bitnet_train.shards import ShardData, read_index, tokenizer_fingerprint, write_token_dir
+from bitnet_train.data.block_order import merge_positions
+from bitnet_train.data.block_order import DataPosition
+from bitnet_train.data.config import DataConfig, open_training_data
+from bitnet_train.data.documents import iter_documents, resolve_files
+from bitnet_train.data.stream import PackedData, iter_blocks
+from bitnet_train.errors import DataError
+from bitnet_train.data.shards import ShardData, read_index, tokenizer_fingerprint, write_token_dir
 
 DOCS = [f"document {i}: " + " ".join(f"word{(i * 7 + j) % 53}" for j in range(5 + i % 11)) for i in range(300)]
 
 
 @pytest.fixture(scope="module")
 def tok():
-    from bitnet_train.tokenizer import train_bpe
+    from bitnet_train.data.tokenizer import train_bpe
 
     return train_bpe(DOCS, vocab_size=300)
 
@@ -176,7 +179,7 @@ def test_streaming_ranks_are_disjoint_and_positions_agree(tmp_path, tok):
 
 
 def test_stream_resume_seeks_and_validation_is_never_trained_on(tmp_path, tok, monkeypatch):
-    import bitnet_train.stream as stream
+    import bitnet_train.data.stream as stream
 
     monkeypatch.setattr(stream, "CHUNK_BLOCKS", 16)  # several chunks per lane
     write_parquet(tmp_path / "a.parquet", DOCS, row_group_size=37)
@@ -213,7 +216,7 @@ def test_stream_resume_seeks_and_validation_is_never_trained_on(tmp_path, tok, m
 
 
 def test_hf_stream_lanes_resume_from_datasets_state(tmp_path, tok, monkeypatch):
-    import bitnet_train.stream as stream
+    import bitnet_train.data.stream as stream
 
     monkeypatch.setattr(stream, "CHUNK_BLOCKS", 8)
     d = tmp_path / "ds"
@@ -315,7 +318,7 @@ def test_shards_ranks_disjoint_and_resume_is_o1(shard_dir, tok):
 def test_block_permutation_is_a_seeded_bijection_in_constant_memory():
     import tracemalloc
 
-    from bitnet_train.blockorder import BlockPermutation
+    from bitnet_train.data.block_order import BlockPermutation
 
     for n in (0, 1, 2, 3, 4, 5, 17, 64, 65, 1000, 4097):  # powers of 4 and the sizes around them
         p = BlockPermutation(n, seed=3, epoch=1)
@@ -339,7 +342,7 @@ def test_shard_blocks_are_memmap_views_and_batch_into_one_tensor(shard_dir, tok)
     import numpy as np
     import torch
 
-    from bitnet_train.loop import _next_batch
+    from bitnet_train.training.loop import _next_batch
 
     tmp, _ = shard_dir
     data = ShardData(tmp / "tok", tok, 24, seed=1)
@@ -366,8 +369,8 @@ def test_shards_uint32_and_any_seq_len(tmp_path, shard_dir, tok):
 
 
 def test_shard_tokenizer_mismatch_is_a_clear_error(shard_dir):
-    from bitnet_train.shards import tokenizer_for_token_dir
-    from bitnet_train.tokenizer import train_bpe
+    from bitnet_train.data.shards import tokenizer_for_token_dir
+    from bitnet_train.data.tokenizer import train_bpe
 
     tmp, _ = shard_dir
     other = train_bpe(DOCS[:50], vocab_size=280)
@@ -434,7 +437,7 @@ def test_tokenize_cli(tmp_path, capsys):
 
 def test_pretrain_on_tokenized_dir_resumes_exactly(tmp_path, shakespeare_path):
     from bitnet_train.cli import main
-    from bitnet_train.train import load_pretrain_recipe, pretrain
+    from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
     tk = tmp_path / "tk"
     assert main(["tokenize", str(shakespeare_path), "--tokenizer", "bpe:512", "--out", str(tk), "--no-progress",
@@ -487,7 +490,7 @@ def test_tokenize_with_worker_processes_is_identical(tmp_path, shard_dir, tok):
 def test_prefetch_keeps_order_raises_and_stops():
     import threading
 
-    from bitnet_train.data import prefetched
+    from bitnet_train.data.stream import prefetched
 
     assert list(prefetched(lambda: iter(range(1000)), 7)) == list(range(1000))
 

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_train.train import load_pretrain_recipe, pretrain
+from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
 from test_pretrain import read_metrics, write_recipe
 
 WORKER = """\
 import sys
-from bitnet_train.train import load_pretrain_recipe, pretrain
+from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 recipe, mode = sys.argv[1], sys.argv[2]
 r = load_pretrain_recipe(recipe, sys.argv[3:])
 s = pretrain(r, progress=False, resume=(mode == "resume"), stop_after=(2 if mode == "stop" else None))

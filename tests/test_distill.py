@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from bitnet_train import cli
-from bitnet_train.convert import load_hf_converted
-from bitnet_train.distill import make_objective
-from bitnet_train.train import load_pretrain_recipe, pretrain
+from bitnet_train.modeling.convert import load_hf_converted
+from bitnet_train.training.distill import make_objective
+from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
 from test_convert import _one_thread, make_tok, qat_recipe, save_tiny, tiny_config  # noqa: E402,F401 - _one_thread: autouse
 from conftest import SHAKESPEARE  # noqa: E402
@@ -252,7 +252,7 @@ def test_two_processes_distil_like_one(mode, tmp_path, shakespeare_path):
     if mode == "ddp":
         ddp_launch(tmp_path, p, "full", two)
     else:
-        worker = ("import sys\nfrom bitnet_train.train import load_pretrain_recipe, pretrain\n"
+        worker = ("import sys\nfrom bitnet_train.training.pretrain import load_pretrain_recipe, pretrain\n"
                   "print('SUMMARY', pretrain(load_pretrain_recipe(sys.argv[1], sys.argv[2:]), progress=False))\n")
         out = launch_two(tmp_path, worker, ["--use_fsdp", "--fsdp_version", "2"], [p, *two])
         assert "'fsdp': True" in out

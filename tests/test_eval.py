@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from bitnet_train.cli import main
-from bitnet_train.evaluate import evaluate, rolling_windows
+from bitnet_train.evaluation.evaluate import evaluate, rolling_windows
 
 # |bits per byte of the export / of the checkpoint - 1|. Measured with `python scripts/bench_eval.py
 # tolerances` (docs/eval.md; seeds 0-1, 0 and 30 steps, per document and packed): hf at most 1.7e-5, GGUF
@@ -58,8 +58,8 @@ def _hand_nll(model, seqs: list[list[int]]) -> float:
 
 
 def test_nll_by_hand(ckpt, tmp_path):
-    from bitnet_train.model import load_model
-    from bitnet_train.tokenizer import load_tokenizer
+    from bitnet_train.modeling.models import load_model
+    from bitnet_train.data.tokenizer import load_tokenizer
 
     texts = ["First Citizen:\nWe are accounted poor citizens.", "MENENIUS:\nWhy, masters, my good friends, mine honest neighbours"]
     f = tmp_path / "two.jsonl"
@@ -168,8 +168,8 @@ def _write_tasks(d: Path, docs: Path) -> tuple[Path, Path, list[dict]]:
 
 
 def test_lm_eval_tasks(ckpt, docs, tmp_path, capsys):
-    from bitnet_train.model import load_model
-    from bitnet_train.tokenizer import load_tokenizer
+    from bitnet_train.modeling.models import load_model
+    from bitnet_train.data.tokenizer import load_tokenizer
 
     roll, mc, rows = _write_tasks(tmp_path, docs)
     out = tmp_path / "res" / "results.json"

@@ -42,9 +42,9 @@ def _text(path: Path) -> str:
 def make_checkpoint(out: Path, text: str, preset="tiny-silu", steps=40, seed=0, train_end=250_000, **over) -> Path:
     """A 2-layer hidden-256 BitNet with a 512-token byte-level BPE, trained ``steps`` steps on
     ``text[:train_end]`` (also used by scripts/bench_ik.py)."""
-    from bitnet_train.checkpoint import save_checkpoint
-    from bitnet_train.model import build_model
-    from bitnet_train.tokenizer import train_bpe
+    from bitnet_train.checkpoint.format import save_checkpoint
+    from bitnet_train.modeling.models import build_model
+    from bitnet_train.data.tokenizer import train_bpe
 
     train = text[:train_end]  # the probe (below) comes from the rest: held out
     tok = train_bpe([train[i : i + 20_000] for i in range(0, len(train), 20_000)], vocab_size=512)
@@ -311,13 +311,14 @@ def test_tq_shape_not_packable(tmp_path):
 
 def test_silu_presets_pack_without_fallback():
     """Every preset offered for llama.cpp/bitnet.cpp has rows TQ (256) and I2_S (128 / 64) pack."""
-    from bitnet_train.model import list_presets, load_preset
+    from bitnet_train.export.formats import TQ_BLOCK
+    from bitnet_train.modeling.models import list_presets, load_preset
 
     silu = [n for n in list_presets() if n.endswith("-silu")]
     assert "tiny-silu" in silu and "2b4t-silu" in silu
     for n in silu:
         c = load_preset(n)
-        for block in (G.TQ_BLOCK, *G.I2S_LAYOUTS.values()):
+        for block in (TQ_BLOCK, *G.I2S_LAYOUTS.values()):
             assert c["hidden_size"] % block == 0 and c["intermediate_size"] % block == 0, (n, block)
 
 
@@ -575,7 +576,7 @@ def test_i2s_into_bitnet_cpp(silu_ckpt, probe, tmp_path, monkeypatch):
                 log=_quiet)["agreement"]
     assert ag is not None and ag.ok and ag.rel_error < 5e-3 and ag.top1 >= 0.99, str(ag)
     # generate runs the file in bitnet.cpp's llama-cli: greedy, it continues as our model does
-    from bitnet_train.generate import generate
+    from bitnet_train.runtimes.generate import generate
 
     theirs = generate(out, "ROMEO:", 8, threads=2, bitnet_cpp=BITNET_CPP)
     ours = generate(silu_ckpt, "ROMEO:", 8, threads=2)

@@ -249,8 +249,8 @@ def test_demo_model_plain_export_and_generate(tmp_path, text, capsys):
     """The `tiny` preset as it is (what `make demo` trains): `export --format gguf` picks a format ik
     runs at 256 wide, verifies it, and `generate` runs it in ik_llama.cpp as our model does."""
     from bitnet_train.cli import main
-    from bitnet_train.generate import generate
-    from bitnet_train.model import load_preset
+    from bitnet_train.runtimes.generate import generate
+    from bitnet_train.modeling.models import load_preset
 
     ck = make_checkpoint(tmp_path / "demo", text[:-5000], preset="tiny", steps=30,
                          intermediate_size=load_preset("tiny")["intermediate_size"],
@@ -274,7 +274,7 @@ def test_microsoft_bf16_layout(tmp_path, text, probe):
     """A tiny model laid out as microsoft/bitnet-b1.58-2B-4T-bf16 (bf16 latent weights, autobitlinear,
     online) exports to a bitnet-25 GGUF that ik_llama.cpp runs with our logits."""
     import bitnet_train
-    from bitnet_train.tokenizer import train_bpe
+    from bitnet_train.data.tokenizer import train_bpe
 
     tok = train_bpe([text[i : i + 20_000] for i in range(0, 200_000, 20_000)], vocab_size=512)
     src = bitnet_train.build_model("tiny", quant="none", seed=3, vocab_size=len(tok), hidden_size=512,
@@ -315,7 +315,7 @@ def test_chat_same_answer_in_every_runtime(tiny_ckpt, tmp_path, text):
     ik_llama.cpp (ReLU²) and llama.cpp (SiLU) answer as transformers does on the checkpoint."""
     from transformers import AutoTokenizer
 
-    from bitnet_train.generate import chat, open_runtime
+    from bitnet_train.runtimes.generate import chat, open_runtime
 
     silu = make_checkpoint(tmp_path / "silu", text[:-5000], steps=30)
     for ck, quant in ((tiny_ckpt, "f32"), (silu, "f32")):

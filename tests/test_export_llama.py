@@ -67,8 +67,8 @@ def test_converted_llama_exports_as_llama_q2_0(qat_llama, tmp_path, capsys):
 
 
 def test_eval_and_chat_run_the_file(qat_llama, held_out, tmp_path):
-    from bitnet_train.evaluate import evaluate
-    from bitnet_train.generate import chat, open_runtime
+    from bitnet_train.evaluation.evaluate import evaluate
+    from bitnet_train.runtimes.generate import chat, open_runtime
 
     out = tmp_path / "m.gguf"
     export(qat_llama, "gguf", out, log=_quiet)

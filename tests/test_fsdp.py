@@ -1,5 +1,5 @@
 """FSDP2 on the CPU: two processes (gloo) launched by ``accelerate launch --use_fsdp --fsdp_version 2``,
-the model sharded by ``fully_shard`` per decoder layer + root (:mod:`bitnet_train.distributed`;
+the model sharded by ``fully_shard`` per decoder layer + root (:mod:`bitnet_train.training.distributed`;
 accelerate itself runs FSDP launches on the CPU as DDP), checkpoints sharded with
 ``torch.distributed.checkpoint``.
 
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_train.train import load_pretrain_recipe, pretrain
+from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
 from test_ddp import launch_two
 from test_pretrain import read_metrics, write_recipe
 
 WORKER = """\
 import sys
-from bitnet_train.train import load_pretrain_recipe, pretrain
+from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 recipe, out = sys.argv[1], sys.argv[2]
 for name, mode in (("a", "full"), ("b", "stop"), ("b", "resume"), ("d", "resume")):
     r = load_pretrain_recipe(recipe, sys.argv[3:] + [f"output_dir={out}/{name}"])
@@ -79,7 +79,7 @@ def test_fsdp_two_processes_match_one_and_resume_exactly(tmp_path, shakespeare_p
     import torch
     from transformers import AutoModelForCausalLM
 
-    from bitnet_train.checkpoint import load_checkpoint
+    from bitnet_train.checkpoint.format import load_checkpoint
 
     p = write_recipe(tmp_path, shakespeare_path)
     one = load_pretrain_recipe(p, COMMON + [f"output_dir={tmp_path}/one", f"train.batch_size={2 * B}"])
@@ -183,8 +183,8 @@ def test_meta_build_depends_only_on_the_seed_and_module_names():
     (seed, its name) alone: a deeper model shares the shallower one's layers exactly."""
     import torch
 
-    from bitnet_train.distributed import materialize
-    from bitnet_train.model import build_model
+    from bitnet_train.training.distributed import materialize
+    from bitnet_train.modeling.models import build_model
 
     spec = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
             "max_position_embeddings": 64, "rope_theta": 10000.0, "tie_word_embeddings": True, "vocab_size": 97}

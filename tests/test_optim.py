@@ -1,4 +1,4 @@
-"""bitnet_train/optim.py: AdamW's state made before the first forward changes no bit of training."""
+"""bitnet_train/training/optim.py: AdamW's state made before the first forward changes no bit of training."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bitnet_train
-from bitnet_train.optim import build_optimizer, init_adamw_state
+from bitnet_train.training.optim import build_optimizer, init_adamw_state
 
 
 def _train(model, opt, steps=3):
@@ -71,8 +71,8 @@ def test_frozen_parameters_and_other_optimizers_are_left_alone():
 def test_pretrain_makes_the_state_up_front_and_trains_the_same_bits(tmp_path, shakespeare_path, monkeypatch):
     """pretrain() (fresh) makes AdamW's state before the first step; with the state left to the first
     step instead, every loss, learning rate and validation loss is the same."""
-    import bitnet_train.optim as optim
-    from bitnet_train.train import load_pretrain_recipe, pretrain
+    import bitnet_train.training.optim as optim
+    from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
     from test_pretrain import read_metrics, write_recipe
 
     made = []

@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from bitnet_train.data import DataError, DataPosition, PackedData, resolve_files
+from bitnet_train.data.block_order import DataPosition
+from bitnet_train.data.documents import resolve_files
+from bitnet_train.data.stream import PackedData
+from bitnet_train.errors import DataError
 from bitnet_train.recipe import RecipeError
-from bitnet_train.train import load_pretrain_recipe, pretrain
+from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +174,7 @@ def test_cli_reports_errors(tmp_path):
 
 
 def test_data_errors_and_formats(tmp_path):
-    from bitnet_train.tokenizer import train_bpe
+    from bitnet_train.data.tokenizer import train_bpe
 
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="empty.txt: file is empty"):
@@ -194,7 +197,7 @@ def test_data_errors_and_formats(tmp_path):
     nxt = next(it)
     again = next(data.train_blocks(DataPosition.from_dict(saved)))
     assert nxt == again
-    from bitnet_train.data import iter_blocks
+    from bitnet_train.data.stream import iter_blocks
 
     every = sum(iter_blocks(str(d), tok, 9), [])
     assert every.count(tok.eos_token_id) >= 50  # 50 JSON lines + 1 text file end in EOS (the tail block may be cut)
@@ -206,7 +209,7 @@ def test_non_finite_loss_names_the_step(tmp_path, shakespeare_path, monkeypatch)
     import torch
     import torch.nn.functional as F
 
-    from bitnet_train.train import TrainingError
+    from bitnet_train.training.pretrain import TrainingError
 
     real = F.cross_entropy
     monkeypatch.setattr(F, "cross_entropy", lambda *a, **k: real(*a, **k) * torch.tensor(float("nan")))
@@ -251,7 +254,7 @@ def _small_text(tmp: Path, shakespeare: Path) -> Path:
 
 
 def _train_cfg(**kw):
-    from bitnet_train.train import TrainConfig
+    from bitnet_train.training.pretrain import TrainConfig
 
     base = {"max_steps": 100, "save_every": 10, "lr": 1e-3, "min_lr": 1e-4, "warmup_steps": 10}
     base.update(kw)
@@ -259,7 +262,7 @@ def _train_cfg(**kw):
 
 
 def test_cosine_schedule():
-    from bitnet_train.schedule import lr_at, weight_decay_at
+    from bitnet_train.training.schedule import lr_at, weight_decay_at
 
     t = _train_cfg()
     assert lr_at(0, t) == pytest.approx(1e-4) and lr_at(9, t) == pytest.approx(1e-3)
@@ -276,7 +279,7 @@ def test_cosine_schedule():
 
 
 def test_two_stage_schedule():
-    from bitnet_train.schedule import lr_at, stage2_step, weight_decay_at
+    from bitnet_train.training.schedule import lr_at, stage2_step, weight_decay_at
 
     t = _train_cfg(schedule="two_stage", stage2_start=0.6, stage2_lr=2e-4, stage2_min_lr=1e-5,
                    weight_decay_schedule="cosine", weight_decay=0.1)
@@ -313,7 +316,7 @@ def test_two_stage_recipe_errors(tmp_path, shakespeare_path):
 def test_two_stage_run_logs_the_schedule(tmp_path, shakespeare_path, capfd):
     import re
 
-    from bitnet_train.schedule import lr_at, weight_decay_at
+    from bitnet_train.training.schedule import lr_at, weight_decay_at
 
     r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)), [
         "train.max_steps=6", "train.warmup_steps=1", "train.eval_every=0", "train.save_every=6",
@@ -374,7 +377,7 @@ def test_non_finite_skip_drops_the_update(tmp_path, shakespeare_path, monkeypatc
 
 
 def test_non_finite_stop_names_a_later_step(tmp_path, shakespeare_path, monkeypatch):
-    from bitnet_train.train import TrainingError
+    from bitnet_train.training.pretrain import TrainingError
 
     _nan_on_steps(monkeypatch, {3})
     r = load_pretrain_recipe(write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path)), ["train.eval_every=0", "train.non_finite=stop"])
@@ -399,7 +402,7 @@ def test_compile_same_losses_and_clean_checkpoint(tmp_path, shakespeare_path):
     checkpoint has the model's own keys (no ``_orig_mod.`` prefix) and loads."""
     from safetensors import safe_open
 
-    from bitnet_train.checkpoint import load_checkpoint
+    from bitnet_train.checkpoint.format import load_checkpoint
 
     common = ["train.max_steps=3", "train.save_every=3", "train.eval_every=0"]
     p = write_recipe(tmp_path, _small_text(tmp_path, shakespeare_path))
@@ -425,7 +428,7 @@ def test_compile_same_losses_and_clean_checkpoint(tmp_path, shakespeare_path):
 KILL_WORKER = """\
 import os, sys, time
 from pathlib import Path
-import bitnet_train.checkpoint as ck
+import bitnet_train.checkpoint.format as ck
 from bitnet_train.cli import main
 
 real = ck.save_checkpoint
@@ -481,8 +484,8 @@ def test_kill_while_saving_keeps_previous_checkpoint(tmp_path, shakespeare_path)
 
 @pytest.mark.parametrize("name", ["tiny", "125m", "2b4t"])
 def test_shipped_recipes_validate_offline(name):
-    from bitnet_train.model import load_preset
-    from bitnet_train.schedule import lr_at, stage2_step, weight_decay_at
+    from bitnet_train.modeling.models import load_preset
+    from bitnet_train.training.schedule import lr_at, stage2_step, weight_decay_at
 
     r = load_pretrain_recipe(REPO / "recipes" / f"{name}.yaml")
     spec = load_preset(r.model)  # the preset exists and is valid (no weights built, nothing fetched)
@@ -502,7 +505,7 @@ def test_shipped_recipes_validate_offline(name):
 
 
 def test_val_path_is_scored_like_eval(tmp_path, shakespeare_path):
-    from bitnet_train.evaluate import evaluate
+    from bitnet_train.evaluation.evaluate import evaluate
 
     paras = [p.strip() for p in shakespeare_path.read_text()[-40_000:].split("\n\n") if p.strip()]
     val = tmp_path / "val.jsonl"
@@ -522,7 +525,7 @@ def test_val_path_is_scored_like_eval(tmp_path, shakespeare_path):
 def test_validation_scores_the_ternary_model_during_the_warm_up(tmp_path, shakespeare_path, capfd):
     """Mid warm-up (quant_lambda 0.1 at the last step) val_loss is the fully ternary model's, which
     eval scores from the saved checkpoint; ending before the warm-up does is warned about."""
-    from bitnet_train.evaluate import evaluate
+    from bitnet_train.evaluation.evaluate import evaluate
 
     paras = [p.strip() for p in shakespeare_path.read_text()[-40_000:].split("\n\n") if p.strip()]
     val = tmp_path / "val.jsonl"
@@ -543,8 +546,8 @@ def test_validation_scores_the_ternary_model_during_the_warm_up(tmp_path, shakes
 def test_clip_zero_still_catches_non_finite_gradients(tmp_path, shakespeare_path, monkeypatch):
     import torch
 
-    from bitnet_train.distill import TokenLoss
-    from bitnet_train.train import TrainingError
+    from bitnet_train.training.distill import TokenLoss
+    from bitnet_train.training.pretrain import TrainingError
 
     real = TokenLoss.__call__
 
@@ -562,7 +565,7 @@ def test_clip_zero_still_catches_non_finite_gradients(tmp_path, shakespeare_path
 
 def test_resume_rules_sit_beside_their_keys():
     from bitnet_train.recipe import resume_rules
-    from bitnet_train.train import PretrainRecipe
+    from bitnet_train.training.pretrain import PretrainRecipe
 
     rules = resume_rules(PretrainRecipe)
     assert {k for k, v in rules.items() if v == "refuse"} == {"data", "seed", "quant"}

@@ -115,9 +115,9 @@ def test_graph_sees_the_package():
     # the walk found the package and resolved relative imports at depth (the CLI imports its
     # command modules by name, the kernels package is reached through bitnet_train.kernels)
     assert "bitnet_train.kernels.matmul" in graph and "bitnet_train.export" in graph
-    assert {"bitnet_train.errors", "bitnet_train.train", "bitnet_train.align"} <= graph["bitnet_train.cli"]
-    assert "bitnet_train.bitlinear" in graph["bitnet_train.model"]
-    assert any(m.startswith("bitnet_train.kernels") for m in graph["bitnet_train.bitlinear"])
+    assert {"bitnet_train.errors", "bitnet_train.training.pretrain", "bitnet_train.align"} <= graph["bitnet_train.cli"]
+    assert "bitnet_train.modeling.bitlinear" in graph["bitnet_train.modeling.models"]
+    assert any(m.startswith("bitnet_train.kernels") for m in graph["bitnet_train.modeling.bitlinear"])
 
 
 def test_find_cycle_reports_one():
@@ -147,7 +147,7 @@ def test_one_quantization_config_builder():
     must be the one it gives for the checkpoint's own (online) config."""
     from types import SimpleNamespace
 
-    from bitnet_train.checkpoint import packed_quantization_config, quantization_config
+    from bitnet_train.checkpoint.format import packed_quantization_config, quantization_config
     from bitnet_train.export.hf import quantization_config as hf_export_config
 
     for qc in ({"modules_to_not_convert": ["lm_head", "model.layers.0.mlp.gate_proj"], "use_rms_norm": True,

@@ -1,7 +1,7 @@
 """``bitnet-train sft RECIPE.yaml`` and ``bitnet-train dpo RECIPE.yaml``: alignment through TRL.
 
 Both stages run TRL's own trainers (``SFTTrainer`` / ``DPOTrainer`` with ``SFTConfig`` /
-``DPOConfig``) on a BitNet model whose linear layers stay :class:`~bitnet_train.bitlinear.BitLinear`
+``DPOConfig``) on a BitNet model whose linear layers stay :class:`~bitnet_train.modeling.bitlinear.BitLinear`
 (ternary weights, 8-bit activations, straight-through estimator) throughout. DPO's frozen
 reference model is a second, independent load of the same checkpoint: its log-probabilities come
 from the same quantized forward.
@@ -20,9 +20,9 @@ Defaults named "2B4T" come from the BitNet b1.58 2B4T technical report: SFT with
 than averaged loss; DPO with beta 0.1, learning rate 2e-7 and 2 epochs.
 """
 
-from .data import load_rows, prepare_dpo_rows, prepare_sft_rows
-from .models import check_chat_template, load_align_tokenizer, load_policy, load_reference
-from .recipes import (
+from bitnet_train.align.data import load_rows, prepare_dpo_rows, prepare_sft_rows
+from bitnet_train.align.models import check_chat_template, load_align_tokenizer, load_policy, load_reference
+from bitnet_train.align.recipes import (
     AlignDataConfig,
     AlignTrainConfig,
     DPORecipe,
@@ -32,9 +32,9 @@ from .recipes import (
     load_dpo_recipe,
     load_sft_recipe,
 )
-from .stages import cmd_align, dpo, register, sft
-from .trainer import TokenCounter, latest_trainer_checkpoint, quant_warmup_callback
-from ..errors import AlignDataError
+from bitnet_train.align.stages import cmd_align, dpo, register, sft
+from bitnet_train.align.trainer import TokenCounter, latest_trainer_checkpoint, quant_warmup_callback
+from bitnet_train.errors import AlignDataError
 
 __all__ = [
     "AlignDataConfig",

@@ -7,8 +7,8 @@ import glob as _glob
 import json
 from pathlib import Path
 
-from ..errors import AlignDataError
-from .recipes import AlignDataConfig
+from bitnet_train.errors import AlignDataError
+from bitnet_train.align.recipes import AlignDataConfig
 
 
 _EXT = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}

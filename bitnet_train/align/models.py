@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import CheckpointError, RecipeError
+from bitnet_train.errors import CheckpointError, RecipeError
 
 
 def load_policy(spec: str, what: str = "model"):
     """A checkpoint (ours, converted HF, 2B4T bf16 layout) or ``hf:<model>`` (see
-    :func:`bitnet_train.model.load_model`) as a BitNet model with BitLinear layers, in float32;
+    :func:`bitnet_train.modeling.models.load_model`) as a BitNet model with BitLinear layers, in float32;
     errors name the key and the problem."""
     import torch
 
-    from ..bitlinear import bitlinear_modules
-    from ..model import load_model
+    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.modeling.models import load_model
 
     try:
         model = load_model(spec, checkpoint_only=True, what=what)
@@ -37,7 +37,7 @@ def _tokenizer_source(recipe) -> str:
 
 def load_align_tokenizer(recipe):
     """The tokenizer (the model directory's by default) with pad token and the recipe's chat template."""
-    from ..tokenizer import DEFAULT_CHAT_TEMPLATE, ensure_special_tokens, load_tokenizer
+    from bitnet_train.data.tokenizer import DEFAULT_CHAT_TEMPLATE, ensure_special_tokens, load_tokenizer
 
     src = _tokenizer_source(recipe)
     tok = load_tokenizer(src, what=f"tokenizer {src!r} (set the tokenizer key)", error=RecipeError, special_tokens=False)

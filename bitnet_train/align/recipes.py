@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..distill import DistillConfig
-from ..metrics import WandbConfig
-from ..recipe import load_recipe
-from ..warmup import QuantWarmupConfig
+from bitnet_train.training.distill import DistillConfig
+from bitnet_train.training.metrics import WandbConfig
+from bitnet_train.recipe import load_recipe
+from bitnet_train.training.quant_warmup import QuantWarmupConfig
 
 
 @dataclass

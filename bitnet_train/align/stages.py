@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import RecipeError
-from .data import stage_datasets, prepare_dpo_rows, prepare_sft_rows
-from .models import load_align_tokenizer, load_policy, load_reference
-from .recipes import DPORecipe, SFTRecipe, load_dpo_recipe, load_sft_recipe
-from .trainer import (quiet_hf, require_trl, summed_sft_trainer, train_stage, trainer_kwargs, trainer_resume_point,
+from bitnet_train.errors import RecipeError
+from bitnet_train.align.data import stage_datasets, prepare_dpo_rows, prepare_sft_rows
+from bitnet_train.align.models import load_align_tokenizer, load_policy, load_reference
+from bitnet_train.align.recipes import DPORecipe, SFTRecipe, load_dpo_recipe, load_sft_recipe
+from bitnet_train.align.trainer import (quiet_hf, require_trl, summed_sft_trainer, train_stage, trainer_kwargs, trainer_resume_point,
                       with_our_checkpoint_format)
 
 
@@ -28,7 +28,7 @@ def _setup(recipe, resume: bool, stage: str):
 
 def sft(recipe: SFTRecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) an SFT recipe with TRL's SFTTrainer. Returns a summary dict."""
-    from ..fsutil import owned
+    from bitnet_train.fsutil import owned
 
     with owned(recipe.output_dir, "sft"):  # a second run into the same output_dir is refused
         return _sft(recipe, resume, progress, stop_after)
@@ -39,7 +39,7 @@ def _sft(recipe: SFTRecipe, resume: bool, progress: bool, stop_after: int | None
     import torch
     from trl import SFTConfig
 
-    from ..distill import Distillation, make_objective
+    from bitnet_train.training.distill import Distillation, make_objective
 
     train_ds, eval_ds = stage_datasets(recipe, prepare_sft_rows)
     kind = prepare_sft_rows(train_ds.select(range(1)), "data")[1]
@@ -64,7 +64,7 @@ def _sft(recipe: SFTRecipe, resume: bool, progress: bool, stop_after: int | None
 
 def dpo(recipe: DPORecipe, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> dict:
     """Run (or resume) a DPO recipe with TRL's DPOTrainer and an explicit quantized reference model."""
-    from ..fsutil import owned
+    from bitnet_train.fsutil import owned
 
     with owned(recipe.output_dir, "dpo"):  # a second run into the same output_dir is refused
         return _dpo(recipe, resume, progress, stop_after)

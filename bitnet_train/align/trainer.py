@@ -9,10 +9,10 @@ import shutil
 import time
 from pathlib import Path
 
-from ..checkpointer import STATE_FILE, TRAINER_CHECKPOINT, drop_incomplete, intact, list_checkpoints, resume_point
-from ..errors import DiskFullError, RecipeError, UserError
-from ..recipe import to_dict
-from ..warmup import QuantWarmupConfig
+from bitnet_train.checkpoint.checkpointer import STATE_FILE, TRAINER_CHECKPOINT, drop_incomplete, intact, list_checkpoints, resume_point
+from bitnet_train.errors import DiskFullError, RecipeError, UserError
+from bitnet_train.recipe import to_dict
+from bitnet_train.training.quant_warmup import QuantWarmupConfig
 
 
 def trainer_kwargs(recipe, out: Path, progress: bool) -> dict:
@@ -21,7 +21,7 @@ def trainer_kwargs(recipe, out: Path, progress: bool) -> dict:
     t = recipe.train
     report = "none"
     if recipe.wandb.enabled:
-        from ..metrics import wandb_mode
+        from bitnet_train.training.metrics import wandb_mode
 
         try:
             import wandb  # noqa: F401
@@ -67,7 +67,7 @@ def trainer_kwargs(recipe, out: Path, progress: bool) -> dict:
 def _callbacks(recipe, out: Path, resume_step: int | None, counter):
     from transformers import TrainerCallback
 
-    from ..metrics import MetricsLog
+    from bitnet_train.training.metrics import MetricsLog
 
     class MetricsCallback(TrainerCallback):
         """metrics.jsonl: one line per log (loss, lr, tokens, tokens/s, TRL's metrics)."""
@@ -109,7 +109,7 @@ def quant_warmup_callback(cfg: QuantWarmupConfig):
     (recipe key ``quant_warmup``, the same schedule as pretraining)."""
     from transformers import TrainerCallback
 
-    from ..warmup import apply_warmup
+    from bitnet_train.training.quant_warmup import apply_warmup
 
     class QuantWarmupCallback(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kw):
@@ -153,9 +153,9 @@ class TokenCounter:
 
 def _patch_checkpoint_config(model, ck_dir: Path) -> None:
     """Trainer checkpoints hold the weights written by save_pretrained; put our quantization_config
-    and metadata (:func:`~bitnet_train.checkpoint.checkpoint_metadata`) into their config.json so
+    and metadata (:func:`~bitnet_train.checkpoint.format.checkpoint_metadata`) into their config.json so
     that they load (here and in stock transformers) as ternary models."""
-    from ..checkpoint import checkpoint_metadata
+    from bitnet_train.checkpoint.format import checkpoint_metadata
 
     f = ck_dir / "config.json"
     if not f.is_file():
@@ -178,8 +178,8 @@ def with_our_checkpoint_format(base):
             """The Trainer's checkpoint, with a full disk refused before writing where the size is
             known (the model and optimizer state), and a write the filesystem fails leaving no
             partial ``checkpoint-N`` behind: both exit 2 naming the checkpoint still intact."""
-            from ..checkpointer import tensor_bytes
-            from ..fsutil import nbytes, need_space, write_failure
+            from bitnet_train.checkpoint.checkpointer import tensor_bytes
+            from bitnet_train.fsutil import nbytes, need_space, write_failure
 
             run_dir = Path(self._get_output_dir(trial=trial))
             ck = run_dir / f"checkpoint-{self.state.global_step}"
@@ -209,7 +209,7 @@ def summed_sft_trainer():
     class BitNetSFTTrainer(with_our_checkpoint_format(SFTTrainer)):
         """SFTTrainer whose loss is the *sum* of the per-token losses of a micro-batch's trained tokens
         (the 2B4T report's "summation instead of mean") when ``sum_loss`` is set, and which
-        distils from a teacher when ``distillation`` (a :class:`~bitnet_train.distill.Distillation`)
+        distils from a teacher when ``distillation`` (a :class:`~bitnet_train.training.distill.Distillation`)
         is set: cross-entropy, KD and relations over the tokens the loss counts, normalised as
         TRL normalises its loss (by the accumulated batch's trained tokens)."""
 
@@ -263,7 +263,7 @@ def trainer_resume_point(out: Path, resume: bool, stage: str):
 
 
 def _finish(trainer, tok, recipe, out: Path, stage: str, counter, t_start: float, result) -> dict:
-    from ..checkpoint import save_checkpoint
+    from bitnet_train.checkpoint.format import save_checkpoint
 
     model = trainer.model
     if hasattr(model, "module"):

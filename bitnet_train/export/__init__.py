@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..runtimes.llamacpp import has_ggml_type
-from .formats import (FORMATS, GGUF_QUANTS, GRAPHS, I2S_BLOCKS, TQ_BLOCK, Format, Graph, find, graph_for,
+from bitnet_train.runtimes.llamacpp import has_ggml_type
+from bitnet_train.export.formats import (FORMATS, GGUF_QUANTS, GRAPHS, I2S_BLOCKS, TQ_BLOCK, Format, Graph, find, graph_for,
                       graph_mismatches)
-from .source import CheckpointSource, ExportError
+from bitnet_train.errors import ExportError
+from bitnet_train.export.source import CheckpointSource
 
 RUNTIMES = ("llama.cpp", "ik_llama.cpp")  # --runtime: whose graph an F16/F32 GGUF targets
 
@@ -153,7 +154,7 @@ def export(checkpoint, fmt: str, out, log=print, **options) -> dict:
     cannot be made or that fails verification (then nothing is left at ``out``); with ``force`` a
     mismatched GGUF is kept and ``ok`` is False. A second export to the same ``out`` is refused while
     one runs."""
-    from ..fsutil import owned
+    from bitnet_train.fsutil import owned
 
     o = ExportOptions(**options)
     with owned(out, "export", inside=False):
@@ -161,9 +162,9 @@ def export(checkpoint, fmt: str, out, log=print, **options) -> dict:
 
 
 def _export(checkpoint, fmt_name: str, out: Path, o: ExportOptions, log) -> dict:
-    from ..fsutil import atomic_dir, atomic_path, clean_leftovers
-    from .source import load_tokenizer_for
-    from .verify import DEFAULT_PROBE, verify_export
+    from bitnet_train.fsutil import atomic_dir, atomic_path, clean_leftovers
+    from bitnet_train.export.source import load_tokenizer_for
+    from bitnet_train.export.verify import DEFAULT_PROBE, verify_export
 
     t0 = time.perf_counter()
     src = CheckpointSource(checkpoint)
@@ -254,14 +255,14 @@ def _check(src, fmt: Format, graph: Graph | None, o: ExportOptions) -> list[str]
 def _write(src, fmt: Format, graph: Graph | None, tmp: Path, tok, o: ExportOptions, bar) -> dict:
     """The writer of the format: transformers' packed layout, llama.cpp/bitnet.cpp's GGUF, or ik's."""
     if graph is None:
-        from .hf import write_hf
+        from bitnet_train.export.hf import write_hf
 
         return write_hf(src, tmp, tok, progress=bar)
     if fmt.runtime == "ik_llama.cpp":
-        from . import ik
+        from bitnet_train.export import ik
 
         return ik.write_ik(src, tmp, fmt.quant, tok, force=o.force, progress=bar)
-    from .gguf import write_gguf
+    from bitnet_train.export.gguf import write_gguf
 
     if fmt.quant == "q2_0" and not has_ggml_type("q2_0"):
         raise ExportError("--quant q2_0 needs a llama.cpp that has Q2_0: pip install 'llama-cpp-python>=0.3.36'")

@@ -34,10 +34,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ExportError
-from ..runtimes.bitnetcpp import GGML_TYPE_I2_S
-from ..runtimes.ikllama import GGML_TYPES as IK_TYPES
-from ..runtimes.llamacpp import GGML_TYPE_Q2_0
+from bitnet_train.errors import ExportError
+from bitnet_train.runtimes.bitnetcpp import GGML_TYPE_I2_S
+from bitnet_train.runtimes.ikllama import GGML_TYPES as IK_TYPES
+from bitnet_train.runtimes.llamacpp import GGML_TYPE_Q2_0
 
 TERNARY_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 

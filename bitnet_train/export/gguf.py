@@ -31,12 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from ..runtimes.base import strip_generation_tags
-from ..runtimes.bitnetcpp import FILE_TYPE_I2_S as I2S_FILE_TYPE
-from ..runtimes.bitnetcpp import GGML_TYPE_I2_S as I2S_TYPE
-from ..runtimes.llamacpp import FILE_TYPE_Q2_0, GGML_TYPE_Q2_0, ggml_quantize, ggml_row_bytes
-from .formats import GRAPHS, I2S_BLOCKS, ROW_BLOCKS, TQ_BLOCK, Graph
-from .source import CheckpointSource, ExportError
+from bitnet_train.runtimes.base import strip_generation_tags
+from bitnet_train.runtimes.bitnetcpp import FILE_TYPE_I2_S as I2S_FILE_TYPE
+from bitnet_train.runtimes.bitnetcpp import GGML_TYPE_I2_S as I2S_TYPE
+from bitnet_train.runtimes.llamacpp import FILE_TYPE_Q2_0, GGML_TYPE_Q2_0, ggml_quantize, ggml_row_bytes
+from bitnet_train.export.formats import GRAPHS, I2S_BLOCKS, ROW_BLOCKS, Graph
+from bitnet_train.errors import ExportError
+from bitnet_train.export.source import CheckpointSource
 
 ARCH = "bitnet"
 QUANTS = ("tq2_0", "tq1_0", "q2_0", "f16", "f32", "i2_s")
@@ -294,7 +295,7 @@ def _encode(
         arr = codes.numpy().astype(np.float32)
         del codes
     elif kind == "folded":
-        from ..quant import weight_dequant
+        from bitnet_train.quant import weight_dequant
 
         arr = weight_dequant(*src.ternary(key)).numpy()
     else:

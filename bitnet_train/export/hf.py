@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 
-from .source import CheckpointSource, ExportError
+from bitnet_train.errors import ExportError
+from bitnet_train.export.source import CheckpointSource
 
 LINEAR_CLASS = "bitlinear"
 
 
 def quantization_config(src: CheckpointSource) -> dict:
-    """The packed directory's ``quantization_config`` (built in :mod:`bitnet_train.checkpoint`)."""
-    from ..checkpoint import packed_quantization_config
+    """The packed directory's ``quantization_config`` (built in :mod:`bitnet_train.checkpoint.format`)."""
+    from bitnet_train.checkpoint.format import packed_quantization_config
 
     return packed_quantization_config(src.qc)
 
@@ -36,7 +37,7 @@ def write_hf(src: CheckpointSource, out: Path, tokenizer, max_shard_bytes: int =
     is called after each tensor."""
     from safetensors.torch import save_file
 
-    from ..quant import pack_hf
+    from bitnet_train.quant import pack_hf
 
     out = Path(out)
     dtype = getattr(torch, src.config.get("dtype") or src.config.get("torch_dtype") or "float32")

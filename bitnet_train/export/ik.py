@@ -31,11 +31,12 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from ..runtimes.base import default_threads
-from ..runtimes.gguf_header import read_header
-from ..runtimes.ikllama import GGML_TYPES, quantize_bin
-from .formats import GRAPHS, find
-from .source import CheckpointSource, ExportError
+from bitnet_train.runtimes.base import default_threads
+from bitnet_train.runtimes.gguf_header import read_header
+from bitnet_train.runtimes.ikllama import GGML_TYPES, quantize_bin
+from bitnet_train.export.formats import GRAPHS, find
+from bitnet_train.errors import ExportError
+from bitnet_train.export.source import CheckpointSource
 
 ARCH = "bitnet-25"
 QUANTS = ("iq2_bn", "iq2_bn_r4", "iq1_bn", "f16", "f32")
@@ -44,7 +45,7 @@ QUANTS = ("iq2_bn", "iq2_bn_r4", "iq1_bn", "f16", "f32")
 def write_ik(src: CheckpointSource, out: Path, quant: str, tokenizer, force: bool = False, progress=None,
              threads: int | None = None) -> dict:
     """Write ``src`` as an ik_llama.cpp GGUF at ``out`` (the caller makes it atomic)."""
-    from .gguf import write_gguf
+    from bitnet_train.export.gguf import write_gguf
 
     if quant not in QUANTS:
         raise ExportError(f"--quant {quant!r}: ik_llama.cpp formats are {', '.join(QUANTS)}")
@@ -78,6 +79,6 @@ def write_ik(src: CheckpointSource, out: Path, quant: str, tokenizer, force: boo
 
 
 def _ternary_names(src: CheckpointSource) -> list[tuple[str, str]]:
-    from .gguf import gguf_name
+    from bitnet_train.export.gguf import gguf_name
 
     return [(gguf_name(k), k) for k in src.keys() if src.is_ternary(k)]

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_config_json
-from ..errors import ExportError, UserError  # noqa: F401 - re-exported: bitnet_train.export.ExportError
+from bitnet_train.checkpoint.format import read_config_json
+from bitnet_train.errors import ExportError
 
 
 class CheckpointSource:
@@ -89,9 +89,9 @@ class CheckpointSource:
     # -- ternary layers -------------------------------------------------------------------------
     def _ternary_modules(self) -> set[str]:
         """Names of the layers the loader turns into BitLinear: the checkpoint loaded the one way
-        (:func:`bitnet_train.checkpoint.load_checkpoint`), on the meta device (no weights read)."""
-        from ..bitlinear import bitlinear_modules
-        from ..checkpoint import load_checkpoint
+        (:func:`bitnet_train.checkpoint.format.load_checkpoint`), on the meta device (no weights read)."""
+        from bitnet_train.modeling.bitlinear import bitlinear_modules
+        from bitnet_train.checkpoint.format import load_checkpoint
 
         model = load_checkpoint(self.path, device="meta", require_causal_lm=False)
         return {name for name, _ in bitlinear_modules(model)}
@@ -101,7 +101,7 @@ class CheckpointSource:
 
     def ternary(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Codes (int8) and scale (fp32 0-dim) of a ternary weight, from :func:`quant.weight_quant`."""
-        from ..quant import weight_quant
+        from bitnet_train.quant import weight_quant
 
         return weight_quant(self.tensor(key).float())
 
@@ -125,7 +125,7 @@ class CheckpointSource:
 
 def load_tokenizer_for(src: CheckpointSource, tokenizer: str | None = None):
     """The tokenizer saved with the checkpoint (or ``tokenizer``, a directory or hub name)."""
-    from ..tokenizer import load_tokenizer
+    from bitnet_train.data.tokenizer import load_tokenizer
 
     where = tokenizer or str(src.path)
     if tokenizer is None and not any((src.path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):

@@ -10,7 +10,7 @@ Metrics over all probe positions: relative error ``||runtime - ours|| / ||ours||
 agreement (share of positions whose argmax token is the same), against the format's
 :class:`~.formats.Tolerance` (measured figures in :mod:`.formats`). Reported beside them, not a gate: the
 probe's perplexity in both, ``exp(mean NLL)`` of its tokens ``ids[1:]`` from each side's own logits
-(float64 log-softmax, :func:`bitnet_train.nll.window_nll`, as ``bitnet-train eval`` sums it).
+(float64 log-softmax, :func:`bitnet_train.evaluation.nll.window_nll`, as ``bitnet-train eval`` sums it).
 
 A ReLU² model in llama.cpp or a ternary export with its scales dropped is far outside the tolerances
 (tested) — on a model whose layers matter: on a barely trained one (40 steps of the test model) the logits
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .formats import Format
-from .source import ExportError
+from bitnet_train.export.formats import Format
+from bitnet_train.errors import ExportError
 
 DEFAULT_PROBE = (
     "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
@@ -98,7 +98,7 @@ def rel_error(runtime: np.ndarray, ours: np.ndarray) -> float:
 def probe_perplexity(logits: np.ndarray, ids: list[int]) -> float:
     """exp(mean NLL) of ``ids[1:]`` from ``logits`` ``[len(ids), vocab]`` of the model fed ``ids``
     (position i predicts token i + 1; the last position predicts nothing here)."""
-    from ..nll import window_nll
+    from bitnet_train.evaluation.nll import window_nll
 
     logits = np.asarray(logits)
     if len(ids) < 2 or logits.shape[0] != len(ids):
@@ -133,7 +133,7 @@ def probe_ids(tokenizer, text: str, max_tokens: int = 128) -> list[int]:
 
 def our_logits(checkpoint: str | Path, ids: list[int]) -> np.ndarray:
     """Logits of the trainer's forward (BitLinear, torch backend, fp32)."""
-    from ..runtimes import OurForward
+    from bitnet_train.runtimes import OurForward
 
     with OurForward(checkpoint, backend="torch") as rt:
         return rt.logits(ids)
@@ -168,9 +168,9 @@ def emulated_logits(checkpoint: str | Path, ids: list[int], emulate: str) -> np.
     model, so the arithmetic of llama.cpp's TQ path is not reproduced exactly."""
     import torch
 
-    from ..bitlinear import bitlinear_modules
-    from ..quant import weight_quant
-    from ..runtimes import OurForward
+    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.quant import weight_quant
+    from bitnet_train.runtimes import OurForward
 
     if emulate not in EMULATIONS:
         raise ValueError(f"no emulation of a runtime's {emulate!r} arithmetic")
@@ -202,9 +202,9 @@ def runtime_probe(fmt: Format, path: Path, ids: list[int], text: str, tokenizer,
                   i2s_layout: str = "x86") -> tuple[np.ndarray, str] | None:
     """(the format's runtime's logits for ``ids`` from the export at ``path``, the tokenization verdict),
     or None (logged) when that runtime is not here to check in."""
-    from .. import runtimes as R
-    from ..runtimes import bitnetcpp, ikllama, isolated, llamacpp
-    from ..runtimes.base import same_tokens
+    from bitnet_train import runtimes as R
+    from bitnet_train.runtimes import bitnetcpp, ikllama, isolated, llamacpp
+    from bitnet_train.runtimes.base import same_tokens
 
     if fmt.runtime == "llama.cpp" and not llamacpp.available():
         log("verify: llama-cpp-python is not installed; the GGUF was NOT checked in llama.cpp "

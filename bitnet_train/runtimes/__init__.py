@@ -17,14 +17,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
-from .base import EngineError, Runtime
-from .bitnetcpp import FILE_TYPE_I2_S, GGML_TYPE_I2_S, BitnetCpp
-from .ikllama import ARCHS as IK_ARCHS
-from .ikllama import GGML_TYPES as IK_TYPES
-from .ikllama import IkLlama
-from .llamacpp import LlamaCpp
-from .torch_model import OurForward, StockTransformers, is_packed
+from bitnet_train.errors import UserError
+from bitnet_train.runtimes.base import EngineError, Runtime
+from bitnet_train.runtimes.bitnetcpp import FILE_TYPE_I2_S, GGML_TYPE_I2_S, BitnetCpp
+from bitnet_train.runtimes.ikllama import ARCHS as IK_ARCHS
+from bitnet_train.runtimes.ikllama import GGML_TYPES as IK_TYPES
+from bitnet_train.runtimes.ikllama import IkLlama
+from bitnet_train.runtimes.llamacpp import LlamaCpp
+from bitnet_train.runtimes.torch_model import OurForward, StockTransformers, is_packed
 
 ENGINES: dict[str, type[Runtime]] = {
     "bitnet-train": OurForward,
@@ -51,7 +51,7 @@ def gguf_engine(head: dict) -> str:
 def engine_for(model: str | Path) -> str:
     """The engine that computes ``model``: a ``.gguf`` by its header (:func:`gguf_engine`), a packed
     ``export --format hf`` directory in stock transformers, a checkpoint directory in our forward."""
-    from .gguf_header import summary
+    from bitnet_train.runtimes.gguf_header import summary
 
     p = Path(model)
     if p.is_file() and p.suffix == ".gguf":

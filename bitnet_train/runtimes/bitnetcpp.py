@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import EngineError, Runtime, default_threads, result
-from .gguf_header import CHAT_KEYS, chat_template, read_header
+from bitnet_train.runtimes.base import EngineError, Runtime, default_threads, result
+from bitnet_train.runtimes.gguf_header import CHAT_KEYS, chat_template, read_header
 
 GGML_TYPE_I2_S = 36  # GGML_TYPE_I2_S in bitnet.cpp's ggml.h
 FILE_TYPE_I2_S = 40  # LLAMA_FTYPE_MOSTLY_I2_S in bitnet.cpp's llama.h

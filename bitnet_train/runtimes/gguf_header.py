@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UserError
+from bitnet_train.errors import UserError
 
 
 def read_header(path: str | Path, keys=None) -> tuple[dict, list[tuple[str, tuple[int, ...], int]]]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import EngineError, Runtime, check_fits, default_threads, result, sample
-from .gguf_header import chat_template
+from bitnet_train.runtimes.base import EngineError, Runtime, check_fits, default_threads, result, sample
+from bitnet_train.runtimes.gguf_header import chat_template
 
 WHEEL = "ik-llama-cpp-python"
 ARCHS = ("bitnet-25", "bitnet-b1.58")  # the architectures ik_llama.cpp runs with its ReLU² graph

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import EngineError
+from bitnet_train.runtimes.base import EngineError
 
 
 def isolated_probe(engine: str, path: str | Path, ids: list[int], text: str | None = None,
@@ -37,7 +37,7 @@ def isolated_probe(engine: str, path: str | Path, ids: list[int], text: str | No
 
 
 def _child(job_file: str) -> int:
-    from . import ENGINES
+    from bitnet_train.runtimes import ENGINES
 
     job = json.loads(Path(job_file).read_text())
     ids = job["ids"]

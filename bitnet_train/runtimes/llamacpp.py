@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import EngineError, Runtime, check_fits, default_threads, result
-from .gguf_header import chat_template, summary
+from bitnet_train.runtimes.base import EngineError, Runtime, check_fits, default_threads, result
+from bitnet_train.runtimes.gguf_header import chat_template, summary
 
 
 class LlamaCpp(Runtime):

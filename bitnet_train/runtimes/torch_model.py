@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
-from .base import Runtime, check_fits, result
+from bitnet_train.errors import UserError
+from bitnet_train.runtimes.base import Runtime, check_fits, result
 
 
 class TorchModel(Runtime):
@@ -73,7 +73,7 @@ class TorchModel(Runtime):
     def nll(self, windows: list[tuple[list[int], int]]) -> list[float]:
         import torch
 
-        from ..nll import window_nll
+        from bitnet_train.evaluation.nll import window_nll
 
         out, pad = [], self.eos if self.eos is not None else 0
         with torch.no_grad(), torch._dynamo.config.patch(disable=True):
@@ -117,7 +117,7 @@ class TorchModel(Runtime):
 
 
 class OurForward(TorchModel):
-    """A bitnet-train checkpoint (or converted model) with :class:`~bitnet_train.bitlinear.BitLinear`
+    """A bitnet-train checkpoint (or converted model) with :class:`~bitnet_train.modeling.bitlinear.BitLinear`
     where it is ternary: the forward the trainer ran. ``backend``: BitLinear's (``torch`` is the
     reference; ``auto`` takes Triton on a GPU)."""
 
@@ -129,7 +129,7 @@ class OurForward(TorchModel):
         super().__init__(path, device, batch_size, threads)
 
     def _load(self):
-        from ..model import load_model
+        from bitnet_train.modeling.models import load_model
 
         return load_model(self.path, backend=self.backend)
 
@@ -148,7 +148,7 @@ class StockTransformers(TorchModel):
 
 def is_packed(path: str | Path) -> bool:
     """A packed BitNet directory (transformers' ``offline`` layout: 2-bit weights, no latent ones)."""
-    from ..checkpoint import read_config_json
+    from bitnet_train.checkpoint.format import read_config_json
 
     qc = read_config_json(Path(path)).get("quantization_config") or {}
     return qc.get("quant_method") == "bitnet" and qc.get("quantization_mode", "offline") != "online"

@@ -12,12 +12,12 @@
 Run on CPU with ``TRITON_INTERPRET=1`` (slow; tests only).
 """
 
-from .packing import from_hf_packed, pack_ternary, to_hf_packed, unpack_ternary
+from bitnet_train.kernels.packing import from_hf_packed, pack_ternary, to_hf_packed, unpack_ternary
 
 try:
-    from .autograd import bitlinear_triton, quantize_weight
-    from .matmul import ternary_matmul
-    from .quantize import act_quant, rmsnorm_act_quant, weight_codes, weight_quant, weight_scale
+    from bitnet_train.kernels.autograd import bitlinear_triton, quantize_weight
+    from bitnet_train.kernels.matmul import ternary_matmul
+    from bitnet_train.kernels.quantize import act_quant, rmsnorm_act_quant, weight_codes, weight_quant, weight_scale
 except ImportError as _err:  # triton not installed
     _IMPORT_ERROR = _err
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .matmul import _mm
-from .quantize import act_quant, check_act_codes, weight_codes, weight_scale
+from bitnet_train.kernels.matmul import _mm
+from bitnet_train.kernels.quantize import act_quant, check_act_codes, weight_codes, weight_scale
 
 # ---------------------------------------------------------------------------------------------
 # BitLinear autograd

@@ -187,7 +187,7 @@ def _matmul_table(args, tokens, shapes, device="cuda", timer=None) -> None:
 def _training_table(args, shapes, device="cuda", timer=None) -> None:
     import torch
 
-    from bitnet_train.bitlinear import BitLinear
+    from bitnet_train.modeling.bitlinear import BitLinear
 
     dev = torch.device(device)
     m = args.train_tokens

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .quantize import _DT_CODE, _interpret, _rint, act_quant, check_act_codes
+from bitnet_train.kernels.quantize import _DT_CODE, _interpret, _rint, act_quant, check_act_codes
 
 # ---------------------------------------------------------------------------------------------
 # int8 activations x ternary weights

@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from .documents import (jsonl_text, _CHUNK_CHARS, _TABLE_BATCH, BUILTIN_PYDOC, SkipCounter, _pydoc_documents,
+from bitnet_train.data.documents import (jsonl_text, _CHUNK_CHARS, _TABLE_BATCH, BUILTIN_PYDOC, SkipCounter, _pydoc_documents,
                         check_table_schemas, resolve_files)
-from .errors import DataError
+from bitnet_train.errors import DataError
 
 class Source:
     """One file of a local corpus (or the built-in corpus): its kind and length in units."""

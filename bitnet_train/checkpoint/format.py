@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from .bitlinear import BitLinear, bitlinear_modules, convert_to_bitlinear
-from .errors import CheckpointError
-from .fsutil import atomic_dir
+from bitnet_train.modeling.bitlinear import BitLinear, bitlinear_modules, convert_to_bitlinear
+from bitnet_train.errors import CheckpointError
+from bitnet_train.fsutil import atomic_dir
 
 QUANT_METHOD = "bitnet"
 

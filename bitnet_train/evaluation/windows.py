@@ -1,4 +1,4 @@
-"""Packed scoring windows, shared by ``bitnet-train eval`` (:mod:`bitnet_train.evaluate`) and the
+"""Packed scoring windows, shared by ``bitnet-train eval`` (:mod:`bitnet_train.evaluation.evaluate`) and the
 pretraining loop's validation: the token stream ``EOS doc1 EOS doc2 EOS ...`` cut into windows of
 ``seq_len + 1`` tokens that overlap by one, so that every token after the leading EOS is predicted
 once, each window from a fresh context; the last window may be shorter."""

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .errors import DataError
+from bitnet_train.errors import DataError
 
 BUILTIN_PYDOC = "builtin:pydoc"
 HF_PREFIX = "hf:"

@@ -4,8 +4,8 @@ the recipe distills), the training blocks, the state, the evaluator, the checkpo
 metrics log — and :func:`open_run` builds it, fresh or from the newest checkpoint. The model of a
 run is built in one place, :func:`build_model`; its tokenizer in one, :func:`run_tokenizer`.
 
-The loop (:mod:`bitnet_train.loop`) only reads a Run; the recipe schema and the command are
-:mod:`bitnet_train.train`.
+The loop (:mod:`bitnet_train.training.loop`) only reads a Run; the recipe schema and the command are
+:mod:`bitnet_train.training.pretrain`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .checkpointer import Checkpointer, TrainState
-from .errors import RecipeError
-from .loop import Evaluator
+from bitnet_train.checkpoint.checkpointer import Checkpointer, TrainState
+from bitnet_train.errors import RecipeError
+from bitnet_train.training.loop import Evaluator
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Run:
     tok: Any
     model: Any  # prepared by accelerate (DDP) or sharded with FSDP2
     opt: Any
-    objective: Any  # (model, batch) -> (loss, parts): :class:`~bitnet_train.distill.TokenLoss` or a Distillation
+    objective: Any  # (model, batch) -> (loss, parts): :class:`~bitnet_train.training.distill.TokenLoss` or a Distillation
     blocks: Iterator  # this rank's training blocks, from state.data_position on
     state: TrainState
     evaluate: Evaluator
@@ -52,7 +52,7 @@ class Run:
 
     def save(self, final: bool = False) -> Path:
         """A checkpoint (every rank calls it), the loss plot, and the ranks synchronised."""
-        from .metrics import plot_loss
+        from bitnet_train.training.metrics import plot_loss
 
         path = self.checkpointer.save(self.model, self.opt, self.state, final=final)
         if self.main:
@@ -81,12 +81,12 @@ def mixed_precision(t) -> str:
 
 def make_accelerator(t):
     """The Accelerator: process group, device, backward and the loop's collectives. Under FSDP
-    (:func:`bitnet_train.distributed.fsdp_requested`) the model is sharded by us, not by
+    (:func:`bitnet_train.training.distributed.fsdp_requested`) the model is sharded by us, not by
     ``prepare``, so accelerate gets neither mixed precision (FSDP2's policy does it) nor dynamo."""
     import torch
     from accelerate import Accelerator
 
-    from .distributed import fsdp_requested
+    from bitnet_train.training.distributed import fsdp_requested
 
     mp = mixed_precision(t)
     if fsdp_requested():
@@ -111,7 +111,7 @@ def _use_fsdp() -> bool:
     """FSDP2 when the launch asks for it and its process group is up (one launched process too)."""
     import torch.distributed as dist
 
-    from .distributed import fsdp_requested
+    from bitnet_train.training.distributed import fsdp_requested
 
     return fsdp_requested() and dist.is_available() and dist.is_initialized()
 
@@ -121,16 +121,16 @@ def _use_fsdp() -> bool:
 
 def run_tokenizer(recipe, acc, out: Path, ck: Path | None):
     """The run's tokenizer: a resumed run's from its checkpoint; a fresh run's from the recipe
-    (:func:`bitnet_train.data.make_tokenizer`). With several processes the main one makes it
+    (:func:`bitnet_train.data.config.make_tokenizer`). With several processes the main one makes it
     (a BPE trained on the data, or a download) and the others read its copy."""
-    from .data import make_tokenizer
-    from .tokenizer import load_tokenizer
+    from bitnet_train.data.config import make_tokenizer
+    from bitnet_train.data.tokenizer import load_tokenizer
 
     if ck is not None:
         return load_tokenizer(ck)
     if acc.num_processes == 1:
         return make_tokenizer(recipe.data, recipe.model)
-    from .fsutil import atomic_dir
+    from bitnet_train.fsutil import atomic_dir
 
     shared = out / "tokenizer"
     if acc.is_main_process:
@@ -143,18 +143,18 @@ def run_tokenizer(recipe, acc, out: Path, ck: Path | None):
 
 def build_model(recipe, tok, device, fsdp: bool, ck: Path | None = None):
     """The run's model, float32 on ``device``, sharded with FSDP2 when ``fsdp``: the recipe's
-    ``model:`` (:func:`bitnet_train.model.load_model`) for a fresh run, else checkpoint ``ck``.
+    ``model:`` (:func:`bitnet_train.modeling.models.load_model`) for a fresh run, else checkpoint ``ck``.
 
     A preset, and a sharded (``dcp/``) checkpoint, are built on the meta device and materialized
-    per rank (:func:`bitnet_train.distributed.materialize`: the same weights at any world size,
+    per rank (:func:`bitnet_train.training.distributed.materialize`: the same weights at any world size,
     each rank allocating only its shard; a sharded checkpoint's weights are read later with the
-    optimizer, :meth:`~bitnet_train.checkpointer.Checkpointer.prepare`). A whole checkpoint or an
+    optimizer, :meth:`~bitnet_train.checkpoint.checkpointer.Checkpointer.prepare`). A whole checkpoint or an
     ``hf:`` model is read whole, then sharded."""
     import torch
 
-    from .checkpoint import load_checkpoint
-    from .distributed import DCP_DIR, materialize, shard_model
-    from .model import load_model, model_kind
+    from bitnet_train.checkpoint.format import load_checkpoint
+    from bitnet_train.training.distributed import DCP_DIR, materialize, shard_model
+    from bitnet_train.modeling.models import load_model, model_kind
 
     if ck is None:
         on_meta = model_kind(recipe.model) == "preset"
@@ -195,14 +195,14 @@ def open_run(recipe, resume: bool, acc) -> Run:
     """Set a run up, fresh or from the newest checkpoint in ``output_dir`` (``resume``): the
     tokenizer, the model, the optimizer (restored with the RNGs), the objective, the data at its
     saved position, validation, the metrics log and wandb."""
-    from .checkpointer import check_resume_recipe, resume_point, seed_all
-    from .data import open_training_data
-    from .distill import make_objective
-    from .fsutil import clean_stale
-    from .metrics import MetricsLog, WandbLogger
-    from .optim import build_optimizer, init_adamw_state
-    from .recipe import resume_rules, to_dict
-    from .stream import HeldOut
+    from bitnet_train.checkpoint.checkpointer import check_resume_recipe, resume_point, seed_all
+    from bitnet_train.data.config import open_training_data
+    from bitnet_train.training.distill import make_objective
+    from bitnet_train.fsutil import clean_stale
+    from bitnet_train.training.metrics import MetricsLog, WandbLogger
+    from bitnet_train.training.optim import build_optimizer, init_adamw_state
+    from bitnet_train.recipe import resume_rules, to_dict
+    from bitnet_train.data.stream import HeldOut
 
     out, t = Path(recipe.output_dir), recipe.train
     world, rank, main = acc.num_processes, acc.process_index, acc.is_main_process
@@ -233,7 +233,7 @@ def open_run(recipe, resume: bool, acc) -> Run:
     opt = build_optimizer(model, t.lr, t.weight_decay)
     model, opt = ckpt.prepare(model, opt, ck)
     if ck is None:
-        init_adamw_state(opt)  # before the first forward, as a resumed run's (bitnet_train/optim.py)
+        init_adamw_state(opt)  # before the first forward, as a resumed run's (bitnet_train/training/optim.py)
 
     data = open_training_data(recipe.data, tok, recipe.seed, rank=rank, world_size=world)
     # the same validation windows at any world size: the first eval_batches global batches, one share per rank

@@ -1,4 +1,4 @@
-"""The ``torch`` backend of :class:`~bitnet_train.bitlinear.BitLinear`: its autograd function; and
+"""The ``torch`` backend of :class:`~bitnet_train.modeling.bitlinear.BitLinear`: its autograd function; and
 the shared activation codes of sibling projections (both backends).
 
 What the ``torch`` backend computes (``quant_lambda`` = 1):
@@ -27,7 +27,7 @@ What the ``torch`` backend computes (``quant_lambda`` = 1):
   exactly (``torch.equal``, tested).
 
 Shared inputs: q/k/v (and gate/up) projections that read the same tensor quantize it once
-(:func:`~bitnet_train.bitlinear.share_input_quantization`, applied by ``convert_to_bitlinear``; :class:`SharedActQuant`
+(:func:`~bitnet_train.modeling.bitlinear.share_input_quantization`, applied by ``convert_to_bitlinear``; :class:`SharedActQuant`
 below), on the ``torch`` backend and on the ``triton`` one (which hands the Triton ``act_quant``
 kernel's codes to ``bitlinear_triton``, or to the packed GEMV kernel when decoding more than
 ``GEMV_FUSED_QUANT_MAX_M`` rows; up to that many rows the GEMV kernel quantizes inside itself and
@@ -51,7 +51,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import quant
+from bitnet_train import quant
 
 
 class TorchBitLinearFn(torch.autograd.Function):
@@ -120,7 +120,7 @@ def _act_quantizer(backend: str):
     Triton kernel (``bitnet_train.kernels.autograd.act_quant``, the one ``bitlinear_triton`` calls
     when given no codes) for ``triton``. Looked up at call time."""
     if backend == "triton":
-        from .kernels import autograd as triton_ops
+        from bitnet_train.kernels import autograd as triton_ops
 
         return triton_ops.act_quant
     if backend != "torch":
@@ -164,7 +164,7 @@ class SharedActQuant:
 
 
 class WeightCodes:
-    """The cached ternary codes of one :class:`~bitnet_train.bitlinear.BitLinear`'s weight (the
+    """The cached ternary codes of one :class:`~bitnet_train.modeling.bitlinear.BitLinear`'s weight (the
     layer's ``weight_codes`` attribute; not part of the state dict, not copied by ``deepcopy``).
 
     Codes are computed once per weight version and reused by every forward until the weight
@@ -205,7 +205,7 @@ class WeightCodes:
     def track(self, source: torch.Tensor | None) -> None:
         """Key the codes on ``source``'s autograd version too: the tensor that the weight seen by
         ``forward`` is refilled from without a version bump of its own. FSDP2 is the case
-        (:func:`bitnet_train.distributed.shard_model` passes the sharded parameter): it all-gathers
+        (:func:`bitnet_train.training.distributed.shard_model` passes the sharded parameter): it all-gathers
         into the same unsharded tensor before every forward and preserves that tensor's version
         counter, while the optimizer step and a checkpoint load write the shard in place (a version
         bump). ``None`` stops tracking."""
@@ -229,7 +229,7 @@ class WeightCodes:
         key = self.key(w)
         if self.triton_entry is not None and self.triton_entry[0] == key:
             return self.triton_entry[1]
-        from .kernels import quantize_weight
+        from bitnet_train.kernels import quantize_weight
 
         value = quantize_weight(w)
         self.triton_entry = (key, value)
@@ -239,7 +239,7 @@ class WeightCodes:
         """2-bit packed codes of the current Triton codes (built on first use)."""
         key, (codes, _) = self.triton_entry
         if self.packed_entry is None or self.packed_entry[0] != key:
-            from .kernels import pack_ternary
+            from bitnet_train.kernels import pack_ternary
 
             self.packed_entry = (key, pack_ternary(codes))
         return self.packed_entry[1]

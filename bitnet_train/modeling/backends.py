@@ -1,7 +1,7 @@
-"""Which backend a :class:`~bitnet_train.bitlinear.BitLinear` runs: the names, the environment
+"""Which backend a :class:`~bitnet_train.modeling.bitlinear.BitLinear` runs: the names, the environment
 override and the rule of ``auto``.
 
-* ``torch``  — the PyTorch reference, always available (``bitlinear_autograd.TorchBitLinearFn``).
+* ``torch``  — the PyTorch reference, always available (``bitlinear_torch.TorchBitLinearFn``).
 * ``triton`` — the Triton kernels of :mod:`bitnet_train.kernels` (int8 forward, STE backward); CUDA
   tensors, or the CPU under ``TRITON_INTERPRET=1``.
 * ``auto``   — the fastest measured: ``torch`` for now (the Triton kernels are correct but not yet

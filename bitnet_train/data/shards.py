@@ -19,7 +19,7 @@ at the start of the stream up to the first EOS at or after ``data.val_tokens`` t
 documents the streaming reader holds out when no document is a ``.txt`` file); training block ``i``
 is the ``seq_len + 1`` tokens at ``train_start + i * (seq_len + 1)``, after them. Each epoch visits
 the training blocks in a permutation seeded by (seed, epoch): a
-:class:`~bitnet_train.blockorder.BlockPermutation`, a keyed Feistel network computed per index (O(1)
+:class:`~bitnet_train.data.block_order.BlockPermutation`, a keyed Feistel network computed per index (O(1)
 memory at any corpus size, where a materialized permutation of 4 T tokens' blocks takes gigabytes
 per rank). A training block is handed out as a 1-D ``numpy`` view of the memory map (no Python
 list); the loop copies a micro-batch of them into one tensor. In each round of ``world_size``
@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from .blockorder import BlockPermutation, DataPosition, check_rank
-from .documents import SkipCounter, encode_pieces, iter_piece_batches
-from .errors import DataError
+from bitnet_train.data.block_order import BlockPermutation, DataPosition, check_rank
+from bitnet_train.data.documents import SkipCounter, encode_pieces, iter_piece_batches
+from bitnet_train.errors import DataError
 
 INDEX = "index.json"
 FORMAT = "bitnet-train-tokens"
@@ -141,7 +141,7 @@ def write_token_dir(source: str, tokenizer, out, *, tokenizer_spec: str, text_fi
     processes (the parent reads the source and writes the shards, in order: the output is
     identical to ``workers=1``). A second writer of the same ``out`` is refused while one runs;
     what a killed one left there is removed first."""
-    from .fsutil import clean_leftovers, owned
+    from bitnet_train.fsutil import clean_leftovers, owned
 
     with owned(out, "tokenize", inside=False):
         clean_leftovers(out)
@@ -152,7 +152,7 @@ def write_token_dir(source: str, tokenizer, out, *, tokenizer_spec: str, text_fi
 
 def _write_token_dir(source: str, tokenizer, out, *, tokenizer_spec: str, text_field: str, split: str,
                      shard_tokens: int, dtype: str, batch: int, workers: int, progress: bool) -> dict:
-    from .fsutil import atomic_dir
+    from bitnet_train.fsutil import atomic_dir
 
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens {shard_tokens}: must be at least 1")
@@ -293,7 +293,7 @@ def tokenizer_for_token_dir(path, spec: str):
     """The tokenizer to train on a tokenized directory with, given the recipe's ``data.tokenizer``:
     the one saved in the directory when ``spec`` is the spec it was tokenized with (or that
     directory), else ``spec`` loaded (its fingerprint is checked by :class:`ShardData`)."""
-    from .tokenizer import load_tokenizer
+    from bitnet_train.data.tokenizer import load_tokenizer
 
     idx = read_index(path)
     saved = Path(path).expanduser() / TOKENIZER_DIR
@@ -383,9 +383,9 @@ class ShardData:
                         "holding out whole documents would leave nothing to train on; lower data.val_tokens")
 
     def validation(self):
-        """The held-out documents as packed windows (:class:`bitnet_train.stream.HeldOut`); the same
+        """The held-out documents as packed windows (:class:`bitnet_train.data.stream.HeldOut`); the same
         on every rank."""
-        from .stream import HeldOut, held_out_documents, pack_held_out
+        from bitnet_train.data.stream import HeldOut, held_out_documents, pack_held_out
 
         if self._held_out is None:
             if self.val_path:

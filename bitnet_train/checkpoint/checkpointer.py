@@ -4,7 +4,7 @@ pretraining, the :class:`TrainState` that is checkpointed and the :class:`Checkp
 saves and restores it with the model, the optimizer and the random number generators.
 
 A pretraining checkpoint ``OUTPUT_DIR/checkpoints/step-NNNNNN/`` is a model checkpoint
-(:mod:`bitnet_train.checkpoint`) plus ``optimizer.pt``, ``rng.pt`` and ``trainer_state.json``
+(:mod:`bitnet_train.checkpoint.format`) plus ``optimizer.pt``, ``rng.pt`` and ``trainer_state.json``
 (the :class:`TrainState`, the world size and the recipe), written atomically.
 """
 
@@ -18,8 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .blockorder import DataPosition, merge_positions
-from .errors import CheckpointError, RecipeError
+from bitnet_train.data.block_order import DataPosition, merge_positions
+from bitnet_train.errors import CheckpointError, RecipeError
 
 # OUTPUT_DIR/checkpoints/step-NNNNNN (pretraining) and OUTPUT_DIR/checkpoints/checkpoint-N (sft, dpo)
 PRETRAIN_CHECKPOINT = re.compile(r"^step-(\d{6,})$")
@@ -202,7 +202,7 @@ class Checkpointer:
     """Saves and restores a pretraining run under ``out`` through an ``accelerate`` Accelerator:
     every rank calls :meth:`save` (the gathers are collective), the main process writes.
 
-    A model sharded with FSDP2 (:mod:`bitnet_train.distributed`) is checkpointed sharded: each
+    A model sharded with FSDP2 (:mod:`bitnet_train.training.distributed`) is checkpointed sharded: each
     rank writes its shard of the model and the optimizer into ``dcp/`` (``torch.distributed.checkpoint``),
     the main process the config, tokenizer, RNG states and ``trainer_state.json``; ``final/`` is
     the model gathered parameter by parameter on the main process (never the optimizer)."""
@@ -215,8 +215,8 @@ class Checkpointer:
         """``acc.prepare(model, opt)`` (a model sharded with FSDP2 is used as it is), restoring the
         model and optimizer of a sharded checkpoint ``ck`` (``dcp/``, at any world size), or the
         optimizer of a whole one, and the RNGs (each at the point it must be restored at)."""
-        from .checkpoint import load_state_file
-        from .distributed import DCP_DIR, is_fsdp, load_sharded
+        from bitnet_train.checkpoint.format import load_state_file
+        from bitnet_train.training.distributed import DCP_DIR, is_fsdp, load_sharded
 
         self.fsdp = is_fsdp(model)
         sharded_ck = ck is not None and (Path(ck) / DCP_DIR).is_dir()
@@ -246,9 +246,9 @@ class Checkpointer:
         import torch
         from accelerate.utils import gather_object
 
-        from .checkpoint import save_checkpoint
-        from .errors import DiskFullError
-        from .fsutil import need_space
+        from bitnet_train.checkpoint.format import save_checkpoint
+        from bitnet_train.errors import DiskFullError
+        from bitnet_train.fsutil import need_space
 
         acc, world = self.acc, self.acc.num_processes
         ck_dir = self.out / "final" if final else self.out / "checkpoints" / f"step-{state.step:06d}"
@@ -271,7 +271,7 @@ class Checkpointer:
         else:
             state_dict = None
             if self.fsdp:  # final/: the model only, gathered one parameter at a time onto the main process's CPU
-                from .distributed import full_model_state_dict
+                from bitnet_train.training.distributed import full_model_state_dict
 
                 state_dict = full_model_state_dict(model)
             if not acc.is_main_process:
@@ -305,8 +305,8 @@ class Checkpointer:
         process adds the config, tokenizer and state files and puts the directory in place."""
         import torch.distributed as dist
 
-        from .checkpoint import save_checkpoint
-        from .distributed import DCP_DIR, save_sharded
+        from bitnet_train.checkpoint.format import save_checkpoint
+        from bitnet_train.training.distributed import DCP_DIR, save_sharded
 
         if not self.acc.is_main_process:
             name = [None]

@@ -34,7 +34,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .errors import CheckpointError
+from bitnet_train.errors import CheckpointError
 
 DCP_DIR = "dcp"
 

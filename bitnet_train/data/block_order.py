@@ -3,7 +3,7 @@ blocks: the position a checkpoint records and the ranks' shares.
 
 A position is ``taken`` (training blocks of all ranks handed out, the same on every rank) plus,
 for token shards, the ``epoch``, and for the stream, ``lanes``: each lane's state
-(:mod:`bitnet_train.stream`). Ranks hold the states of their own lanes; :func:`merge_positions`
+(:mod:`bitnet_train.data.stream`). Ranks hold the states of their own lanes; :func:`merge_positions`
 joins them into the one position a checkpoint saves. The token shards' per-epoch order is a
 :class:`BlockPermutation`."""
 

@@ -49,7 +49,7 @@ def load_tokenizer(name_or_path, what: str | None = None, error: type[Exception]
     :class:`~bitnet_train.errors.ModelSpecError`) names ``what`` (default: the path) and the cause."""
     from transformers import AutoTokenizer
 
-    from .errors import ModelSpecError
+    from bitnet_train.errors import ModelSpecError
 
     try:
         tok = AutoTokenizer.from_pretrained(str(name_or_path))

@@ -1,8 +1,8 @@
 """The BitNet model family: presets from ``configs/``, model construction, and model loading.
 
 The architecture is transformers' own BitNet (``BitNetForCausalLM``); we only swap its
-``nn.Linear`` layers for :class:`~bitnet_train.bitlinear.BitLinear`. Checkpoints (save and load)
-live in :mod:`bitnet_train.checkpoint`.
+``nn.Linear`` layers for :class:`~bitnet_train.modeling.bitlinear.BitLinear`. Checkpoints (save and load)
+live in :mod:`bitnet_train.checkpoint.format`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import yaml
 from transformers import BitNetConfig, BitNetForCausalLM, PreTrainedModel
 
-from .bitlinear import convert_to_bitlinear
-from .errors import ModelSpecError
+from bitnet_train.modeling.bitlinear import convert_to_bitlinear
+from bitnet_train.errors import ModelSpecError
 
 # keys a preset YAML may hold besides BitNetConfig's own fields
 _PRESET_META = {"description", "inherit"}
@@ -201,17 +201,17 @@ def load_model(
 
     ``quant``: ``"bitnet"`` (the default for presets and ``hf:``) or ``"none"``; for a checkpoint
     ``None`` takes it as it is, ``"none"`` refuses a ternary one and ``"bitnet"`` converts a
-    full-precision one like ``hf:`` does. ``convert`` (a :class:`~bitnet_train.convert.ConvertConfig`)
+    full-precision one like ``hf:`` does. ``convert`` (a :class:`~bitnet_train.modeling.convert.ConvertConfig`)
     holds the exclusions and the RMSNorm switch of such a conversion. ``tokenizer``: a preset takes
     its vocabulary and special tokens; a loaded model must have an embedding for each of its tokens.
     ``seed`` seeds a preset's initialisation.
     ``checkpoint_only`` refuses presets (``what`` names the recipe key in that error).
     ``device="meta"``: the architecture only (no weights read), for figures. Other keyword
-    arguments go to the builder (:func:`build_model`, :func:`~bitnet_train.checkpoint.load_checkpoint`
-    or :func:`~bitnet_train.convert.load_hf_converted`).
+    arguments go to the builder (:func:`build_model`, :func:`~bitnet_train.checkpoint.format.load_checkpoint`
+    or :func:`~bitnet_train.modeling.convert.load_hf_converted`).
     """
-    from .bitlinear import bitlinear_modules
-    from .errors import RecipeError
+    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.errors import RecipeError
 
     spec = str(preset_or_path)
     kind = model_kind(spec)
@@ -219,7 +219,7 @@ def load_model(
         raise RecipeError(f"{what}: {spec!r} is not a checkpoint directory (or hf:<model>)")
     c = convert
     if kind == "hf":
-        from .convert import load_hf_converted
+        from bitnet_train.modeling.convert import load_hf_converted
 
         if quant is not None:
             kwargs["quant"] = quant
@@ -228,14 +228,14 @@ def load_model(
                           sub_norm=c.sub_norm, sub_norm_init=c.sub_norm_init)
         model = load_hf_converted(spec[3:], backend=backend, device=device, **kwargs)
     elif kind == "checkpoint":
-        from .checkpoint import load_checkpoint
+        from bitnet_train.checkpoint.format import load_checkpoint
 
         model = load_checkpoint(Path(spec), backend=backend, device=device, **kwargs)
         if quant == "none" and model.config.bitnet_train.get("quant") == "bitnet":
             raise RecipeError(f"quant: none, but model {spec!r} is a ternary checkpoint")
         if quant == "bitnet" and not bitlinear_modules(model):
             # a full-precision checkpoint fine-tuned into ternary: convert it like hf:<dir>
-            from .convert import convert_model, sub_norm_sample, with_sub_norms
+            from bitnet_train.modeling.convert import convert_model, sub_norm_sample, with_sub_norms
 
             if c is not None and c.sub_norm:
                 model = with_sub_norms(model, where=f"model {spec!r}",

@@ -1,11 +1,11 @@
 """``bitnet-train pretrain RECIPE.yaml [--set key=value ...] [--resume]``: the pretraining recipe
 (its schema, :class:`PretrainRecipe`) and the command. A run's pieces (tokenizer, model,
-optimizer, objective, data, the checkpoint it resumes from) are built by :mod:`bitnet_train.run`,
-the loop is :mod:`bitnet_train.loop`, the checkpoints :mod:`bitnet_train.checkpointer`.
+optimizer, objective, data, the checkpoint it resumes from) are built by :mod:`bitnet_train.training.run`,
+the loop is :mod:`bitnet_train.training.loop`, the checkpoints :mod:`bitnet_train.checkpoint.checkpointer`.
 
 On ``accelerate``: one process (CPU, or one GPU), or several started by ``accelerate launch``
 (DDP; FSDP2 with ``--use_fsdp`` or an accelerate config that selects FSDP: we then shard the
-model ourselves with ``fully_shard``, on the CPU too, see :mod:`bitnet_train.distributed`). A
+model ourselves with ``fully_shard``, on the CPU too, see :mod:`bitnet_train.training.distributed`). A
 preset is built on the meta device and materialized per rank from the seed: the same weights at
 any world size. bf16 autocast on GPUs, fp32 on the CPU (``train.mixed_precision``). AdamW (betas
 0.9/0.95), a warm-up + cosine or the 2B4T two-stage LR schedule with an optional weight-decay
@@ -36,14 +36,14 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-from .errors import DataError, RecipeError, TrainingError, UserError
-from .recipe import load_recipe
-from .metrics import WandbConfig
-from .schedule import stage2_step
-from .data import DataConfig
-from .warmup import QuantWarmupConfig
-from .convert import ConvertConfig
-from .distill import DistillConfig
+from bitnet_train.errors import DataError, RecipeError, TrainingError, UserError
+from bitnet_train.recipe import load_recipe
+from bitnet_train.training.metrics import WandbConfig
+from bitnet_train.training.schedule import stage2_step
+from bitnet_train.data.config import DataConfig
+from bitnet_train.training.quant_warmup import QuantWarmupConfig
+from bitnet_train.modeling.convert import ConvertConfig
+from bitnet_train.training.distill import DistillConfig
 
 
 # ----------------------------------------------------------------------------- recipe schema
@@ -132,15 +132,15 @@ def load_pretrain_recipe(path, overrides=None) -> PretrainRecipe:
 
 
 def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | None = None, progress: bool = True) -> dict:
-    """Run (or resume) a pretraining recipe: :func:`~bitnet_train.run.open_run`, then
-    :func:`~bitnet_train.loop.train_loop`, then ``final/``. Returns a summary dict.
+    """Run (or resume) a pretraining recipe: :func:`~bitnet_train.training.run.open_run`, then
+    :func:`~bitnet_train.training.loop.train_loop`, then ``final/``. Returns a summary dict.
 
     ``stop_after`` (for tests) acts like a SIGINT after that optimizer step: save and return.
     """
     from transformers.utils import logging as hf_logging
 
-    from .fsutil import owned
-    from .run import make_accelerator, reset_accelerate
+    from bitnet_train.fsutil import owned
+    from bitnet_train.training.run import make_accelerator, reset_accelerate
 
     was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars would break ours
@@ -157,8 +157,8 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | Non
 def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress: bool, acc) -> dict:
     from tqdm.auto import tqdm
 
-    from .loop import StopSignal, train_loop
-    from .run import open_run
+    from bitnet_train.training.loop import StopSignal, train_loop
+    from bitnet_train.training.run import open_run
 
     run = open_run(recipe, resume, acc)
     bar = tqdm(total=recipe.train.max_steps, initial=run.state.step, desc="pretrain", unit="step",
@@ -178,7 +178,7 @@ def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, prog
     summary["final"] = str(run.out / "final")
     w = recipe.quant_warmup.steps
     if recipe.quant == "bitnet" and run.state.step < w and run.main:
-        from .warmup import quant_lambda_at
+        from bitnet_train.training.quant_warmup import quant_lambda_at
 
         print(f"pretrain: warning: final/ was saved at step {run.state.step}, before the quantization warm-up's "
               f"{w} steps ended (the last step trained at quant_lambda {quant_lambda_at(run.state.step - 1, recipe.quant_warmup):.2f}); "

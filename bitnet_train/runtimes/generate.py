@@ -37,7 +37,7 @@ def register(sub) -> None:
 
 
 def cmd_generate(args) -> int:
-    from .errors import UserError
+    from bitnet_train.errors import UserError
 
     if args.chat:
         return _chat_cli(args)
@@ -78,7 +78,7 @@ def chat(
 
 
 def _chat_cli(args) -> int:
-    from .errors import UserError
+    from bitnet_train.errors import UserError
 
     with open_runtime(args.model, args.threads, args.bitnet_cpp) as rt:
         messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -118,6 +118,6 @@ def open_runtime(model, threads: int | None = None, bitnet_cpp: str | None = Non
     thread unless ``threads`` says otherwise."""
     import os
 
-    from .runtimes import open_model
+    from bitnet_train.runtimes import open_model
 
     return open_model(model, threads=threads or os.cpu_count(), bitnet_cpp=bitnet_cpp)

@@ -28,7 +28,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from .errors import RecipeError
+from bitnet_train.errors import RecipeError
 
 
 @dataclass
@@ -270,7 +270,7 @@ def load_teacher(cfg: DistillConfig, device):
     """The teacher of ``cfg``: frozen, eval mode, on ``device`` in ``teacher_dtype``."""
     import torch
 
-    from .model import load_model
+    from bitnet_train.modeling.models import load_model
 
     dtype = cfg.teacher_dtype
     if dtype == "auto":
@@ -338,7 +338,7 @@ def make_objective(recipe, student, tok, device, announce: bool = True, stage: s
     teacher = load_teacher(cfg, device)
     check_teacher(cfg, teacher, student, tok)
     src = cfg.teacher[3:] if cfg.teacher.startswith("hf:") else cfg.teacher
-    from .tokenizer import load_tokenizer
+    from bitnet_train.data.tokenizer import load_tokenizer
 
     try:
         t_tok = load_tokenizer(src)

@@ -1,11 +1,11 @@
 """The pretraining loop, as components: an :class:`Evaluator` (validation loss of the ternary
 model), :func:`train_step` (one optimizer step over ``grad_accum`` micro-batches),
 :class:`StopSignal` (SIGINT/SIGTERM, or ``stop_after`` in tests, agreed on by every rank) and
-:func:`train_loop`, which runs them on a :class:`~bitnet_train.run.Run` from its state to
+:func:`train_loop`, which runs them on a :class:`~bitnet_train.training.run.Run` from its state to
 ``max_steps`` and checkpoints on the way.
 
 Setting up (tokenizer, model, optimizer, objective, data, restoring a checkpoint) is
-:func:`bitnet_train.run.open_run`'s; this module reads the Run it builds.
+:func:`bitnet_train.training.run.open_run`'s; this module reads the Run it builds.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import math
 import signal
 import time
 
-from .errors import TrainingError
-from .schedule import lr_at, weight_decay_at
+from bitnet_train.errors import TrainingError
+from bitnet_train.training.schedule import lr_at, weight_decay_at
 
 
 def _next_batch(blocks, batch_size: int, device):
@@ -44,7 +44,7 @@ def _token_loss_sum(model, x):
 
 class Evaluator:
     """Validation: mean next-token loss (nats/token) over the held-out windows
-    (:class:`~bitnet_train.stream.HeldOut`, packed as ``bitnet-train eval`` packs), each rank
+    (:class:`~bitnet_train.data.stream.HeldOut`, packed as ``bitnet-train eval`` packs), each rank
     scoring windows ``rank, rank + world, ...`` of the first ``limit`` (None: all), summed over
     ranks; None when there are none. ``bits_per_byte`` is set when every window was scored and the
     text's bytes are known: NLL / ln 2 / UTF-8 bytes, as ``eval`` reports it.
@@ -65,7 +65,7 @@ class Evaluator:
 
         if not self.any:
             return None
-        from .warmup import fully_quantized
+        from bitnet_train.training.quant_warmup import fully_quantized
 
         acc = self.acc
         model.eval()
@@ -96,8 +96,8 @@ def train_step(run) -> tuple[dict, float]:
     objective's loss parts, averaged like the loss) and its (global mean) loss."""
     import torch
 
-    from .distributed import clip_grad_norm, is_fsdp, set_gradient_sync
-    from .warmup import apply_warmup
+    from bitnet_train.training.distributed import clip_grad_norm, is_fsdp, set_gradient_sync
+    from bitnet_train.training.quant_warmup import apply_warmup
 
     recipe, acc, model, opt, state = run.recipe, run.acc, run.model, run.opt, run.state
     t, world = recipe.train, acc.num_processes

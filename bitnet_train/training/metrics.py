@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RecipeError
+from bitnet_train.errors import RecipeError
 
 
 @dataclass
@@ -38,7 +38,7 @@ def plot_loss(metrics_path: Path, png_path: Path) -> Path | None:
     except ImportError:
         print("pretrain: matplotlib not installed, no loss-curve PNG (pip install matplotlib)", file=sys.stderr)
         return None
-    from .fsutil import atomic_path
+    from bitnet_train.fsutil import atomic_path
 
     recs = [json.loads(ln) for ln in Path(metrics_path).read_text().splitlines() if ln.strip()]
     train = [(r["step"], r["loss"]) for r in recs if r.get("loss") is not None]

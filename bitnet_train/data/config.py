@@ -1,5 +1,5 @@
 """Pretraining data: local files or hub datasets read as a stream, tokenized, packed — or a
-corpus pre-tokenized by ``bitnet-train tokenize`` (see :mod:`bitnet_train.shards`).
+corpus pre-tokenized by ``bitnet-train tokenize`` (see :mod:`bitnet_train.data.shards`).
 
 ``data.path`` is one of:
 
@@ -11,7 +11,7 @@ corpus pre-tokenized by ``bitnet-train tokenize`` (see :mod:`bitnet_train.shards
 * ``builtin:pydoc``: CPython's ``pydoc_data.topics`` help texts — a few hundred KB of English
   shipped with Python, so the tiny recipe needs no download;
 * a directory written by ``bitnet-train tokenize`` (it holds ``index.json``): token shards read
-  with random access (:class:`bitnet_train.shards.ShardData`).
+  with random access (:class:`bitnet_train.data.shards.ShardData`).
 
 Nothing is loaded whole: a ``.txt`` file is one document read in line chunks; in a ``.jsonl``
 file each line is an object whose ``data.text_field`` is one document; ``.parquet`` files are read
@@ -22,7 +22,7 @@ field/column, invalid UTF-8, an empty file or a path that matches nothing is a :
 naming the file.
 
 Documents are tokenized, joined with EOS and cut into blocks of ``seq_len + 1`` tokens, read in
-``data.lanes`` contiguous lanes interleaved block by block (:mod:`bitnet_train.stream`): the block
+``data.lanes`` contiguous lanes interleaved block by block (:mod:`bitnet_train.data.stream`): the block
 order depends only on the data, the seed and ``data.lanes`` — not on the world size — and rank
 ``r`` trains on blocks ``r, r + world, ...`` of it, reading only the lanes those come from. The
 checkpointed position says where each lane stands (file, byte or record offset, token offset);
@@ -31,7 +31,7 @@ resuming seeks there.
 Validation is whole documents, read once and never trained on: ``data.val_path`` (anything
 ``data.path`` accepts; its first ``data.val_tokens`` tokens of whole documents, all of it when 0),
 or else the documents at the start of ``data.path`` up to ``data.val_tokens`` tokens, which
-training then skips. It is packed and scored as ``bitnet-train eval`` packs (:mod:`bitnet_train.windows`).
+training then skips. It is packed and scored as ``bitnet-train eval`` packs (:mod:`bitnet_train.evaluation.windows`).
 """
 
 from __future__ import annotations
@@ -40,23 +40,10 @@ import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from .blockorder import DataPosition, check_rank  # noqa: F401 - re-exported
-from .documents import (  # noqa: F401 - re-exported
-    BUILTIN_PYDOC,
-    DATA_SUFFIXES,
-    HF_PREFIX,
-    SkipCounter,
-    check_table_schemas,
-    encode_pieces,
-    iter_documents,
-    iter_piece_batches,
-    iter_pieces,
-    parse_hf_spec,
-    resolve_files,
-)
-from .errors import DataError, RecipeError, UserError
-from .shards import DEFAULT_SHARD_TOKENS, ShardData, is_token_dir, tokenizer_for_token_dir, write_token_dir
-from .stream import PackedData, iter_blocks, iter_token_batches, prefetched  # noqa: F401 - re-exported
+from bitnet_train.data.documents import HF_PREFIX, iter_documents, parse_hf_spec
+from bitnet_train.data.stream import PackedData
+from bitnet_train.errors import DataError, RecipeError, UserError
+from bitnet_train.data.shards import DEFAULT_SHARD_TOKENS, ShardData, is_token_dir, tokenizer_for_token_dir, write_token_dir
 
 BPE_SAMPLE_CHARS = 8_000_000
 
@@ -113,7 +100,7 @@ def make_tokenizer(cfg: DataConfig, model: str | None = None):
     embeddings), and any other ``bpe:`` is an error."""
     from dataclasses import fields
 
-    from .tokenizer import load_tokenizer, train_bpe
+    from bitnet_train.data.tokenizer import load_tokenizer, train_bpe
 
     spec = cfg.tokenizer
     if model is not None and model.startswith("hf:") and spec.startswith("bpe:"):
@@ -135,11 +122,11 @@ def make_tokenizer(cfg: DataConfig, model: str | None = None):
 
 def open_training_data(cfg: DataConfig, tokenizer, seed: int, rank: int = 0, world_size: int = 1):
     """The training data a recipe's ``data`` section describes, as seen by one rank: an object
-    with ``validation()`` (a :class:`~bitnet_train.stream.HeldOut`) and ``train_blocks(pos)``.
+    with ``validation()`` (a :class:`~bitnet_train.data.stream.HeldOut`) and ``train_blocks(pos)``.
     The one entry point the loop uses.
 
     A directory written by ``bitnet-train tokenize`` is read with random access
-    (:class:`~bitnet_train.shards.ShardData`, after checking ``tokenizer`` is the one it was
+    (:class:`~bitnet_train.data.shards.ShardData`, after checking ``tokenizer`` is the one it was
     tokenized with); anything else is streamed (:class:`PackedData`)."""
     if is_token_dir(cfg.path):
         return ShardData(cfg.path, tokenizer, cfg.seq_len, seed, rank=rank, world_size=world_size,
@@ -152,7 +139,7 @@ def open_training_data(cfg: DataConfig, tokenizer, seed: int, rank: int = 0, wor
 
 
 def register(sub) -> None:
-    """``bitnet-train tokenize``: write a corpus as token shards (:mod:`bitnet_train.shards`)."""
+    """``bitnet-train tokenize``: write a corpus as token shards (:mod:`bitnet_train.data.shards`)."""
     p = sub.add_parser(
         "tokenize",
         help="pre-tokenize a corpus into memory-mapped token shards",

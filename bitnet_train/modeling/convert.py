@@ -1,9 +1,9 @@
 """``bitnet-train convert HF_MODEL --out DIR``: turn a Hugging Face causal LM into a ternary model.
 
 Every eligible ``nn.Linear`` (attention and MLP projections, fused ones included) becomes a
-:class:`~bitnet_train.bitlinear.BitLinear` holding the same latent weights; embeddings, norms and
+:class:`~bitnet_train.modeling.bitlinear.BitLinear` holding the same latent weights; embeddings, norms and
 the output head stay full precision (more with ``--exclude``). The result is a checkpoint in our
-format (:mod:`bitnet_train.checkpoint`): stock transformers loads it with the same quantized
+format (:mod:`bitnet_train.checkpoint.format`): stock transformers loads it with the same quantized
 semantics through its ``quantization_config`` (``quant_method: bitnet``,
 ``linear_class: autobitlinear``, ``quantization_mode: online``, ``use_rms_norm`` for the optional
 RMSNorm on every BitLinear input).
@@ -11,7 +11,7 @@ RMSNorm on every BitLinear input).
 A recipe reaches the same code with ``model: hf:<dir or hub id>`` (converted on load, see
 :func:`load_hf_converted`); the ``convert:`` recipe keys (:class:`ConvertConfig`) hold the
 exclusion list and the RMSNorm switch. Naive conversion loses most of what the model knew; the
-quantization warm-up (``quant_warmup``, :mod:`bitnet_train.warmup`) and a short fine-tune bring
+quantization warm-up (``quant_warmup``, :mod:`bitnet_train.training.quant_warmup`) and a short fine-tune bring
 it back (docs/performance.md, "Quantization-aware fine-tuning").
 """
 
@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelSpecError
+from bitnet_train.errors import ModelSpecError
 
 
 @dataclass
@@ -95,7 +95,7 @@ def calibration_ids(tokenizer, tokens: int = 2048, seq_len: int = 256):
     pydoc topics, as ``data.path: builtin:pydoc``): the sample :func:`with_sub_norms` calibrates on."""
     import torch
 
-    from .documents import BUILTIN_PYDOC, iter_documents
+    from bitnet_train.data.documents import BUILTIN_PYDOC, iter_documents
 
     ids: list[int] = []
     for doc in iter_documents(BUILTIN_PYDOC, max_chars=tokens * 8):
@@ -131,7 +131,7 @@ def sub_norm_sample(src, model, init: str):
     tokenized with the tokenizer saved beside model ``src``."""
     if init == "ones" or next(model.parameters()).is_meta:
         return None
-    from .tokenizer import load_tokenizer
+    from bitnet_train.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(src, what=f"model {str(src)!r} (sub_norm_init: calibrated tokenizes a sample with its "
                                    "tokenizer; sub_norm_init: ones needs none)")
@@ -214,7 +214,7 @@ def _rms_eps(model, rms_norm_eps):
 def convert_model(model, exclude=(), use_rms_norm: bool = False, rms_norm_eps: float | None = None,
                   backend: str = "auto", where: str = "model", include=None) -> list[str]:
     """Convert a loaded full-precision model in place; errors (ModelSpecError) name the module."""
-    from .bitlinear import convert_to_bitlinear
+    from bitnet_train.modeling.bitlinear import convert_to_bitlinear
 
     try:
         return convert_to_bitlinear(
@@ -275,8 +275,8 @@ def convert_hf(
     (atomically). Returns a summary: converted and full-precision module names, parameters."""
     import torch
 
-    from .checkpoint import save_checkpoint
-    from .tokenizer import load_tokenizer
+    from bitnet_train.checkpoint.format import save_checkpoint
+    from bitnet_train.data.tokenizer import load_tokenizer
 
     model = load_hf_converted(src, exclude=exclude, use_rms_norm=use_rms_norm, rms_norm_eps=rms_norm_eps,
                               dtype=dtype, include=include, sub_norm=sub_norm,
@@ -288,7 +288,7 @@ def convert_hf(
         except ModelSpecError as e:
             print(f"convert: note: {e}; the checkpoint is written without a tokenizer", file=sys.stderr)
     kept = sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)
-    from .bitlinear import bitlinear_modules
+    from bitnet_train.modeling.bitlinear import bitlinear_modules
 
     bit = bitlinear_modules(model)
     n_bit = sum(m.weight.numel() for _, m in bit)

@@ -2,7 +2,7 @@
 
 MODEL: a checkpoint directory (our BitLinear forward), a packed ``export --format hf`` directory (stock
 transformers) or a ``.gguf`` in the runtime that computes it (:func:`bitnet_train.runtimes.engine_for`). DATA:
-anything ``data.path`` accepts (:mod:`bitnet_train.documents`), each piece tokenized alone as in training.
+anything ``data.path`` accepts (:mod:`bitnet_train.data.documents`), each piece tokenized alone as in training.
 Every token is predicted once, NLL summed in float64. Packed (default): the training stream ``EOS doc1 EOS
 doc2 EOS ...`` in windows of ``seq_len`` predictions, each from a fresh context (EOS tokens are predicted
 too, as in training's loss). ``--per-document``: each document alone, its first token conditioned on EOS,
@@ -18,9 +18,9 @@ import os
 import time
 from pathlib import Path
 
-from .errors import DataError, UserError
-from .runtimes.base import Runtime
-from .windows import Packer
+from bitnet_train.errors import DataError, UserError
+from bitnet_train.runtimes.base import Runtime
+from bitnet_train.evaluation.windows import Packer
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_len: int):
@@ -41,7 +41,7 @@ def rolling_windows(tokens: list[int], prefix: int, max_len: int):
 
 def _documents(rt: Runtime, spec: str, text_field: str, split: str):
     """(pieces, token lists) of each document; a .txt file's line chunks are one document."""
-    from .documents import iter_piece_batches
+    from bitnet_train.data.documents import iter_piece_batches
 
     doc, ids = [], []  # the texts and token lists of the document being read
     for batch in iter_piece_batches(spec, text_field, split, batch=16):
@@ -122,7 +122,7 @@ def evaluate(model: str, data: str, seq_len: int | None = None, per_document: bo
              max_tokens: int | None = None, text_field: str = "text", split: str = "train", device: str | None = None,
              batch_size: int = 8, threads: int | None = None, progress: bool = True) -> dict:
     """Score ``data`` under ``model``; returns the figures ``--json`` prints."""
-    from .documents import resolve_files
+    from bitnet_train.data.documents import resolve_files
 
     rt = None
     try:
@@ -145,7 +145,7 @@ def evaluate(model: str, data: str, seq_len: int | None = None, per_document: bo
 def _open(model: str, n_ctx: int | None, device: str, batch_size: int, threads: int | None) -> Runtime:
     """``model`` in the engine that computes it, with every position's logits and an EOS to separate
     documents with."""
-    from .runtimes import engine_for, open_model
+    from bitnet_train.runtimes import engine_for, open_model
 
     engine = engine_for(model)
     if engine == "bitnet.cpp":
@@ -172,7 +172,7 @@ def run_tasks(model: str, tasks: list[str], num_fewshot: int | None = None, limi
     """lm-evaluation-harness (``simple_evaluate``, model ``hf``: stock transformers) on a checkpoint or
     packed export; a task is a registered name or a task YAML file. Writes the results JSON atomically
     to ``output`` (default ``MODEL.lm-eval.json`` beside MODEL); returns (results, that path)."""
-    from .checkpoint import read_config_json
+    from bitnet_train.checkpoint.format import read_config_json
 
     p = Path(model)
     if not p.is_dir():
@@ -186,8 +186,8 @@ def run_tasks(model: str, tasks: list[str], num_fewshot: int | None = None, limi
         raise UserError("--tasks needs lm-evaluation-harness: pip install 'bitnet-train[eval]'") from None
     import torch
 
-    from .fsutil import atomic_path
-    from .tokenizer import load_tokenizer
+    from bitnet_train.fsutil import atomic_path
+    from bitnet_train.data.tokenizer import load_tokenizer
 
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     tm = TaskManager(include_path=sorted({str(Path(t).resolve().parent) for t in tasks if Path(t).is_file()}) or None)

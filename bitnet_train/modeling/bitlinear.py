@@ -1,12 +1,12 @@
 """BitLinear and the converter that swaps a built model's ``nn.Linear`` layers for it.
 
 The quantization math lives in :mod:`bitnet_train.quant`; this file only wires it into a layer.
-Which backend runs (``torch``, ``triton``, ``auto``): :mod:`bitnet_train.backends`. The backend is
+Which backend runs (``torch``, ``triton``, ``auto``): :mod:`bitnet_train.modeling.backends`. The backend is
 set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model) and resolved once per
 layer and device type — at its first forward after construction, ``set_backend``, an assignment to
 ``.backend`` or a move (``.to``) — not per forward.
 
-What the ``torch`` backend computes, and why: :mod:`bitnet_train.bitlinear_autograd`, with the
+What the ``torch`` backend computes, and why: :mod:`bitnet_train.modeling.bitlinear_torch`, with the
 layer's parts: the shared activation codes (q/k/v, gate/up; both backends) and the weight codes'
 cache. The layer's state and its forward paths: :class:`BitLinear`'s docstring.
 """
@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import quant
-from .backends import check_backend, resolve_backend
-from .bitlinear_autograd import BitLinearRMSNorm, SharedActQuant, TorchBitLinearFn, WeightCodes
+from bitnet_train import quant
+from bitnet_train.modeling.backends import check_backend, resolve_backend
+from bitnet_train.modeling.bitlinear_torch import BitLinearRMSNorm, SharedActQuant, TorchBitLinearFn, WeightCodes
 
 # Modules never converted: embeddings and norms are not nn.Linear; the output head is.
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "output", "score", "classifier")
@@ -35,7 +35,7 @@ SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 # these defaults (keyword arguments of BitLinear, or set_switches(model, ...) for a built model).
 SWITCHES = {
     # training forwards (autograd recording) without autocast compute the exact integer product too;
-    # False keeps stock transformers' fake-quant arithmetic there (bitlinear_autograd's notes)
+    # False keeps stock transformers' fake-quant arithmetic there (bitlinear_torch's notes)
     "exact_training_forward": True,
     # True: training keeps no weight codes between forward and backward (the backward quantizes the
     # saved latent weight again): a quarter of the fp32 linear weights less memory at the activation
@@ -163,7 +163,7 @@ class BitLinear(nn.Linear):
 
     def init_buffers(self) -> None:
         """Fill the buffers from the layer's Python state (called by the meta-device build,
-        :func:`bitnet_train.distributed.materialize`, which gives buffers fresh storage)."""
+        :func:`bitnet_train.training.distributed.materialize`, which gives buffers fresh storage)."""
         self.quant_lambda = self.quant_lambda
 
     def _apply(self, fn, recurse=True):
@@ -218,7 +218,7 @@ class BitLinear(nn.Linear):
         return None if torch.compiler.is_compiling() else self.act_share
 
     def forward_torch(self, x: torch.Tensor) -> torch.Tensor:
-        """λ = 1 on the ``torch`` backend: :class:`TorchBitLinearFn` (bitlinear_autograd's notes say
+        """λ = 1 on the ``torch`` backend: :class:`TorchBitLinearFn` (bitlinear_torch's notes say
         which arithmetic runs when)."""
         share = self._shared()
         xq, a = share.codes(x, "torch") if share is not None else quant.act_quant(x)
@@ -238,7 +238,7 @@ class BitLinear(nn.Linear):
 
     def _decoding(self, x: torch.Tensor) -> bool:
         """The Triton GEMV's case: few rows, no autograd recording, cached codes."""
-        from .kernels import matmul
+        from bitnet_train.kernels import matmul
 
         return (
             self._cacheable()
@@ -249,7 +249,7 @@ class BitLinear(nn.Linear):
 
     def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
         """λ = 1 on the ``triton`` backend: int8 codes through the tiled kernel, STE backward."""
-        from .kernels import bitlinear_triton
+        from bitnet_train.kernels import bitlinear_triton
 
         share = self._shared()
         wq = self.weight_codes.triton_codes(self.weight) if self._cacheable() else None
@@ -259,7 +259,7 @@ class BitLinear(nn.Linear):
         """Decoding without autograd on the ``triton`` backend: the GEMV kernel on 2-bit packed codes
         (cached with the int8 ones), the same output bits as :meth:`forward_triton`; up to
         ``GEMV_FUSED_QUANT_MAX_M`` rows it quantizes ``x`` itself."""
-        from .kernels import matmul
+        from bitnet_train.kernels import matmul
 
         share = self._shared()
         wq = self.weight_codes.triton_codes(self.weight)
