@@ -33,7 +33,8 @@ from bitnet_train.align.recipes import (
     load_sft_recipe,
 )
 from bitnet_train.align.stages import cmd_align, dpo, register, sft
-from bitnet_train.align.trainer import TokenCounter, latest_trainer_checkpoint, quant_warmup_callback
+from bitnet_train.align.trainer import TokenCounter, quant_warmup_callback
+from bitnet_train.checkpoint.hf_trainer import latest_trainer_checkpoint
 from bitnet_train.errors import AlignDataError
 
 __all__ = [

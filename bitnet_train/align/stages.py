@@ -8,8 +8,8 @@ from bitnet_train.errors import RecipeError
 from bitnet_train.align.data import stage_datasets, prepare_dpo_rows, prepare_sft_rows
 from bitnet_train.align.models import load_align_tokenizer, load_policy, load_reference
 from bitnet_train.align.recipes import DPORecipe, SFTRecipe, load_dpo_recipe, load_sft_recipe
-from bitnet_train.align.trainer import (quiet_hf, require_trl, summed_sft_trainer, train_stage, trainer_kwargs, trainer_resume_point,
-                      with_our_checkpoint_format)
+from bitnet_train.align.trainer import quiet_hf, require_trl, summed_sft_trainer, train_stage, trainer_kwargs
+from bitnet_train.checkpoint.hf_trainer import trainer_resume_point, with_our_checkpoint_format
 
 
 def _setup(recipe, resume: bool, stage: str):

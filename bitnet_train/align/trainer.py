@@ -3,14 +3,13 @@ quantization warm-up, token count), checkpoints in our format, resume, and the f
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import time
 from pathlib import Path
 
-from bitnet_train.checkpoint.checkpointer import STATE_FILE, TRAINER_CHECKPOINT, drop_incomplete, intact, list_checkpoints, resume_point
-from bitnet_train.errors import DiskFullError, RecipeError, UserError
+from bitnet_train.checkpoint.checkpointer import TRAINER_CHECKPOINT, saving, tensor_bytes
+from bitnet_train.checkpoint.hf_trainer import with_our_checkpoint_format
+from bitnet_train.errors import RecipeError, UserError
 from bitnet_train.recipe import to_dict
 from bitnet_train.training.quant_warmup import QuantWarmupConfig
 
@@ -151,58 +150,6 @@ class TokenCounter:
         return batch
 
 
-def _patch_checkpoint_config(model, ck_dir: Path) -> None:
-    """Trainer checkpoints hold the weights written by save_pretrained; put our quantization_config
-    and metadata (:func:`~bitnet_train.checkpoint.format.checkpoint_metadata`) into their config.json so
-    that they load (here and in stock transformers) as ternary models."""
-    from bitnet_train.checkpoint.format import checkpoint_metadata
-
-    f = ck_dir / "config.json"
-    if not f.is_file():
-        return
-    cfg = json.loads(f.read_text())
-    qc, meta = checkpoint_metadata(model)
-    if qc:
-        cfg["quantization_config"] = qc
-    cfg["bitnet_train"] = meta
-    f.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-
-
-def with_our_checkpoint_format(base):
-    class _Trainer(base):
-        def _save(self, output_dir=None, state_dict=None):
-            super()._save(output_dir, state_dict)
-            _patch_checkpoint_config(self.model, Path(output_dir or self.args.output_dir))
-
-        def _save_checkpoint(self, model, trial):
-            """The Trainer's checkpoint, with a full disk refused before writing where the size is
-            known (the model and optimizer state), and a write the filesystem fails leaving no
-            partial ``checkpoint-N`` behind: both exit 2 naming the checkpoint still intact."""
-            from bitnet_train.checkpoint.checkpointer import tensor_bytes
-            from bitnet_train.fsutil import nbytes, need_space, write_failure
-
-            run_dir = Path(self._get_output_dir(trial=trial))
-            ck = run_dir / f"checkpoint-{self.state.global_step}"
-            out = run_dir.parent
-            if self.args.should_save:
-                opt = None if self.args.save_only_model or self.optimizer is None else self.optimizer.state_dict()
-                try:
-                    need_space(ck, tensor_bytes(self.model.state_dict()) + tensor_bytes(opt), f"checkpoint {ck.name}")
-                except DiskFullError as e:
-                    raise DiskFullError(f"{e}. {intact(out, TRAINER_CHECKPOINT)}") from None
-            try:
-                super()._save_checkpoint(model, trial)
-            except BaseException as e:
-                err = write_failure(e, ck, nbytes(ck)) if self.args.should_save else None
-                if err is None:
-                    raise
-                shutil.rmtree(ck, ignore_errors=True)  # the partial checkpoint; earlier ones stay
-                raise type(err)(f"{err}. {intact(out, TRAINER_CHECKPOINT)}") from None
-
-    _Trainer.__name__ = base.__name__
-    return _Trainer
-
-
 def summed_sft_trainer():
     from trl import SFTTrainer
 
@@ -248,20 +195,6 @@ def summed_sft_trainer():
     return BitNetSFTTrainer
 
 
-def latest_trainer_checkpoint(out: Path) -> Path | None:
-    """The newest complete Trainer checkpoint (``checkpoints/checkpoint-N``) in ``out``, or None."""
-    found = list_checkpoints(out, TRAINER_CHECKPOINT)
-    return found[-1][1] if found else None
-
-
-def trainer_resume_point(out: Path, resume: bool, stage: str):
-    drop_incomplete(out, TRAINER_CHECKPOINT)  # what a killed save left (the state file is written last)
-    last = resume_point(out, resume, stage, TRAINER_CHECKPOINT)
-    if last is None:
-        return None, None
-    return last[1], json.loads((last[1] / STATE_FILE).read_text())["global_step"]
-
-
 def _finish(trainer, tok, recipe, out: Path, stage: str, counter, t_start: float, result) -> dict:
     from bitnet_train.checkpoint.format import save_checkpoint
 
@@ -270,11 +203,9 @@ def _finish(trainer, tok, recipe, out: Path, stage: str, counter, t_start: float
         model = model.module
     step = trainer.state.global_step
     recipe_dict = to_dict(recipe)
-    try:
+    with saving(out / "final", out, tensor_bytes(model.state_dict()), TRAINER_CHECKPOINT):
         final = save_checkpoint(model, out / "final", tokenizer=tok,
                                 extra={"stage": stage, "step": step, "recipe": recipe_dict})
-    except DiskFullError as e:
-        raise DiskFullError(f"{e}. {intact(out, TRAINER_CHECKPOINT)}") from None
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     dt = time.perf_counter() - t_start
     return {

@@ -10,6 +10,7 @@ A pretraining checkpoint ``OUTPUT_DIR/checkpoints/step-NNNNNN/`` is a model chec
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bitnet_train.data.block_order import DataPosition, merge_positions
-from bitnet_train.errors import CheckpointError, RecipeError
+from bitnet_train.errors import CheckpointError, DiskFullError, RecipeError
 
 # OUTPUT_DIR/checkpoints/step-NNNNNN (pretraining) and OUTPUT_DIR/checkpoints/checkpoint-N (sft, dpo)
 PRETRAIN_CHECKPOINT = re.compile(r"^step-(\d{6,})$")
@@ -62,6 +63,32 @@ def intact(out: Path, pattern: re.Pattern = PRETRAIN_CHECKPOINT) -> str:
              "is room" if done else "No checkpoint of this run was completed")
     return (f"{where}; a lower train.keep_last keeps fewer checkpoints (older ones are removed only after a "
             "new one is complete), another output_dir puts them elsewhere")
+
+
+@contextlib.contextmanager
+def saving(ck_dir: Path, out: Path, needed: int, pattern: re.Pattern = PRETRAIN_CHECKPOINT, in_place: bool = False):
+    """``with saving(ck_dir, out, needed):`` write checkpoint ``ck_dir`` of the run in ``out``. Refused
+    before anything is written when its filesystem lacks room for ``needed`` bytes (0: not known); a
+    write the filesystem fails (full, read-only) ends in an error that names the checkpoint still
+    intact and what to do. ``in_place``: the writer does not write atomically (transformers' Trainer),
+    so a failed write's directory is removed here."""
+    from bitnet_train.errors import UserError
+    from bitnet_train.fsutil import nbytes, need_space, write_failure
+
+    if needed:
+        try:
+            need_space(ck_dir, needed, f"checkpoint {ck_dir.name}")
+        except DiskFullError as e:
+            raise DiskFullError(f"{e}. {intact(out, pattern)}") from None
+    try:
+        yield
+    except BaseException as e:
+        err = e if isinstance(e, UserError) else write_failure(e, ck_dir, nbytes(ck_dir))
+        if err is None or not isinstance(err, (DiskFullError, UserError)) or isinstance(e, RecipeError):
+            raise
+        if in_place:
+            shutil.rmtree(ck_dir, ignore_errors=True)  # the partial checkpoint; earlier ones stay
+        raise type(err)(f"{err}. {intact(out, pattern)}") from None
 
 
 def drop_incomplete(out: Path, pattern: re.Pattern) -> list[Path]:
@@ -207,18 +234,17 @@ class Checkpointer:
     the main process the config, tokenizer, RNG states and ``trainer_state.json``; ``final/`` is
     the model gathered parameter by parameter on the main process (never the optimizer)."""
 
-    def __init__(self, out: Path, acc, tokenizer, recipe_dict: dict, keep_last: int):
+    def __init__(self, out: Path, acc, tokenizer, recipe_dict: dict, keep_last: int, fsdp: bool = False):
         self.out, self.acc, self.tok, self.recipe_dict, self.keep_last = Path(out), acc, tokenizer, recipe_dict, keep_last
-        self.fsdp = False
+        self.fsdp = fsdp  # the model is sharded with FSDP2: checkpoints are sharded (dcp/)
 
     def prepare(self, model, opt, ck: Path | None):
         """``acc.prepare(model, opt)`` (a model sharded with FSDP2 is used as it is), restoring the
         model and optimizer of a sharded checkpoint ``ck`` (``dcp/``, at any world size), or the
         optimizer of a whole one, and the RNGs (each at the point it must be restored at)."""
         from bitnet_train.checkpoint.format import load_state_file
-        from bitnet_train.training.distributed import DCP_DIR, is_fsdp, load_sharded
+        from bitnet_train.checkpoint.sharded import DCP_DIR, load_sharded
 
-        self.fsdp = is_fsdp(model)
         sharded_ck = ck is not None and (Path(ck) / DCP_DIR).is_dir()
         if sharded_ck:
             load_sharded(model, opt, ck)
@@ -241,72 +267,80 @@ class Checkpointer:
         return model, opt
 
     def save(self, model, opt, state: TrainState, final: bool = False) -> Path:
-        """Write ``checkpoints/step-N`` (or ``final/``: the model and tokenizer only) and drop the
-        checkpoints beyond ``keep_last``. Collective; the caller synchronises the ranks after."""
-        import torch
-        from accelerate.utils import gather_object
-
-        from bitnet_train.checkpoint.format import save_checkpoint
-        from bitnet_train.errors import DiskFullError
-        from bitnet_train.fsutil import need_space
-
-        acc, world = self.acc, self.acc.num_processes
-        ck_dir = self.out / "final" if final else self.out / "checkpoints" / f"step-{state.step:06d}"
-        # ranks stop at different blocks of a round; the furthest position has consumed them all
-        pos = state.data_position.to_dict()
-        positions = gather_object([pos]) if world > 1 else [pos]
-        position = merge_positions(positions)
-        rngs = gather_object([rng_state()]) if world > 1 else None
-        saved = {"step": state.step, "tokens": state.tokens, "data_position": position, "world_size": world,
-                 "skipped_steps": state.skipped_steps, "recipe": self.recipe_dict}
-
-        def extra(tmp: Path, opt_state=None):
-            if opt_state is not None:
-                torch.save(opt_state, tmp / "optimizer.pt")
-            torch.save(rng_state() if rngs is None else {"per_rank": rngs}, tmp / "rng.pt")
-            (tmp / STATE_FILE).write_text(json.dumps(saved, indent=2))
-
-        if self.fsdp and not final:
-            self._save_sharded(model, opt, ck_dir, lambda tmp: extra(tmp), state)
+        """Write ``checkpoints/step-N`` and drop the checkpoints beyond ``keep_last``, or ``final/`` (the
+        model and tokenizer only). Collective; the caller synchronises the ranks after."""
+        if final:
+            ck_dir = self.out / "final"
+            self._save_final(model, ck_dir, state)
+            return ck_dir
+        ck_dir = self.out / "checkpoints" / f"step-{state.step:06d}"
+        run_state = self._run_state(state)
+        if self.fsdp:
+            self._save_sharded(model, opt, ck_dir, run_state, state)
         else:
-            state_dict = None
-            if self.fsdp:  # final/: the model only, gathered one parameter at a time onto the main process's CPU
-                from bitnet_train.training.distributed import full_model_state_dict
-
-                state_dict = full_model_state_dict(model)
-            if not acc.is_main_process:
-                return ck_dir
-            unwrapped = acc.unwrap_model(model, keep_torch_compile=False)
-            opt_state = None if final else opt.state_dict()
-            try:
-                # the size is known: a full disk stops the run here, before anything is written
-                need_space(ck_dir, tensor_bytes(state_dict if state_dict is not None else unwrapped.state_dict())
-                           + tensor_bytes(opt_state), f"checkpoint {ck_dir.name}")
-                if final:
-                    save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok, state_dict=state_dict,
-                                    extra={"stage": "pretrain", "step": state.step, "recipe": self.recipe_dict})
-                else:
-                    save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok,
-                                    extra={"stage": "pretrain", "step": state.step},
-                                    write_extra=lambda tmp: extra(tmp, opt_state))
-            except DiskFullError as e:
-                raise DiskFullError(f"{e}. {self.intact()}") from None
-        if acc.is_main_process and not final:
+            self._save_whole(model, opt, ck_dir, run_state, state)
+        if self.acc.is_main_process:
             for _, old in list_checkpoints(self.out)[: -self.keep_last]:
                 shutil.rmtree(old, ignore_errors=True)
         return ck_dir
 
-    def intact(self) -> str:
-        return intact(self.out)
+    def _run_state(self, state: TrainState) -> dict:
+        """Collective: what a step checkpoint holds besides the model and the optimizer — the content
+        of ``trainer_state.json`` and the RNG states (every rank's)."""
+        from accelerate.utils import gather_object
 
-    def _save_sharded(self, model, opt, ck_dir: Path, write_extra, state: TrainState) -> None:
+        world = self.acc.num_processes
+        # ranks stop at different blocks of a round; the furthest position has consumed them all
+        pos = state.data_position.to_dict()
+        position = merge_positions(gather_object([pos]) if world > 1 else [pos])
+        rng = {"per_rank": gather_object([rng_state()])} if world > 1 else rng_state()
+        return {"rng": rng, "state": {"step": state.step, "tokens": state.tokens, "data_position": position,
+                                      "world_size": world, "skipped_steps": state.skipped_steps,
+                                      "recipe": self.recipe_dict}}
+
+    @staticmethod
+    def _write_run_state(tmp: Path, run_state: dict, opt_state=None) -> None:
+        import torch
+
+        if opt_state is not None:
+            torch.save(opt_state, tmp / "optimizer.pt")
+        torch.save(run_state["rng"], tmp / "rng.pt")
+        (tmp / STATE_FILE).write_text(json.dumps(run_state["state"], indent=2))  # last: present means complete
+
+    def _save_whole(self, model, opt, ck_dir: Path, run_state: dict, state: TrainState) -> None:
+        """One process's (or DDP's) checkpoint: the main process writes model, optimizer and state."""
+        from bitnet_train.checkpoint.format import save_checkpoint
+
+        if not self.acc.is_main_process:
+            return
+        unwrapped = self.acc.unwrap_model(model, keep_torch_compile=False)
+        opt_state = opt.state_dict()
+        with saving(ck_dir, self.out, tensor_bytes(unwrapped.state_dict()) + tensor_bytes(opt_state)):
+            save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok, extra={"stage": "pretrain", "step": state.step},
+                            write_extra=lambda tmp: self._write_run_state(tmp, run_state, opt_state))
+
+    def _save_final(self, model, ck_dir: Path, state: TrainState) -> None:
+        """``final/``: the model only; under FSDP gathered one parameter at a time onto the main process's CPU."""
+        from bitnet_train.checkpoint.format import save_checkpoint
+        from bitnet_train.checkpoint.sharded import full_model_state_dict
+
+        state_dict = full_model_state_dict(model) if self.fsdp else None  # collective
+        if not self.acc.is_main_process:
+            return
+        unwrapped = self.acc.unwrap_model(model, keep_torch_compile=False)
+        with saving(ck_dir, self.out, tensor_bytes(state_dict if state_dict is not None else unwrapped.state_dict())):
+            save_checkpoint(unwrapped, ck_dir, tokenizer=self.tok, state_dict=state_dict,
+                            extra={"stage": "pretrain", "step": state.step, "recipe": self.recipe_dict})
+
+    def _save_sharded(self, model, opt, ck_dir: Path, run_state: dict, state: TrainState) -> None:
         """A sharded checkpoint, atomically: the main process opens the temporary directory and
         tells the others its name, every rank writes its shard into ``dcp/``, then the main
-        process adds the config, tokenizer and state files and puts the directory in place."""
+        process adds the config, tokenizer and state files and puts the directory in place. (Its
+        size on one filesystem is not known to one rank: no space check before it.)"""
         import torch.distributed as dist
 
         from bitnet_train.checkpoint.format import save_checkpoint
-        from bitnet_train.training.distributed import DCP_DIR, save_sharded
+        from bitnet_train.checkpoint.sharded import DCP_DIR, save_sharded
 
         if not self.acc.is_main_process:
             name = [None]
@@ -317,7 +351,8 @@ class Checkpointer:
         def write(tmp: Path):
             dist.broadcast_object_list([str(tmp)], src=0)
             save_sharded(model, opt, tmp / DCP_DIR)
-            write_extra(tmp)
+            self._write_run_state(tmp, run_state)
 
-        save_checkpoint(model, ck_dir, tokenizer=self.tok, extra={"stage": "pretrain", "step": state.step},
-                        write_extra=write, weights=False)
+        with saving(ck_dir, self.out, 0):
+            save_checkpoint(model, ck_dir, tokenizer=self.tok, extra={"stage": "pretrain", "step": state.step},
+                            write_extra=write, weights=False)

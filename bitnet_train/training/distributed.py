@@ -21,7 +21,7 @@ on GPUs is FSDP2's ``MixedPrecisionPolicy`` (bf16 parameters and compute, fp32 g
 reduction, fp32 master weights and optimizer state). The accelerate FSDP plugin's other options
 (sharding strategy, wrap policy, CPU offload, FSDP version 1) are not read.
 
-Sharded checkpoints (:func:`save_sharded`, :func:`load_sharded`): under FSDP a checkpoint holds
+Sharded checkpoints (:mod:`bitnet_train.checkpoint.sharded`): under FSDP a checkpoint holds
 ``dcp/``, written by ``torch.distributed.checkpoint`` from ``get_state_dict(model, optimizer)``:
 each rank writes its own shard of the model and the optimizer (``__R_0.distcp``), rank 0 the
 ``.metadata``; nothing is gathered. Loading reshards, so the checkpoint resumes at any world size,
@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-from pathlib import Path
 
+from bitnet_train.checkpoint.sharded import tied_pairs
 from bitnet_train.errors import CheckpointError
 
-DCP_DIR = "dcp"
 
 
 # ----------------------------------------------------------------------------- meta build
@@ -68,7 +67,7 @@ def materialize(model, seed: int, device, params: bool = True) -> None:
     import torch.nn as nn
 
     device = torch.device(device)
-    tied = _tied_pairs(model)
+    tied = tied_pairs(model)
     model.to_empty(device=device)
     _retie(model, tied)
     done: set[int] = set()
@@ -100,22 +99,6 @@ def materialize(model, seed: int, device, params: bool = True) -> None:
                     raise CheckpointError(f"{mname}.{k}: transformers' _init_weights left it uninitialised")
                 _copy_into(target, full)
                 done.add(id(target))
-
-
-def _tied_pairs(model) -> list[tuple[str, str]]:
-    """(module path, attribute) pairs that share a parameter with an earlier one, with that one."""
-    seen: dict[int, str] = {}
-    pairs = []
-    for mname, m in model.named_modules(remove_duplicate=False):
-        for k, p in m._parameters.items():
-            if p is None:
-                continue
-            full = f"{mname}.{k}" if mname else k
-            if id(p) in seen:
-                pairs.append((full, seen[id(p)]))
-            else:
-                seen[id(p)] = full
-    return pairs
 
 
 def _retie(model, pairs) -> None:
@@ -188,58 +171,3 @@ def clip_grad_norm(model, max_norm: float) -> float:
 def set_gradient_sync(model, on: bool) -> None:
     """FSDP2's ``no_sync``: reduce-scatter the gradients only on the last micro-batch."""
     model.set_requires_gradient_sync(on)
-
-
-# ----------------------------------------------------------------------------- sharded checkpoints
-
-
-def full_model_state_dict(model) -> dict:
-    """Collective: the whole model's state dict on the main process's CPU (empty elsewhere),
-    gathered one parameter at a time; a tied parameter (the head tied to the embeddings) once,
-    under the name transformers keeps."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    for dst, _src in _tied_pairs(model):
-        sd.pop(dst, None)
-    return sd
-
-
-
-def save_sharded(model, opt, directory: Path) -> None:
-    """Collective: every rank writes its shard of the model and the optimizer into ``directory``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(model, opt)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory))
-
-
-def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def load_sharded(model, opt, ck: Path) -> None:
-    """Fill ``model`` and ``opt`` (sharded or not, at any world size) from ``ck/dcp``."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    d = Path(ck) / DCP_DIR
-    if not (d / ".metadata").is_file():
-        raise CheckpointError(f"{d}/.metadata: missing (sharded model and optimizer state); the checkpoint is incomplete")
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    msd, osd = get_state_dict(model, opt)
-    try:
-        dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(d), no_dist=not _distributed())
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - a reader error (truncated shard, bad metadata) of many kinds
-        if isinstance(e, CheckpointException) and e.failures:  # a BaseException holding each rank's error
-            e = next(iter(e.failures.values()))[0]
-        first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
-        raise CheckpointError(
-            f"{d}: cannot read the sharded model and optimizer state (truncated or corrupt?): {first}; "
-            f"remove {Path(ck).name} to resume from the checkpoint before it"
-        ) from None
-    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)

@@ -153,7 +153,8 @@ def build_model(recipe, tok, device, fsdp: bool, ck: Path | None = None):
     import torch
 
     from bitnet_train.checkpoint.format import load_checkpoint
-    from bitnet_train.training.distributed import DCP_DIR, materialize, shard_model
+    from bitnet_train.checkpoint.sharded import DCP_DIR
+    from bitnet_train.training.distributed import materialize, shard_model
     from bitnet_train.modeling.models import load_model, model_kind
 
     if ck is None:
@@ -229,7 +230,7 @@ def open_run(recipe, resume: bool, acc) -> Run:
     # the teacher is read from the recipe on every start (never checkpointed), before the student is wrapped
     objective = make_objective(recipe, model, tok, acc.device, announce=main)
 
-    ckpt = Checkpointer(out, acc, tok, recipe_dict, t.keep_last)
+    ckpt = Checkpointer(out, acc, tok, recipe_dict, t.keep_last, fsdp=fsdp)
     opt = build_optimizer(model, t.lr, t.weight_decay)
     model, opt = ckpt.prepare(model, opt, ck)
     if ck is None:
