@@ -55,7 +55,7 @@ def weight_scale(w: torch.Tensor) -> torch.Tensor:
 def act_scale(x: torch.Tensor) -> torch.Tensor:
     """per-token scale ``a = 127 / max(max|x|, 1e-5)`` over the last dim, fp32 ``[..., 1]``."""
     # max|x| (exact: a max involves no rounding). abs().amax() measured 8-19x faster on the CPU than
-    # vector_norm(ord=inf), which avoids the |x| temporary (scripts/bench_bitlinear.py --act-scale)
+    # vector_norm(ord=inf), which avoids the |x| temporary (scripts/bench_quant.py act-scale)
     amax = x.detach().float().abs().amax(dim=-1, keepdim=True)
     return ACT_QMAX / amax.clamp(min=ACT_EPS)
 
@@ -98,7 +98,7 @@ def cpu_int8_gemm_is_fast() -> bool:
     """Whether this CPU multiplies int8 matrices faster than fp32 ones in torch: with AVX-512, VNNI
     or AMX, ``torch._int_mm`` runs oneDNN's int8 kernels (measured cheap on an AVX-512 machine,
     docs/performance.md); on an AVX2-only x86 CPU it was 4.5-6.6x slower than the fp32 ``mm`` of the
-    same operands (``python scripts/bench_bitlinear.py --int-gemm``, docs/performance.md), and
+    same operands (``python scripts/bench_quant.py int-gemm``, docs/performance.md), and
     other CPUs are not measured. Both paths give the same bits (:func:`_int_gemm`)."""
     probes = ("_is_avx512_supported", "_is_vnni_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, p, lambda: False)() for p in probes)

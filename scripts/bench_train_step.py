@@ -8,7 +8,7 @@
 For every weight shape ``out x in`` and token count ``M``, each implementation below runs the
 same step on the same weights and inputs (``[1, M, in]``, upstream gradient ``[1, M, out]``):
 
-  nn.Linear       bf16 ``torch.nn.Linear``: the baseline every ratio is taken against
+  nn.Linear       ``torch.nn.Linear`` in the mode's dtypes: the baseline every ratio is taken against
   torch           ``BitLinear(backend="torch")`` (bitnet_train.modeling.bitlinear_torch)
   triton          ``BitLinear(backend="triton")``, weight codes quantized in the step (the first
                   gradient-accumulation micro-batch, or every step without accumulation)
@@ -22,13 +22,15 @@ same step on the same weights and inputs (``[1, M, in]``, upstream gradient ``[1
 
 A peer that is not importable prints ``not installed``; one that cannot run on the device prints
 ``needs CUDA``; an error prints ``error: ...`` and the table goes on. Modes: ``bf16`` (bf16
-weights and inputs, no autocast) and ``autocast`` (fp32 weights and inputs under bf16 autocast,
-as ``bitnet-train pretrain`` trains on a GPU).
+weights and inputs, no autocast), ``autocast`` (fp32 weights and inputs under bf16 autocast, as
+``bitnet-train pretrain`` trains on a GPU) and ``fp32`` (fp32, no autocast, as it trains on a CPU:
+``--device cpu --shapes 2b4t --tokens 512 --modes fp32`` is the CPU table of docs/performance.md).
 
 Figures per row: median ms of the step (CUDA: ``triton.testing.do_bench``, which flushes L2
 before every repetition, with the layer rotated through enough copies that its weight does not
-stay in L2; CPU: ``time.perf_counter`` over ``--reps`` steps after ``--warmup-reps``), ``x lin``
-= time / the ``nn.Linear`` time of the same shape and M (below 1.00x is faster than bf16),
+stay in L2; CPU: ``bench_harness.alternated_medians``, every implementation of the row once a round
+in turn, ``--reps`` rounds after ``--warmup-reps``, so that the machine's load reaches all alike), ``x lin``
+= time / the ``nn.Linear`` time of the same shape and M (below 1.00x is faster than it),
 TFLOP/s at 6·M·out·in per step, and ``rel.err`` = ‖y − ref‖ / ‖ref‖ of the forward output against
 ``quant.bitlinear_reference`` in fp32 on the same operands (``-`` for nn.Linear). The first call of
 a Triton kernel at a new shape compiles and autotunes it: that happens in the warm-up.
@@ -38,17 +40,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
+
+from bench_harness import alternated_medians, machine, machine_line, versions, write_json
 
 IMPLS = ("nn.Linear", "torch", "triton", "triton-cached", "int_mm", "torchao", "onebitllms")
 SMALL_SHAPES = [(96, 128), (64, 256)]
 SMALL_TOKENS = [1, 16, 64]
+MODES = {
+    "bf16": "bf16 weights and inputs, no autocast",
+    "autocast": "fp32 weights and inputs under bf16 autocast (as pretrain trains on a GPU)",
+    "fp32": "fp32 weights and inputs, no autocast (as pretrain trains on a CPU)",
+}
 
 
 def _parse_shapes(text: str):
@@ -204,47 +210,44 @@ def _uncached(layer):
     return layer
 
 
-def versions() -> dict:
-    import torch
-
-    v = {"torch": torch.__version__}
-    for name in ("triton", "transformers", "torchao", "onebitllms"):
-        try:
-            mod = __import__(name)
-            v[name] = getattr(mod, "__version__", "?")
-        except Exception:  # noqa: BLE001 - absent or broken: reported, not fatal
-            v[name] = "not installed"
-    return v
-
-
 # ----------------------------------------------------------------------------- timing
 
 
 def _timer(device, args):
-    if device.type == "cuda":
-        import triton.testing
-
-        def bench(fn, params):
-            return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=params, return_mode="median")
-
-        return bench
+    """CUDA: ``triton.testing.do_bench`` of one implementation (the CPU's are timed together, alternated)."""
+    if device.type != "cuda":
+        return None
+    import triton.testing
 
     def bench(fn, params):
-        def call():
-            for p in params:
-                p.grad = None
-            fn()
-
-        for _ in range(args.warmup_reps):
-            call()
-        times = []
-        for _ in range(args.reps):
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
+        return triton.testing.do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=params, return_mode="median")
 
     return bench
+
+
+def _step(layers, xs, g, device, autocast: bool):
+    """One training step of the next layer copy on the next input (rotating), bound to this shape's operands."""
+    import torch
+
+    state = [0]
+
+    def step():
+        state[0] = (state[0] + 1) % (len(layers) * len(xs))
+        layer, x = layers[state[0] % len(layers)], xs[state[0] % len(xs)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            y = layer(x)
+        y.backward(g)
+
+    return step
+
+
+def _zeroing(step, params):
+    def call():
+        for p in params:
+            p.grad = None
+        step()
+
+    return call
 
 
 def _copies(device, n: int, k: int) -> int:
@@ -272,7 +275,7 @@ def run_mode(mode: str, shapes, tokens, device, args, impls, emit, rows: list) -
 
     from bitnet_train import quant
 
-    wdtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    wdtype = torch.bfloat16 if mode == "bf16" else torch.float32  # fp32 and autocast: fp32 weights and inputs
     autocast = mode == "autocast"
     bench = _timer(device, args)
     for n, k in shapes:
@@ -294,41 +297,39 @@ def run_mode(mode: str, shapes, tokens, device, args, impls, emit, rows: list) -
             g = torch.randn(1, m, n, device=device, dtype=torch.bfloat16 if autocast else wdtype)
             with torch.no_grad():
                 ref = quant.bitlinear_reference(xs[0].detach().float(), base.weight.float())
-            t_lin = None
+            shape_rows, timed = [], []
             for name in IMPLS:
                 row = {"mode": mode, "out": n, "in": k, "M": m, "impl": name}
+                shape_rows.append(row)
                 layers = built[name]
                 if name == "int_mm" and device.type == "cuda" and m <= 16:
                     layers = "n/a: torch._int_mm needs M > 16 on CUDA"
                 if isinstance(layers, str):
                     row["status"] = layers
-                    rows.append(row)
-                    emit(row)
                     continue
-                state = [0]
-
-                def step(layers=layers, xs=xs, g=g, state=state):  # this shape's operands, bound now
-                    state[0] = (state[0] + 1) % (len(layers) * len(xs))
-                    layer, x = layers[state[0] % len(layers)], xs[state[0] % len(xs)]
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                        y = layer(x)
-                    y.backward(g)
-
+                step = _step(layers, xs, g, device, autocast)
                 params = [p for layer in layers for p in layer.parameters()] + xs
                 try:
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                         y0 = layers[0](xs[0])
-                    err = None if name == "nn.Linear" else _rel_err(y0, ref)
-                    ms = bench(step, params)
+                    row["rel_err"] = None if name == "nn.Linear" else _rel_err(y0, ref)
+                    if device.type == "cuda":
+                        row["ms"] = bench(step, params)
+                    else:
+                        step()  # a step that fails is reported here, before the timed rounds
+                        timed.append((row, _zeroing(step, params)))
                 except Exception as e:  # noqa: BLE001 - one failing implementation must not stop the table
+                    row.pop("rel_err", None)
                     row["status"] = _error("", e)
-                    rows.append(row)
-                    emit(row)
-                    continue
-                if name == "nn.Linear":
-                    t_lin = ms
-                row.update(ms=ms, vs_linear=(ms / t_lin) if t_lin else None,
-                           tflops=6.0 * m * n * k / (ms * 1e-3) / 1e12, rel_err=err)
+            if timed:  # the CPU: every implementation in turn, round after round, so load reaches all alike
+                times = alternated_medians([f for _, f in timed], repeats=args.reps, warmup=args.warmup_reps)
+                for (row, _), t in zip(timed, times):
+                    row["ms"] = t * 1e3
+            t_lin = next((r["ms"] for r in shape_rows if r["impl"] == "nn.Linear" and "ms" in r), None)
+            for row in shape_rows:
+                if "ms" in row:
+                    ms = row["ms"]
+                    row.update(vs_linear=(ms / t_lin) if t_lin else None, tflops=6.0 * m * n * k / (ms * 1e-3) / 1e12)
                 rows.append(row)
                 emit(row)
             del xs, g
@@ -386,11 +387,11 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     p.add_argument("--shapes", default=None, help="2b4t (default on CUDA), small (default on the CPU) or OUTxIN,...")
     p.add_argument("--tokens", default=None, help="token counts M, comma-separated (default 1,16,128,2048; small: 1,16,64)")
-    p.add_argument("--modes", default="bf16", help="bf16 and/or autocast, comma-separated (default bf16)")
+    p.add_argument("--modes", default="bf16", help="bf16, autocast and/or fp32, comma-separated (default bf16)")
     p.add_argument("--warmup", type=int, default=10, help="CUDA: do_bench warm-up in ms (default 10)")
     p.add_argument("--rep", type=int, default=50, help="CUDA: do_bench measuring time in ms (default 50)")
-    p.add_argument("--reps", type=int, default=5, help="CPU: timed steps per row (default 5)")
-    p.add_argument("--warmup-reps", type=int, default=1, help="CPU: untimed steps first (default 1)")
+    p.add_argument("--reps", type=int, default=5, help="CPU: timed rounds, each implementation once a round (default 5)")
+    p.add_argument("--warmup-reps", type=int, default=1, help="CPU: untimed rounds first (default 1)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows (and versions) to this JSON file")
     args = p.parse_args(argv)
 
@@ -409,38 +410,34 @@ def main(argv=None) -> int:
         else ",".join(map(str, SMALL_TOKENS))
     tokens = _parse_ints(args.tokens or default_tokens, "tokens")
     modes = [m for m in args.modes.split(",") if m]
-    if not modes or any(m not in ("bf16", "autocast") for m in modes):
-        print(f"bench_train_step: error: --modes {args.modes!r}: bf16 and/or autocast", file=sys.stderr)
+    if not modes or any(m not in MODES for m in modes):
+        print(f"bench_train_step: error: --modes {args.modes!r}: one or more of {', '.join(MODES)}", file=sys.stderr)
         return 2
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if device.type != "cuda":
         # torchao's C++ extensions are built for CUDA; its BitNet training path needs none of them
         os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-    ver = versions()
-    print(f"device: {name}; " + ", ".join(f"{k} {v}" for k, v in ver.items())
-          + ("; Triton in its CPU interpreter" if interpret and device.type == "cpu" else ""))
+    ver = versions(("torch", "triton", "transformers", "torchao", "onebitllms"))
+    print(machine_line() + ("; Triton in its CPU interpreter" if interpret and device.type == "cpu" else ""))
     impls = implementations(device, interpret)
     print("training step of one layer, forward + backward (median ms; x lin = time / nn.Linear; "
           "TFLOP/s at 6·M·out·in; rel.err of the forward against quant.bitlinear_reference)")
     rows = []
-    result = {"device": name, "versions": ver, "rows": rows}
+    result = {"device": name, "versions": ver, "machine": machine(), "rows": rows}
 
     def emit(r):
         print(_fmt_row(r), flush=True)
-        if args.json:  # rewritten after every row, so a run stopped by a time limit keeps what it measured
-            args.json.write_text(json.dumps(result, indent=1))
+        write_json(args.json, result)  # after every row: a run stopped by a time limit keeps what it measured
 
     for mode in modes:
-        print(f"\nmode {mode}: " + ("bf16 weights and inputs, no autocast" if mode == "bf16"
-                                    else "fp32 weights and inputs under bf16 autocast"))
+        print(f"\nmode {mode}: " + MODES[mode])
         print(f"{'out x in':>11} {'M':>5} {'impl':<14} {'ms':>10} {'x lin':>8} {'TFLOP/s':>8} {'rel.err':>8}")
         run_mode(mode, shapes, tokens, device, args, impls, emit, rows)
-    print("\nsummary: time / nn.Linear per implementation (below 1.00x is faster than bf16 nn.Linear)")
+    print("\nsummary: time / nn.Linear per implementation (below 1.00x is faster than nn.Linear in the same mode)")
     for line in summary_table(rows):
         print(line)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    write_json(args.json, result)
     return 0
 
 

@@ -10,7 +10,7 @@ What the ``torch`` backend computes (``quant_lambda`` = 1):
   ``/ a / (1/s)`` in fp32, rounded once to the output dtype (the autocast dtype, else the input's).
   ``F.linear`` on the dequantized ``q/a`` and ``t*s`` (what autocast ran before) rounds both
   operands to bf16 first: only 57.3% of a 2560x2560 layer's outputs at 64 tokens equalled the
-  exact result (``scripts/bench_bitlinear.py --exactness``). On the development CPU the int8 GEMM is also ~5x faster than the
+  exact result (``scripts/bench_quant.py exactness``). On the development CPU the int8 GEMM is also ~5x faster than the
   fp32 GEMM, which is what makes a BitNet training step as fast as a full-precision one
   (docs/performance.md, ``scripts/bench_memory.py``).
 * **Inference without autocast** (no autograd: ``torch.no_grad``/``inference_mode``/frozen
