@@ -1,4 +1,4 @@
-"""Converting Hugging Face models to ternary (issue #5): every architecture of the matrix round-trips
+"""Converting Hugging Face models to ternary: every architecture of the matrix round-trips
 through save and load (ours and stock transformers), unconvertible models get an error naming the
 module, and on tinyshakespeare a tiny Llama and a tiny Qwen2 trained in full precision with our loop
 recover after conversion with the quantization warm-up. Tiny models built in the test: no download."""

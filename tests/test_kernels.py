@@ -130,16 +130,6 @@ def test_pack_layout():
     assert p.tolist() == [[0 | 1 << 2 | 2 << 4 | 2 << 6, 0 | 1 << 2 | 1 << 4 | 1 << 6]]
 
 
-@pytest.mark.parametrize("shape", [(8, 5), (5, 3), (1, 4), (13, 9)])
-def test_hf_layout(shape):
-    codes = torch.randint(-1, 2, shape, dtype=torch.int8)
-    p = K.pack_ternary(codes)
-    hf = K.to_hf_packed(p, shape)
-    assert torch.equal(hf, quant.pack_hf(codes))
-    assert torch.equal(K.from_hf_packed(hf, shape[0]), p)
-    assert torch.equal(quant.unpack_hf(hf, shape[0]), codes)
-
-
 @pytest.mark.parametrize(
     "dtype,m,n,k",
     [(torch.float32, 1, 20, 37), (torch.float32, 19, 33, 70), (torch.bfloat16, 5, 17, 40), (torch.float16, 3, 16, 32)],

@@ -223,3 +223,16 @@ def test_blend_with_a_tensor_lambda_equals_the_float_form():
             wd = w.detach().to(dt)
             fq = quant.weight_fake_quant_values(wd)
             assert torch.equal(quant.blend(wd, fq, torch.tensor(lam)), quant.weight_fake_quant(wd, lam))
+
+
+@pytest.mark.parametrize("shape", [(8, 5), (5, 3), (1, 4), (13, 9)])
+def test_hf_layout_round_trip(shape):
+    """transformers' packed layout: uint8 [ceil(out/4), in], packed row r holding output rows r, R+r, 2R+r, 3R+r."""
+    codes = torch.randint(-1, 2, shape, dtype=torch.int8)
+    hf = quant.pack_hf(codes)
+    rows = -(-shape[0] // 4)
+    assert hf.shape == (rows, shape[1]) and hf.dtype == torch.uint8
+    for r in range(shape[0]):
+        assert torch.equal(((hf[r % rows] >> (2 * (r // rows))) & 3).to(torch.int8) - 1, codes[r])
+    assert torch.equal(quant.unpack_hf(hf, shape[0]), codes)
+

@@ -2,7 +2,7 @@
 
 * :func:`act_quant`, :func:`weight_quant` — quantizers, bit-identical to :mod:`bitnet_train.quant`
 * :func:`rmsnorm_act_quant` — RMSNorm fused with the activation quantizer
-* :func:`pack_ternary`, :func:`unpack_ternary`, :func:`to_hf_packed`, :func:`from_hf_packed`
+* :func:`pack_ternary`, :func:`unpack_ternary`
   — 2-bit packing (pure PyTorch; layout in :mod:`.packing`)
 * :func:`ternary_matmul` — int8 x packed ternary matmul with int32 accumulation (split-K GEMV
   kernel for decoding, tiled kernel for prefill; autotuned on the GPU)
@@ -12,7 +12,7 @@
 Run on CPU with ``TRITON_INTERPRET=1`` (slow; tests only).
 """
 
-from bitnet_train.kernels.packing import from_hf_packed, pack_ternary, to_hf_packed, unpack_ternary
+from bitnet_train.kernels.packing import pack_ternary, unpack_ternary
 
 try:
     from bitnet_train.kernels.autograd import bitlinear_triton, quantize_weight
@@ -36,8 +36,6 @@ __all__ = [
     "weight_codes",
     "pack_ternary",
     "unpack_ternary",
-    "to_hf_packed",
-    "from_hf_packed",
     "ternary_matmul",
     "bitlinear_triton",
 ]

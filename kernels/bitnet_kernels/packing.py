@@ -21,9 +21,8 @@ apart, as in bitnet.cpp's I2_S) would only change which activation columns pair 
 not the weight traffic, so the simple layout stays. Row-major ``[out, ceil(in/4)]`` also lets a
 GEMV program stream whole rows and a split-K program stream contiguous byte ranges.
 
-transformers' layout (``to_hf_packed`` / ``from_hf_packed``; reference: ``quant.pack_hf``):
-uint8 ``[ceil(out / 4), in]``, value ``code + 1``; packed row ``r`` holds output rows
-``r, R+r, 2R+r, 3R+r`` (``R`` = packed rows) in bits 0-1, 2-3, 4-5, 6-7; padding rows hold code 0.
+(transformers' packed layout, uint8 ``[ceil(out / 4), in]``, is ``quant.pack_hf`` / ``quant.unpack_hf``:
+the packed HF export's, not a kernel's.)
 """
 
 from __future__ import annotations
@@ -50,13 +49,3 @@ def unpack_ternary(packed: torch.Tensor, shape) -> torch.Tensor:
     parts = [((packed >> (2 * i)) & 3) for i in range(4)]
     vals = torch.stack(parts, dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 4)
     return (vals[..., :k].to(torch.int8) - 1).reshape(shape)
-
-
-def to_hf_packed(packed: torch.Tensor, shape) -> torch.Tensor:
-    """Our packed weight (logical ``shape = (out, in)``) -> transformers' uint8 ``[ceil(out/4), in]``."""
-    return quant.pack_hf(unpack_ternary(packed, shape))
-
-
-def from_hf_packed(hf: torch.Tensor, out_features: int) -> torch.Tensor:
-    """transformers' packed uint8 ``[ceil(out/4), in]`` -> our packed ``[out, ceil(in/4)]``."""
-    return pack_ternary(quant.unpack_hf(hf, out_features))
