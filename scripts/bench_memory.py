@@ -20,6 +20,13 @@ backward in one forward (``saved_tensors_hooks``; parameters excluded).
 
     python scripts/bench_memory.py [--presets tiny,125m,350m] [--batch 4] [--seq 256]
         [--steps 3] [--rounds 1] [--threads 2] [--code DIR] [--lock /tmp/cpu.lock]
+    python scripts/bench_memory.py --in-process --presets tiny:16x128,125m:2x256 --steps 9
+
+``--in-process``: speed only, the fairest ratio — ``quant: bitnet`` and ``quant: none`` built from the
+same preset and seed in this one process, their steps (forward, loss, backward, clipping, AdamW, state
+made up front as ``pretrain`` does; fp32, random tokens) timed in turn after a warm-up step
+(``bench_harness.alternated_medians``); tokens/s and BitNet / fp. A preset may carry its own batch as
+``NAME:BATCHxSEQ``.
 
 ``--code DIR`` runs the workers on another checkout's ``bitnet_train`` (its directory is put
 first on PYTHONPATH), e.g. ``--code /work/main`` for the figures before a change.
@@ -249,6 +256,67 @@ def run_one(args, preset: str, quant: str) -> dict:
     return out
 
 
+def _step_fn(model, opt, batch, seq_len, vocab, seed):
+    import torch
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+
+    def step():
+        x = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
+        opt.zero_grad(set_to_none=True)
+        logits = model(input_ids=x[:, :-1]).logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def in_process(preset: str, batch: int, seq_len: int, steps: int) -> dict:
+    """BitNet and full precision of one preset, their training steps timed in turn in this process."""
+    import torch
+
+    from bench_harness import alternated_medians
+    from bitnet_train.modeling.models import build_model
+    from bitnet_train.training.optim import build_optimizer, init_adamw_state
+
+    fns, n_params = {}, None
+    for quant in ("bitnet", "none"):
+        model = build_model(preset, quant=quant, seed=0).to(torch.float32).train()
+        n_params = n_params or sum(p.numel() for p in model.parameters())
+        opt = build_optimizer(model, 1e-3, 0.1)  # the pretraining optimizer, its state made up front
+        init_adamw_state(opt)
+        fns[quant] = _step_fn(model, opt, batch, seq_len, model.config.vocab_size, seed=1)
+    t_bit, t_fp = alternated_medians([fns["bitnet"], fns["none"]], repeats=steps, warmup=1)
+    tokens = batch * seq_len
+    return {"preset": preset, "params": n_params, "tokens_per_step": tokens, "bitnet_tok_s": tokens / t_bit,
+            "fp_tok_s": tokens / t_fp, "ratio": t_fp / t_bit, "steps": steps}
+
+
+def run_in_process(args) -> None:
+    import torch
+
+    from bench_harness import machine_line, write_json
+
+    torch.set_num_threads(args.threads)
+    print(machine_line(), flush=True)
+    print(f"in one process, alternated, median of {args.steps} steps after 1 warm-up, fp32")
+    print("| model | parameters (BitNet) | tokens/step | BitNet tok/s | fp tok/s | BitNet / fp |")
+    print("|---|---|---|---|---|---|")
+    results = []
+    for item in [p for p in args.presets.split(",") if p]:
+        preset, _, shape = item.partition(":")
+        batch, seq = map(int, shape.split("x")) if shape else (args.batch, args.seq)
+        r = in_process(preset, batch, seq, args.steps)
+        results.append(r)
+        print(f"| {preset} | {r['params'] / 1e6:.1f}M | {r['tokens_per_step']} | {r['bitnet_tok_s']:,.0f} | "
+              f"{r['fp_tok_s']:,.0f} | {r['ratio']:.2f}x |", flush=True)
+    write_json(args.json, {"in_process": results})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--presets", default="tiny,125m,350m")
@@ -268,12 +336,18 @@ def main() -> None:
                          "preloaded (LD_PRELOAD) from ldconfig's paths or this Python's prefix")
     ap.add_argument("--optim-state", choices=("eager", "lazy"), default="eager",
                     help="AdamW's state made before the first forward, as pretrain() does (eager), or in the first step (lazy)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="speed only: BitNet and fp of each preset timed in turn in this process (no memory figures)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--preset", help=argparse.SUPPRESS)
     ap.add_argument("--quant", choices=QUANTS, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.in_process:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_harness, beside this script
+        run_in_process(args)
         return
     args.malloc_path = None
     if args.malloc != "glibc":

@@ -1,17 +1,15 @@
 #!/usr/bin/env python3
-"""Pretraining benchmarks on the CPU, BitNet (ternary) against the same model with ``quant: none``.
+"""Pretraining benchmarks, BitNet (ternary) against the same model with ``quant: none``: quality on the
+CPU, and real ``pretrain()`` runs timed (a GPU's, or the CPU's). The speed of one training step on the
+CPU, BitNet against full precision: ``scripts/bench_memory.py`` (``--in-process`` for the ratio).
 
-1. Throughput: training steps (forward, loss, backward, clipping, AdamW) of the ``tiny`` and
-   ``125m`` presets, BitNet and full precision built from the same preset and seed, timed
-   alternately in this process after warm-up steps; tokens/s and the ratio BitNet / fp
-   (goal: >= 0.8x).
-2. Quality: ``recipes/tiny.yaml`` trained on tinyshakespeare twice through ``pretrain()``, with
+1. Quality: ``recipes/tiny.yaml`` trained on tinyshakespeare twice through ``pretrain()``, with
    ``quant: bitnet`` and ``quant: none`` (same data, tokens, schedule); validation loss of both
    and the gap. ``--quality-model micro`` (the default; a 2-layer, hidden-128 model) keeps this
    to minutes on a shared 2-core machine; ``--quality-model tiny`` uses the recipe's own preset.
    ``--fp-lrs 1e-3,6e-3`` adds fp runs at other peak learning rates (the recipe's is chosen for
    the ternary model), and the gap to the best of them.
-3. ``--timed-pretrain SECONDS`` (instead of 1 and 2; for a GPU, also runs on the CPU): real
+2. ``--timed-pretrain SECONDS`` (instead of 1; for a GPU, also runs on the CPU): real
    ``pretrain()`` runs of ``recipes/125m.yaml`` (``--tp-preset``, ``--tp-batch`` x ``--tp-seq``,
    ``grad_accum`` 1, no validation), ``quant: bitnet`` then ``quant: none``, each stopped after
    SECONDS of training as a SIGINT stops it (a checkpoint is saved, the run returns). The data is
@@ -23,8 +21,7 @@
    and, on CUDA, the peak allocated and reserved memory (``torch.cuda.max_memory_*``). With CUDA
    the recipe's ``mixed_precision: auto`` is bf16 autocast; on the CPU fp32.
 
-    python scripts/bench_pretrain.py                      # parts 1 and 2
-    python scripts/bench_pretrain.py --skip-quality --speed-steps 3
+    python scripts/bench_pretrain.py                      # part 1
     python scripts/bench_pretrain.py --timed-pretrain 35 --tp-json pretrain.json
 """
 
@@ -40,55 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 # the full 1.1 MB corpus beside the repository when there, else the 300 KB excerpt the tests use
 SHAKESPEARE = next(p for p in (REPO.parent / "shared" / "data" / "tinyshakespeare.txt",
                               REPO / "tests" / "data" / "tinyshakespeare.txt") if p.is_file() or "tests" in p.parts)
-
-
-def _step_fn(model, opt, batch, seq_len, vocab, seed):
-    import torch
-    import torch.nn.functional as F
-
-    g = torch.Generator().manual_seed(seed)
-
-    def step():
-        x = torch.randint(0, vocab, (batch, seq_len + 1), generator=g)
-        opt.zero_grad(set_to_none=True)
-        logits = model(input_ids=x[:, :-1]).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss.item()
-
-    return step
-
-
-def throughput(preset: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
-    import torch
-
-    from bitnet_train.modeling.models import build_model
-    from bitnet_train.training.optim import build_optimizer, init_adamw_state
-
-    fns, n_params = {}, None
-    for quant in ("bitnet", "none"):
-        model = build_model(preset, quant=quant, seed=0).to(torch.float32).train()
-        n_params = sum(p.numel() for p in model.parameters())
-        vocab = model.config.vocab_size
-        opt = build_optimizer(model, 1e-3, 0.1)  # the pretraining optimizer, its state made up front
-        init_adamw_state(opt)
-        fns[quant] = _step_fn(model, opt, batch, seq_len, vocab, seed=1)
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    times = {q: [] for q in fns}
-    for _ in range(steps):  # alternate, so that load from other processes hits both alike
-        for q, f in fns.items():
-            t0 = time.perf_counter()
-            f()
-            times[q].append(time.perf_counter() - t0)
-    tokens = batch * seq_len
-    med = {q: statistics.median(v) for q, v in times.items()}
-    return {"preset": preset, "params": n_params, "tokens_per_step": tokens,
-            "bitnet_tok_s": tokens / med["bitnet"], "fp_tok_s": tokens / med["none"],
-            "ratio": med["none"] / med["bitnet"], "steps": steps}
 
 
 MICRO = """\
@@ -275,30 +223,24 @@ def timed_pretrain(args) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--speed-steps", type=int, default=5, help="timed steps per model (after warm-up)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per model first")
     ap.add_argument("--quality-steps", type=int, default=200, help="optimizer steps of each tinyshakespeare run")
     ap.add_argument("--quality-batch", type=int, default=16, help="sequences per step of the quality runs")
     ap.add_argument("--quality-seq", type=int, default=128, help="tokens per sequence of the quality runs")
     ap.add_argument("--quality-model", default="micro", help="micro (built in) or a preset name/YAML")
-    ap.add_argument("--speed-models", default="tiny:16x128,125m:1x256",
-                    help="preset:BATCHxSEQ,... timed for throughput")
     ap.add_argument("--data", type=Path, default=SHAKESPEARE, help="text for the quality runs")
     ap.add_argument("--fp-lrs", default="", help="more fp quality runs at these peak LRs, comma-separated")
-    ap.add_argument("--skip-speed", action="store_true")
-    ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--timed-pretrain", type=float, default=None, metavar="SECONDS",
-                    help="part 3 only: pretrain() runs of SECONDS of training each (bitnet, then none)")
-    ap.add_argument("--tp-preset", default="125m", help="part 3: model preset (default 125m)")
+                    help="part 2 only: pretrain() runs of SECONDS of training each (bitnet, then none)")
+    ap.add_argument("--tp-preset", default="125m", help="part 2: model preset (default 125m)")
     ap.add_argument("--tp-data", default=str(REPO / "tests" / "data" / "tinyshakespeare.txt"),
-                    help="part 3: text to tokenize, or a directory bitnet-train tokenize wrote (default: the tests' excerpt)")
-    ap.add_argument("--tp-tokenizer", default="bpe:32000", help="part 3: tokenizer spec (default bpe:32000)")
-    ap.add_argument("--tp-batch", type=int, default=16, help="part 3: sequences per step (default 16)")
-    ap.add_argument("--tp-seq", type=int, default=1024, help="part 3: tokens per sequence (default 1024)")
-    ap.add_argument("--tp-quants", default="bitnet,none", help="part 3: quant values to run, in order")
-    ap.add_argument("--tp-skip", type=int, default=5, help="part 3: warm-up steps left out of the median (default 5)")
-    ap.add_argument("--tp-out", default=None, help="part 3: where the runs and the token shards go (default: a temp dir)")
-    ap.add_argument("--tp-json", default=None, help="part 3: write the figures to this JSON file")
+                    help="part 2: text to tokenize, or a directory bitnet-train tokenize wrote (default: the tests' excerpt)")
+    ap.add_argument("--tp-tokenizer", default="bpe:32000", help="part 2: tokenizer spec (default bpe:32000)")
+    ap.add_argument("--tp-batch", type=int, default=16, help="part 2: sequences per step (default 16)")
+    ap.add_argument("--tp-seq", type=int, default=1024, help="part 2: tokens per sequence (default 1024)")
+    ap.add_argument("--tp-quants", default="bitnet,none", help="part 2: quant values to run, in order")
+    ap.add_argument("--tp-skip", type=int, default=5, help="part 2: warm-up steps left out of the median (default 5)")
+    ap.add_argument("--tp-out", default=None, help="part 2: where the runs and the token shards go (default: a temp dir)")
+    ap.add_argument("--tp-json", default=None, help="part 2: write the figures to this JSON file")
     args = ap.parse_args()
     if args.timed_pretrain is not None:
         if args.timed_pretrain <= 0:
@@ -311,17 +253,7 @@ def main() -> None:
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
-    if not args.skip_quality:
-        run_quality(args)
-    if not args.skip_speed:
-        print("\n| model | parameters (BitNet) | tokens/step | BitNet tok/s | fp tok/s | BitNet / fp |")
-        print("|---|---|---|---|---|---|")
-        for item in args.speed_models.split(","):
-            preset, shape = item.split(":")
-            batch, seq = map(int, shape.split("x"))
-            r = throughput(preset, batch, seq, args.speed_steps, args.warmup)
-            print(f"| {preset} | {r['params'] / 1e6:.1f}M | {r['tokens_per_step']} | {r['bitnet_tok_s']:,.0f} | "
-                  f"{r['fp_tok_s']:,.0f} | {r['ratio']:.2f}x |", flush=True)
+    run_quality(args)
 
 
 if __name__ == "__main__":
