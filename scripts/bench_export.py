@@ -17,14 +17,7 @@
     python scripts/bench_export.py [--preset 700m-silu] [--work DIR] [--threads N] [--tokens 64]
                                    [--bitnet-cpp DIR]
 
-``--tolerances`` instead measures the verification figures of the llama.cpp formats that carry rows of 64
-(Q2_0, and F32/F16 beside it) on small models: converted tiny Llamas (tests/test_convert.py's shape, hidden
-64) random-initialised and after the test's full-precision 100 steps + QAT 60 steps, and SiLU BitNet tiny
-models (tests/test_export.py's) at 0 and 40 steps; per file the relative logit error against our forward
-and against our forward with the runtime's arithmetic emulated (``export.verify.emulated_logits``), and
-top-1 agreement, over ``--seeds``.
-
-    python scripts/bench_export.py --tolerances [--seeds 0,1]
+Its verification tolerances: ``scripts/bench_tolerances.py logits --runtime llama.cpp``.
 """
 
 from __future__ import annotations
@@ -124,56 +117,8 @@ def bitnet_cpp_speed(root: Path, paths: dict, threads: int, tokens: int, rounds:
     return {q: statistics.median(v) for q, v in times.items()}
 
 
-def tolerances(seeds: list[int], work: Path) -> None:
-    import shutil
-
-    import numpy as np
-
-    repo = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(repo / "tests"))
-    from test_convert import make_tok, qat_run, save_tiny
-    from test_export import make_checkpoint
-
-    from bitnet_train.cli import main as cli
-    from bitnet_train.export import export
-    from bitnet_train.export import verify as V
-    from bitnet_train.export.source import CheckpointSource, load_tokenizer_for
-    from bitnet_train.runtimes import LlamaCpp
-
-    text = (repo / "tests" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    quiet = lambda *a: None  # noqa: E731
-    shutil.rmtree(work, ignore_errors=True)
-    print("| model | seed | steps | format | rel. error vs ours | vs emulated | top-1 |")
-    print("|---|---|---|---|---|---|---|")
-    for seed in seeds:
-        cks = []
-        d = work / f"llama-{seed}"
-        save_tiny("llama", make_tok(), d / "hf", seed=seed)
-        cli(["convert", str(d / "hf"), "--out", str(d / "random")])
-        cks.append(("converted llama", 0, d / "random"))
-        cks.append(("converted llama", "100+60", Path(qat_run("llama", make_tok(), d / "qat", seed)[1]["final"])))
-        for steps in (0, 40):
-            cks.append(("tiny-silu BitNet", steps, make_checkpoint(work / f"silu-{seed}-{steps}", text[:200_000],
-                                                                    steps=steps, seed=seed)))
-        for name, steps, ck in cks:
-            tok = load_tokenizer_for(CheckpointSource(ck))
-            ids = V.probe_ids(tok, V.DEFAULT_PROBE, 128)
-            ours = V.our_logits(ck, ids)
-            for q in ("q2_0", "f32", "f16"):
-                out = work / f"{ck.parent.name}-{ck.name}-{q}.gguf"
-                export(ck, "gguf", out, quant=q, verify=False, log=quiet)
-                with LlamaCpp(out, n_ctx=max(64, len(ids) + 8), all_logits=True) as rt:
-                    theirs = rt.logits(ids)
-                emu = V.rel_error(theirs, V.emulated_logits(ck, ids, q))
-                top1 = float(np.mean(theirs.argmax(-1) == ours.argmax(-1)))
-                print(f"| {name} | {seed} | {steps} | {q} | {V.rel_error(theirs, ours):.2e} | {emu:.2e} | "
-                      f"{top1:.1%} |", flush=True)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tolerances", action="store_true", help="measure Q2_0/F32/F16 verification figures and exit")
-    ap.add_argument("--seeds", default="0,1", help="with --tolerances")
     ap.add_argument("--preset", default="700m-silu")
     ap.add_argument("--work", default="out/bench-export", help="where the checkpoint and GGUF files go")
     ap.add_argument("--text", default=None, help="text for the tokenizer (default: tinyshakespeare next to the repo)")
@@ -184,9 +129,6 @@ def main() -> int:
     ap.add_argument("--bitnet-cpp", default=os.environ.get("BITNET_CPP_DIR"),
                     help="a built bitnet.cpp checkout: also export I2_S and time F16/TQ2_0/I2_S there")
     args = ap.parse_args()
-    if args.tolerances:
-        tolerances([int(x) for x in args.seeds.split(",")], Path(args.work) / "tolerances")
-        return 0
     quants = QUANTS + (("i2_s",) if args.bitnet_cpp else ())
 
     repo = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ import torch
 from bitnet_train.cli import main
 from bitnet_train.evaluation.evaluate import evaluate, rolling_windows
 
-# |bits per byte of the export / of the checkpoint - 1|. Measured with `python scripts/bench_eval.py
-# tolerances` (docs/eval.md; seeds 0-1, 0 and 30 steps, per document and packed): hf at most 1.7e-5, GGUF
+# |bits per byte of the export / of the checkpoint - 1|. Measured with `python scripts/bench_tolerances.py
+# bits-per-byte` (docs/eval.md; seeds 0-1, 0 and 30 steps, per document and packed): hf at most 1.7e-5, GGUF
 # F32 4.8e-5 and TQ2_0 6.9e-5 in llama.cpp; a ReLU² model forced into llama.cpp's SiLU graph 1.3e-3.
 TOL = {"hf": 1e-4, "f32": 5e-4, "tq2_0": 5e-4}
 

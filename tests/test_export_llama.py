@@ -54,7 +54,7 @@ def test_converted_llama_exports_as_llama_q2_0(qat_llama, tmp_path, capsys):
     r = json.loads(cap.out)
     assert (r["ok"], r["quant"], r["arch"], r["runtime"]) == (True, "q2_0", "llama", "llama.cpp")
     ag = r["agreement"]
-    # measured (python scripts/bench_export.py --tolerances, docs/runtimes.md): 2.5e-3 against our forward,
+    # measured (python scripts/bench_tolerances.py logits --runtime llama.cpp, docs/runtimes.md): 2.5e-3 against our forward,
     # 8.6e-4 against it with Q2_0's arithmetic emulated; a wrong file is far outside (below)
     assert ag["ok"] and ag["rel_error"] < 1e-2 and ag["emulated_rel"] < 5e-3, ag
     assert ag["tokenization"].startswith("identical")

@@ -15,7 +15,7 @@ against our forward with the runtime's arithmetic emulated (:func:`.verify.emula
 - llama.cpp F32/F16 1.8e-3, TQ2_0/TQ1_0 1.3e-3, top-1 100%; random init F32 2.8e-2, TQ2_0 2.8e-2-3.0e-2,
   top-1 92-95% (llama.cpp quantizes TQ activations in 256-wide Q8_K blocks, not per token). Emulated:
   1.7e-5 F32, 2.8e-5 F16 trained, 3.6e-4 F32 random. A ReLU² model forced through llama.cpp: 1.1e-1.
-- llama.cpp Q2_0 (``python scripts/bench_export.py --tolerances --seeds 0,1``; converted tiny Llamas random
+- llama.cpp Q2_0 (``python scripts/bench_tolerances.py logits --runtime llama.cpp --seeds 0,1``; converted tiny Llamas random
   and after 100 + 60 steps, tiny-silu BitNet at 0 and 40 steps): 8.1e-4 to 2.5e-3 against our forward
   trained, 1.9e-3 to 3.1e-2 random, top-1 94-100%; against the Q2_0 emulation (weights ``codes * fp16(s)``,
   Q8_0 activations) 1.4e-4 to 1.1e-3 trained, 7.7e-4 to 1.5e-2 random. Wrong files on the trained Llama:
@@ -23,7 +23,7 @@ against our forward with the runtime's arithmetic emulated (:func:`.verify.emula
 - bitnet.cpp I2_S (per-token int8 activations as ours, exact code products; token_embd and the KV cache
   F16): 2.8e-4 to 9.3e-4 trained, 2.8e-2 random; a wrong block layout, a transposed or shifted packing
   or a dropped scale 1.6e-1 to 1.3e+0.
-- ik_llama.cpp (``python scripts/bench_ik.py tolerances --widths 256,512 --seeds 0,1 --steps 0,40``):
+- ik_llama.cpp (``python scripts/bench_tolerances.py logits --runtime ik_llama.cpp --widths 256,512 --seeds 0,1 --steps 0,40``):
   F32/F16 1.8e-3 to 2.9e-3, IQ2_BN 1.6e-3 to 2.0e-3, IQ2_BN_R4 1.4e-3 to 2.1e-3, IQ1_BN 1.6e-3 to 1.9e-3,
   top-1 99-100%; random init 2.9e-2 to 3.6e-2, top-1 91-98% (the IQ types quantize activations in
   Q8_K64 blocks, so their top-1 floor is lower and they are not emulated). Emulated F32/F16: 1.1e-5 to
