@@ -2,13 +2,13 @@
 
     bitnet-train bench kernels     # Triton kernels vs bf16 cuBLAS (bitnet_train/kernels/bench.py)
 
-The arguments live in :mod:`bitnet_train.benchargs` (shared with ``python -m bitnet_train.kernels.bench``)
+The arguments live in :mod:`bitnet_train.kernel_bench_args` (shared with ``python -m bitnet_train.kernels.bench``)
 so that ``bitnet-train --help`` does not import Triton.
 """
 
 from __future__ import annotations
 
-from bitnet_train.benchargs import add_kernels_arguments
+from bitnet_train.kernel_bench_args import add_kernels_arguments
 
 
 def cmd_kernels(args) -> int:
@@ -22,10 +22,10 @@ def register(sub) -> None:
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH")
     k = bsub.add_parser(
         "kernels",
-        help="Triton ternary matmul vs bf16 F.linear (2B4T shapes, decode and prefill) and the BitLinear training step",
+        help="Triton ternary matmul vs bf16 F.linear (2B4T shapes, decode and prefill)",
         description="Times ternary_matmul (GEMV and tiled paths) against bf16 F.linear at 2B4T shapes, "
-        "with achieved bandwidth / TOPS as a fraction of the H100/H200 peak, and one BitLinear layer's "
-        "forward+backward (triton and torch backends) against bf16 nn.Linear. Needs a CUDA GPU.",
+        "with achieved bandwidth / TOPS as a fraction of the H100/H200 peak. Needs a CUDA GPU. "
+        "(One layer's training step: scripts/bench_train_step.py.)",
     )
     add_kernels_arguments(k)
     k.set_defaults(func=cmd_kernels)

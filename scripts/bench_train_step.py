@@ -58,7 +58,7 @@ MODES = {
 
 
 def _parse_shapes(text: str):
-    from bitnet_train.benchargs import SHAPES
+    from bitnet_train.kernel_bench_args import SHAPES
 
     if text == "2b4t":
         return list(SHAPES)

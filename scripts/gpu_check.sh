@@ -8,7 +8,7 @@
 # `run` steps, in order (each one's exit code and duration go to $OUT/summary.txt; a failing or
 # timed-out step does not stop the others): wheels (install .whl/*.whl, from scripts/gpu_wheels.sh,
 # into a --target folder on PYTHONPATH), gpu-tests (tests/test_gpu.py), selfcheck
-# (bitnet_train.kernels.selfcheck), bench and bench-fixed (bitnet_train.kernels.bench --no-train,
+# (bitnet_train.kernels.selfcheck), bench and bench-fixed (bitnet_train.kernels.bench,
 # 2B4T shapes, M = 1, 16, 128, 2048, autotuned, then BITNET_TRAIN_AUTOTUNE=0), train-step
 # (scripts/bench_train_step.py: nn.Linear, our backends, _int_mm, torchao, onebitllms), pretrain
 # (scripts/bench_pretrain.py --timed-pretrain: 125m, bf16 autocast, bitnet vs none) and fsdp
@@ -20,7 +20,7 @@
 #
 # Older single steps (each within one 10-minute call; output files in $OUT):
 #   bash scripts/gpu_check.sh tests        # tests/test_gpu.py + the kernel self-check
-#   bash scripts/gpu_check.sh bench        # bitnet-train bench kernels (inference + training tables)
+#   bash scripts/gpu_check.sh bench        # bitnet-train bench kernels (the inference table)
 #   bash scripts/gpu_check.sh bench-fixed  # the same inference table, autotuning off
 #   bash scripts/gpu_check.sh all
 #
@@ -83,9 +83,8 @@ def timer(fn, reps=2):
         t0 = time.perf_counter(); fn(); ts.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(ts)
 
-args = argparse.Namespace(warmup=1, rep=1, train_tokens=32, no_train=False)
+args = argparse.Namespace(warmup=1, rep=1)
 bench._matmul_table(args, [1, 20], [(64, 128)], device="cpu", timer=timer)
-bench._training_table(args, [(64, 128)], device="cpu", timer=timer)
 PY
     ;;
 _fsdp)
@@ -239,8 +238,8 @@ PY
     else
         step gpu-tests 45 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m pytest -q -rs -p no:cacheprovider "$REPO/tests/test_gpu.py"
         step selfcheck 20 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m bitnet_train.kernels.selfcheck
-        step bench 110 "$PY" -m bitnet_train.kernels.bench --no-train
-        step bench-fixed 20 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m bitnet_train.kernels.bench --no-train
+        step bench 110 "$PY" -m bitnet_train.kernels.bench
+        step bench-fixed 20 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m bitnet_train.kernels.bench
         step train-step 130 "$PY" "$REPO/scripts/bench_train_step.py" --modes "${GPU_RUN_TRAIN_MODES:-bf16}" \
             --json "$LOGS/train_step.json"
         step pretrain 95 "$PY" "$REPO/scripts/bench_pretrain.py" --timed-pretrain "${GPU_RUN_PRETRAIN_S:-25}" \
@@ -268,7 +267,7 @@ tests | bench | bench-fixed | all)
         step selfcheck 600 "$PY" -m bitnet_train.kernels.selfcheck ;;
     esac
     case $what in bench | all) step bench 600 "$PY" -m bitnet_train.kernels.bench ;; esac
-    case $what in bench-fixed | all) step bench-fixed 600 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m bitnet_train.kernels.bench --no-train ;; esac
+    case $what in bench-fixed | all) step bench-fixed 600 env BITNET_TRAIN_AUTOTUNE=0 "$PY" -m bitnet_train.kernels.bench ;; esac
     ;;
 *)
     echo "unknown step $what: run, tests, bench, bench-fixed or all" >&2

@@ -2,11 +2,11 @@
 
     python -m bitnet_train.kernels.bench          # or: bitnet-train bench kernels
 
-Needs a CUDA GPU. Two tables, medians of ``triton.testing.do_bench`` (which also flushes L2
+Needs a CUDA GPU. One table, medians of ``triton.testing.do_bench`` (which also flushes L2
 before every repetition); inputs and weights rotate through enough buffers to exceed the L2
 cache, so no call finds its operands cached by the previous one.
 
-1. Inference matmul, for each 2B4T projection shape ``out x in`` and token count ``M``:
+Inference matmul, for each 2B4T projection shape ``out x in`` and token count ``M``:
    ``ternary_matmul(x, packed, s)`` (activation quantization + int8 x 2-bit ternary matmul)
    against ``F.linear`` in bf16. Path: ``gemvq`` = GEMV kernel quantizing x itself
    (``M <= GEMV_FUSED_QUANT_MAX_M``), ``gemv`` = quantization kernel + GEMV (``M <= GEMV_MAX_M``),
@@ -14,10 +14,8 @@ cache, so no call finds its operands cached by the previous one.
    Besides the times and the speedup (bf16 / ternary), the achieved memory bandwidth (decode,
    ``M <= 16``: weight, activation and output bytes over time) or int8 TOPS (prefill) as a
    fraction of the GPU's nominal dense peak, for H100 / H200 (``n/a`` on other GPUs).
-2. Training step of one layer, forward + backward at ``--train-tokens`` tokens: ``BitLinear``
-   with the ``triton`` backend (weight codes cached, as for the 2nd..nth gradient-accumulation
-   micro-batch, and uncached, as for the first) and the ``torch`` backend, against a bf16
-   ``nn.Linear``; all in bf16.
+The training step of one layer (these kernels inside BitLinear, against ``nn.Linear``, torch's int8
+matmul and other libraries): ``scripts/bench_train_step.py``.
 
 The first call of each shape autotunes the kernels (a few seconds per shape);
 ``BITNET_TRAIN_AUTOTUNE=0`` uses one fixed configuration instead.
@@ -83,8 +81,6 @@ def run(args) -> int:
     except ImportError as e:
         raise UserError(f"bench kernels needs Triton: {e}") from e
     _matmul_table(args, tokens, shapes)
-    if not args.no_train:
-        _training_table(args, shapes)
     return 0
 
 
@@ -184,50 +180,8 @@ def _matmul_table(args, tokens, shapes, device="cuda", timer=None) -> None:
     print()
 
 
-def _training_table(args, shapes, device="cuda", timer=None) -> None:
-    import torch
-
-    from bitnet_train.modeling.bitlinear import BitLinear
-
-    dev = torch.device(device)
-    m = args.train_tokens
-    print(f"training step of one layer: forward + backward, {m} tokens, bf16 (median ms; ratio = nn.Linear / backend)")
-    hdr = f"{'out x in':>11} {'nn.Linear ms':>12} {'triton cached':>14} {'triton uncached':>16} {'torch ms':>9} {'ratios t-cached / t-uncached / torch':>38}"
-    print(hdr)
-    print("-" * len(hdr))
-    for n, k in shapes:
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(k, n, bias=False, device=dev, dtype=torch.bfloat16)
-        tri = BitLinear.from_linear(lin, backend="triton")
-        ref = BitLinear.from_linear(lin, backend="torch")
-        xs = [torch.randn(m, k, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)]
-        g = torch.randn(m, n, device=dev, dtype=torch.bfloat16)
-        nx = _cycle(xs)
-
-        def step(layer, invalidate=False):
-            def fn():
-                if invalidate:
-                    layer.clear_weight_cache()
-                layer(nx()).backward(g)
-
-            return fn
-
-        def bench(fn, params):
-            if timer is not None:
-                return timer(fn)
-            return _do_bench(args, grad_to_none=list(params) + xs)(fn)
-
-        t_lin = bench(step(lin), lin.parameters())
-        t_cached = bench(step(tri), tri.parameters())
-        t_uncached = bench(step(tri, invalidate=True), tri.parameters())
-        t_torch = bench(step(ref), ref.parameters())
-        ratios = f"{t_lin / t_cached:.2f}x / {t_lin / t_uncached:.2f}x / {t_lin / t_torch:.2f}x"
-        print(f"{n:>5}x{k:<5} {t_lin:>12.4f} {t_cached:>14.4f} {t_uncached:>16.4f} {t_torch:>9.4f} {ratios:>38}")
-        sys.stdout.flush()
-
-
 def main(argv=None) -> int:
-    from bitnet_train.benchargs import add_kernels_arguments
+    from bitnet_train.kernel_bench_args import add_kernels_arguments
 
     p = argparse.ArgumentParser(prog="python -m bitnet_train.kernels.bench", description=__doc__.splitlines()[0])
     add_kernels_arguments(p)

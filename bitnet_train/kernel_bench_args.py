@@ -1,5 +1,5 @@
-"""The arguments of ``bitnet-train bench kernels`` and ``python -m bitnet_train.kernels.bench``
-(a leaf, so that neither the CLI nor ``--help`` imports Triton)."""
+"""The arguments of the kernel benchmark, ``bitnet-train bench kernels`` and ``python -m bitnet_train.kernels.bench``,
+and the 2B4T shapes it and ``scripts/bench_train_step.py`` time (a leaf, so that neither the CLI nor ``--help`` imports Triton)."""
 
 from __future__ import annotations
 
@@ -16,5 +16,3 @@ def add_kernels_arguments(p) -> None:
         default=",".join(f"{n}x{k}" for n, k in SHAPES),
         help="weight shapes OUTxIN, comma-separated (default: 2B4T's projections, %(default)s)",
     )
-    p.add_argument("--train-tokens", type=int, default=4096, help="tokens per micro-batch of the training table (default 4096)")
-    p.add_argument("--no-train", action="store_true", help="skip the training-step table")
