@@ -1,6 +1,6 @@
 """bitnet-train: train 1.58-bit (ternary) BitNet language models and ship them to CPUs."""
 
-from bitnet_train.modeling.bitlinear import (
+from bitnet_train.layers.bitlinear import (
     BitLinear,
     convert_to_bitlinear,
     revert_to_linear,

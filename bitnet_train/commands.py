@@ -74,7 +74,7 @@ def cmd_init(args) -> int:
 
 def model_summary(spec: str) -> dict:
     """Figures for ``info``: built on the meta device, so even 2B4T costs no memory."""
-    from bitnet_train.modeling.bitlinear import BitLinear
+    from bitnet_train.layers.bitlinear import BitLinear
     from bitnet_train.modeling.models import load_model, load_preset, model_kind
 
     model = load_model(spec, device="meta")

@@ -167,8 +167,8 @@ def worker(args) -> None:
     model = bitnet_train.build_model(args.preset, quant=quant, seed=0, **({"backend": "torch"} if quant == "bitnet" else {}))
     if args.weight_codes is not None:
         recompute = args.weight_codes == "recompute"
-        if hasattr(bitnet_train.modeling.bitlinear, "set_switches"):
-            bitnet_train.modeling.bitlinear.set_switches(model, recompute_weight_codes=recompute)
+        if hasattr(bitnet_train.layers.bitlinear, "set_switches"):
+            bitnet_train.layers.bitlinear.set_switches(model, recompute_weight_codes=recompute)
         elif hasattr(bitnet_train.BitLinear, "recompute_weight_codes"):  # an older checkout (--code): a class switch
             bitnet_train.BitLinear.recompute_weight_codes = recompute
     if args.quant == "stock":

@@ -29,7 +29,7 @@ import torch
 
 from bench_harness import alternated_medians, machine_line
 from bitnet_train import quant
-from bitnet_train.modeling.bitlinear import BitLinear
+from bitnet_train.layers.bitlinear import BitLinear
 
 SHAPES = [  # (name, out_features, in_features) of 2B4T's projections
     ("q/o 2560x2560", 2560, 2560),

@@ -9,7 +9,7 @@ For every weight shape ``out x in`` and token count ``M``, each implementation b
 same step on the same weights and inputs (``[1, M, in]``, upstream gradient ``[1, M, out]``):
 
   nn.Linear       ``torch.nn.Linear`` in the mode's dtypes: the baseline every ratio is taken against
-  torch           ``BitLinear(backend="torch")`` (bitnet_train.modeling.bitlinear_torch)
+  torch           ``BitLinear(backend="torch")`` (bitnet_train.layers.bitlinear_torch)
   triton          ``BitLinear(backend="triton")``, weight codes quantized in the step (the first
                   gradient-accumulation micro-batch, or every step without accumulation)
   triton-cached   the same with the weight codes cached (micro-batches 2..n of one step)
@@ -148,7 +148,7 @@ def _missing(e: ImportError, top: str) -> str | None:
 
 def implementations(device, interpret: bool) -> dict:
     """name -> (factory(lin) -> module, None) or (None, status) for each of IMPLS."""
-    from bitnet_train.modeling.bitlinear import BitLinear
+    from bitnet_train.layers.bitlinear import BitLinear
 
     out = {"nn.Linear": (lambda lin: copy.deepcopy(lin), None)}
     out["torch"] = (lambda lin: BitLinear.from_linear(lin, backend="torch"), None)

@@ -133,7 +133,7 @@ print(json.dumps({{'n': len(lin), 'bad': bad, 'codes': sorted(codes)}}))
     rep = json.loads(out.stdout.strip().splitlines()[-1])
     assert rep["bad"] == [] and rep["n"] >= 2 * 7 + 1, rep
     assert set(rep["codes"]) <= {-1.0, 0.0, 1.0}, rep
-    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.layers.bitlinear import bitlinear_modules
     from bitnet_train.modeling.models import load_model
 
     ours = load_model(d).eval()
@@ -146,7 +146,7 @@ print(json.dumps({{'n': len(lin), 'bad': bad, 'codes': sorted(codes)}}))
 
 def test_reference_model_uses_quantized_forward(pretrained):
     from bitnet_train.align import load_reference
-    from bitnet_train.modeling.bitlinear import bitlinear_modules, revert_to_linear
+    from bitnet_train.layers.bitlinear import bitlinear_modules, revert_to_linear
 
     _, pre = pretrained
     ref = load_reference(str(pre))
@@ -163,7 +163,7 @@ def test_reference_model_uses_quantized_forward(pretrained):
 
 def test_quant_warmup_callback_sets_lambda(pretrained):
     from bitnet_train.align import quant_warmup_callback
-    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.layers.bitlinear import bitlinear_modules
     from bitnet_train.modeling.models import load_model
     from bitnet_train.training.quant_warmup import QuantWarmupConfig
 
@@ -262,7 +262,7 @@ def test_sft_resume_is_exact(pretrained, tmp_path):
                 if "loss" in r]
     assert losses("a") == losses("b") and len(losses("a")) == 4
     # the Trainer checkpoints are in our format too: they load as ternary models
-    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.layers.bitlinear import bitlinear_modules
     from bitnet_train.modeling.models import load_model
 
     assert bitlinear_modules(load_model(tmp_path / "b" / "out" / "checkpoints" / "checkpoint-2"))

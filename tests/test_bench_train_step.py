@@ -55,7 +55,7 @@ def test_absent_cuda_only_and_broken_peers_get_a_status(monkeypatch):
     import torch
     from transformers import PreTrainedModel  # noqa: F401 - imported before the stand-ins below (transformers probes torchao)
 
-    import bitnet_train.modeling.bitlinear  # noqa: F401
+    import bitnet_train.layers.bitlinear  # noqa: F401
 
     mod = load_script("bench_train_step")
     # onebitllms importable (a stand-in): on the CPU it is CUDA-only

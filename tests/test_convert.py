@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from bitnet_train import cli
-from bitnet_train.modeling.bitlinear import BitLinear, bitlinear_modules, convert_to_bitlinear
+from bitnet_train.layers.bitlinear import BitLinear, bitlinear_modules, convert_to_bitlinear
 from bitnet_train.checkpoint.format import load_checkpoint
 from bitnet_train.modeling.convert import convert_hf, convert_model, load_hf_converted
 from bitnet_train.modeling.models import ModelSpecError, load_model

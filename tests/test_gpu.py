@@ -96,7 +96,7 @@ def test_rmsnorm_act_quant_on_cuda(dtype):
 
 @cuda
 def test_bitlinear_triton_weight_cache_on_cuda():
-    from bitnet_train.modeling.bitlinear import BitLinear
+    from bitnet_train.layers.bitlinear import BitLinear
 
     torch.manual_seed(0)
     lin = BitLinear(512, 384, backend="triton").cuda()
@@ -123,7 +123,7 @@ def test_triton_shared_input_on_cuda():
     # the same gradient bits (compared layer by layer: a whole model's backward holds atomics)
     import copy
 
-    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.layers.bitlinear import bitlinear_modules
     from bitnet_train.kernels import autograd, matmul
 
     m = bitnet_train.build_model("tiny", seed=3, backend="triton", num_hidden_layers=2).cuda().to(torch.bfloat16)

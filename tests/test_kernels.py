@@ -11,7 +11,7 @@ import triton  # noqa: E402,F401  (make test installs it; a missing triton fails
 
 from bitnet_train import quant  # noqa: E402
 from bitnet_train import kernels as K  # noqa: E402
-from bitnet_train.modeling.bitlinear import BitLinear  # noqa: E402
+from bitnet_train.layers.bitlinear import BitLinear  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 POISON = 99
@@ -254,7 +254,7 @@ def test_rmsnorm_act_quant_bitexact(shape, eps, dtype, w_dtype):
 
 
 def test_rmsnorm_act_quant_matches_bitlinear_rms_norm_and_checks_shapes():
-    from bitnet_train.modeling.bitlinear_torch import BitLinearRMSNorm
+    from bitnet_train.layers.bitlinear_torch import BitLinearRMSNorm
 
     norm = BitLinearRMSNorm(48, eps=1e-6)
     with torch.no_grad():
@@ -535,7 +535,7 @@ def _count_act_quant(monkeypatch):
 def _unshared_copy(model):
     import copy
 
-    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.layers.bitlinear import bitlinear_modules
 
     other = copy.deepcopy(model)
     for _, b in bitlinear_modules(other):
@@ -545,7 +545,7 @@ def _unshared_copy(model):
 
 def test_triton_shared_input_quantized_once_and_identical(monkeypatch):
     import bitnet_train
-    from bitnet_train.modeling.bitlinear import bitlinear_modules, share_input_quantization
+    from bitnet_train.layers.bitlinear import bitlinear_modules, share_input_quantization
 
     m = bitnet_train.build_model("tiny", seed=7, backend="triton", **_SMALL)
     assert share_input_quantization(m) == [("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",

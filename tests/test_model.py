@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import bitnet_train
 from bitnet_train import BitLinear, quant
-from bitnet_train.modeling.backends import resolve_backend
+from bitnet_train.layers.backends import resolve_backend
 from bitnet_train.checkpoint.format import CheckpointError
 from bitnet_train.modeling.models import ModelSpecError
 
@@ -80,7 +80,7 @@ def test_swap_exclusion_list_and_errors():
 
 def test_backend_switch_and_env(monkeypatch):
     m = bitnet_train.build_model("tiny", backend="torch")
-    assert {x.backend for _, x in bitnet_train.modeling.bitlinear.bitlinear_modules(m)} == {"torch"}
+    assert {x.backend for _, x in bitnet_train.layers.bitlinear.bitlinear_modules(m)} == {"torch"}
     bitnet_train.set_backend(m, "auto")
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "torch"
@@ -188,11 +188,11 @@ def test_untied_head_and_quant_none(tmp_path):
     with torch.no_grad():
         assert rel(m(ids).logits, stock_logits(tmp_path / "u", ids, tmp_path)["logits"]) < 1e-4
     base = bitnet_train.build_model("tiny", quant="none", seed=3).eval()
-    assert not bitnet_train.modeling.bitlinear.bitlinear_modules(base)
+    assert not bitnet_train.layers.bitlinear.bitlinear_modules(base)
     bitnet_train.save_checkpoint(base, tmp_path / "fp")
     assert "quantization_config" not in json.loads((tmp_path / "fp" / "config.json").read_text())
     back = bitnet_train.load_model(tmp_path / "fp")
-    assert not bitnet_train.modeling.bitlinear.bitlinear_modules(back)
+    assert not bitnet_train.layers.bitlinear.bitlinear_modules(back)
 
 
 def test_2b4t_bf16_layout_loads(tmp_path):
@@ -387,11 +387,11 @@ def test_bitlinear_under_bf16_autocast_is_the_exact_integer_product():
 
 def test_shared_input_quantized_once_and_identical(monkeypatch):
     m = bitnet_train.build_model("tiny", seed=7, backend="torch", num_hidden_layers=2)
-    groups = bitnet_train.modeling.bitlinear.share_input_quantization(m)
+    groups = bitnet_train.layers.bitlinear.share_input_quantization(m)
     assert len(groups) == 2 * 2 and ("model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj") in groups
     unshared = bitnet_train.build_model("tiny", seed=7, backend="torch", num_hidden_layers=2)
     unshared.load_state_dict(m.state_dict())
-    for _, b in bitnet_train.modeling.bitlinear.bitlinear_modules(unshared):
+    for _, b in bitnet_train.layers.bitlinear.bitlinear_modules(unshared):
         b.act_share = None
     assert set(m.state_dict()) == set(unshared.state_dict())  # the sharing adds no state
     calls = []
@@ -410,7 +410,7 @@ def test_shared_input_quantized_once_and_identical(monkeypatch):
     for (n, p), (_, q) in zip(m.named_parameters(), unshared.named_parameters()):
         assert torch.equal(p.grad, q.grad), n
     # the shared codes do not outlive the forward
-    assert all(b.act_share is None or b.act_share._entry is None for _, b in bitnet_train.modeling.bitlinear.bitlinear_modules(m))
+    assert all(b.act_share is None or b.act_share._entry is None for _, b in bitnet_train.layers.bitlinear.bitlinear_modules(m))
 
 
 def test_shared_input_is_checked_at_run_time():
@@ -431,10 +431,10 @@ def test_shared_input_is_checked_at_run_time():
 @pytest.mark.parametrize("recompute", [False, True])
 def test_checkpoint_recompute_and_weight_codes(monkeypatch, recompute):
     m = bitnet_train.build_model("tiny", seed=9, backend="torch", num_hidden_layers=2)
-    bitnet_train.modeling.bitlinear.set_switches(m, recompute_weight_codes=recompute)
+    bitnet_train.layers.bitlinear.set_switches(m, recompute_weight_codes=recompute)
     m.gradient_checkpointing_enable()
     m.train()
-    n_bit = len(bitnet_train.modeling.bitlinear.bitlinear_modules(m))
+    n_bit = len(bitnet_train.layers.bitlinear.bitlinear_modules(m))
     calls = []
     real = quant.weight_quant
     monkeypatch.setattr(quant, "weight_quant", lambda w, *scale: (calls.append(1), real(w, *scale))[1])
@@ -449,7 +449,7 @@ def test_checkpoint_recompute_and_weight_codes(monkeypatch, recompute):
         opt.step()
         opt.zero_grad()
     # after the backward no layer keeps its codes (no memory at the optimizer step) ...
-    assert not any(b.weight_codes.torch_entry is not None for _, b in bitnet_train.modeling.bitlinear.bitlinear_modules(m))
+    assert not any(b.weight_codes.torch_entry is not None for _, b in bitnet_train.layers.bitlinear.bitlinear_modules(m))
     # ... while inference keeps them: a second no-grad forward quantizes nothing
     with torch.no_grad():
         m(ids)
@@ -495,8 +495,8 @@ def test_quant_lambda_is_an_fp32_buffer_outside_the_state_dict():
 
 def test_backend_is_resolved_once_not_per_forward(monkeypatch):
     calls = []
-    real = bitnet_train.modeling.bitlinear.resolve_backend
-    monkeypatch.setattr(bitnet_train.modeling.bitlinear, "resolve_backend", lambda *a: (calls.append(a), real(*a))[1])
+    real = bitnet_train.layers.bitlinear.resolve_backend
+    monkeypatch.setattr(bitnet_train.layers.bitlinear, "resolve_backend", lambda *a: (calls.append(a), real(*a))[1])
     lin = BitLinear(16, 8, backend="auto")
     x = torch.randn(2, 16)
     for _ in range(3):
@@ -546,7 +546,7 @@ def test_compiled_warmup_does_not_recompile_per_step():
 def test_bitlinear_state_is_set_in_init_and_switches_are_checked():
     import copy
 
-    from bitnet_train.modeling.bitlinear import BLEND, FULL_PRECISION, SWITCHES, TERNARY, set_switches
+    from bitnet_train.layers.bitlinear import BLEND, FULL_PRECISION, SWITCHES, TERNARY, set_switches
 
     lin = BitLinear(16, 8, backend="torch", quant_lambda=0.5, recompute_weight_codes=False)
     state = vars(lin)

@@ -116,8 +116,8 @@ def test_graph_sees_the_package():
     # command modules by name, the kernels package is reached through bitnet_train.kernels)
     assert "bitnet_train.kernels.matmul" in graph and "bitnet_train.export" in graph
     assert {"bitnet_train.errors", "bitnet_train.training.pretrain", "bitnet_train.align"} <= graph["bitnet_train.cli"]
-    assert "bitnet_train.modeling.bitlinear" in graph["bitnet_train.modeling.models"]
-    assert any(m.startswith("bitnet_train.kernels") for m in graph["bitnet_train.modeling.bitlinear"])
+    assert "bitnet_train.layers.bitlinear" in graph["bitnet_train.modeling.models"]
+    assert any(m.startswith("bitnet_train.kernels") for m in graph["bitnet_train.layers.bitlinear"])
 
 
 def test_find_cycle_reports_one():
@@ -162,3 +162,37 @@ def test_every_module_says_what_it_holds():
     missing = [name for name, path in package_modules().items()
                if not ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))]
     assert not missing, f"modules without a docstring: {missing}"
+
+
+# The folders of bitnet_train/ in layers (docs/development.md): each imports only from those before it (and
+# the kernels and the top-level leaves); the command line's top-level modules import from any.
+LAYERS = ("data", "layers", "checkpoint", "modeling", "runtimes", "training", "align", "export", "evaluation")
+LEAVES = {"bitnet_train.quant", "bitnet_train.errors", "bitnet_train.fsutil", "bitnet_train.recipe",
+          "bitnet_train.kernel_bench_args"}
+
+
+def test_folders_import_only_the_layers_below():
+    graph = import_graph()
+
+    def folder(m: str) -> str | None:
+        parts = m.split(".")
+        return parts[1] if len(parts) >= 2 and parts[1] in (*LAYERS, "kernels") else None
+
+    up = []
+    for a, bs in graph.items():
+        fa = folder(a)
+        if fa == "kernels" or (fa is None and a not in LEAVES):
+            continue  # the kernels (a package of their own) and the command line
+        for b in bs:
+            fb = folder(b)
+            if fa is None:  # a leaf imports leaves only
+                ok = b in LEAVES
+            elif fb is None:
+                ok = b in LEAVES
+            else:
+                ok = fb == fa or fb == "kernels" or (fb in LAYERS and LAYERS.index(fb) < LAYERS.index(fa))
+            if not ok:
+                up.append(f"{a} -> {b}")
+    assert sorted(set(folder(m) for m in graph) - {None, "kernels"}) == sorted(LAYERS), "a folder is missing from LAYERS"
+    assert not up, "imports against the layers: " + "; ".join(sorted(up))
+

@@ -1,7 +1,7 @@
 """``bitnet-train sft RECIPE.yaml`` and ``bitnet-train dpo RECIPE.yaml``: alignment through TRL.
 
 Both stages run TRL's own trainers (``SFTTrainer`` / ``DPOTrainer`` with ``SFTConfig`` /
-``DPOConfig``) on a BitNet model whose linear layers stay :class:`~bitnet_train.modeling.bitlinear.BitLinear`
+``DPOConfig``) on a BitNet model whose linear layers stay :class:`~bitnet_train.layers.bitlinear.BitLinear`
 (ternary weights, 8-bit activations, straight-through estimator) throughout. DPO's frozen
 reference model is a second, independent load of the same checkpoint: its log-probabilities come
 from the same quantized forward.

@@ -13,7 +13,7 @@ def load_policy(spec: str, what: str = "model"):
     errors name the key and the problem."""
     import torch
 
-    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.layers.bitlinear import bitlinear_modules
     from bitnet_train.modeling.models import load_model
 
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from bitnet_train.modeling.bitlinear import BitLinear, bitlinear_modules, convert_to_bitlinear
+from bitnet_train.layers.bitlinear import BitLinear, bitlinear_modules, convert_to_bitlinear
 from bitnet_train.errors import CheckpointError
 from bitnet_train.fsutil import atomic_dir
 

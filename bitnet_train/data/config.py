@@ -31,7 +31,7 @@ resuming seeks there.
 Validation is whole documents, read once and never trained on: ``data.val_path`` (anything
 ``data.path`` accepts; its first ``data.val_tokens`` tokens of whole documents, all of it when 0),
 or else the documents at the start of ``data.path`` up to ``data.val_tokens`` tokens, which
-training then skips. It is packed and scored as ``bitnet-train eval`` packs (:mod:`bitnet_train.evaluation.windows`).
+training then skips. It is packed and scored as ``bitnet-train eval`` packs (:mod:`bitnet_train.data.windows`).
 """
 
 from __future__ import annotations

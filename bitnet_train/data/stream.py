@@ -35,7 +35,7 @@ from bitnet_train.data.block_order import DataPosition, check_rank
 from bitnet_train.data.documents import HF_PREFIX, SkipCounter, encode_pieces, iter_piece_batches, parse_hf_spec, resolve_files
 from bitnet_train.data.seekable import corpus_sources, iter_unit_pieces
 from bitnet_train.errors import DataError
-from bitnet_train.evaluation.windows import Packer
+from bitnet_train.data.windows import Packer
 
 CHUNK_BLOCKS = 64  # blocks a lane shuffles together (and re-reads, at most, on resume)
 PREFETCH_BLOCKS = 64  # blocks the streaming reader prepares ahead, in a background thread

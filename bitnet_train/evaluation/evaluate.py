@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bitnet_train.errors import DataError, UserError
 from bitnet_train.runtimes.base import Runtime
-from bitnet_train.evaluation.windows import Packer
+from bitnet_train.data.windows import Packer
 
 
 def rolling_windows(tokens: list[int], prefix: int, max_len: int):

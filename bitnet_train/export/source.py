@@ -90,7 +90,7 @@ class CheckpointSource:
     def _ternary_modules(self) -> set[str]:
         """Names of the layers the loader turns into BitLinear: the checkpoint loaded the one way
         (:func:`bitnet_train.checkpoint.format.load_checkpoint`), on the meta device (no weights read)."""
-        from bitnet_train.modeling.bitlinear import bitlinear_modules
+        from bitnet_train.layers.bitlinear import bitlinear_modules
         from bitnet_train.checkpoint.format import load_checkpoint
 
         model = load_checkpoint(self.path, device="meta", require_causal_lm=False)

@@ -10,7 +10,7 @@ Metrics over all probe positions: relative error ``||runtime - ours|| / ||ours||
 agreement (share of positions whose argmax token is the same), against the format's
 :class:`~.formats.Tolerance` (measured figures in :mod:`.formats`). Reported beside them, not a gate: the
 probe's perplexity in both, ``exp(mean NLL)`` of its tokens ``ids[1:]`` from each side's own logits
-(float64 log-softmax, :func:`bitnet_train.evaluation.nll.window_nll`, as ``bitnet-train eval`` sums it).
+(float64 log-softmax, :func:`bitnet_train.runtimes.nll.window_nll`, as ``bitnet-train eval`` sums it).
 
 A ReLU² model in llama.cpp or a ternary export with its scales dropped is far outside the tolerances
 (tested) — on a model whose layers matter: on a barely trained one (40 steps of the test model) the logits
@@ -98,7 +98,7 @@ def rel_error(runtime: np.ndarray, ours: np.ndarray) -> float:
 def probe_perplexity(logits: np.ndarray, ids: list[int]) -> float:
     """exp(mean NLL) of ``ids[1:]`` from ``logits`` ``[len(ids), vocab]`` of the model fed ``ids``
     (position i predicts token i + 1; the last position predicts nothing here)."""
-    from bitnet_train.evaluation.nll import window_nll
+    from bitnet_train.runtimes.nll import window_nll
 
     logits = np.asarray(logits)
     if len(ids) < 2 or logits.shape[0] != len(ids):
@@ -168,7 +168,7 @@ def emulated_logits(checkpoint: str | Path, ids: list[int], emulate: str) -> np.
     model, so the arithmetic of llama.cpp's TQ path is not reproduced exactly."""
     import torch
 
-    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.layers.bitlinear import bitlinear_modules
     from bitnet_train.quant import weight_quant
     from bitnet_train.runtimes import OurForward
 

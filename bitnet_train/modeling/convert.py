@@ -1,7 +1,7 @@
 """``bitnet-train convert HF_MODEL --out DIR``: turn a Hugging Face causal LM into a ternary model.
 
 Every eligible ``nn.Linear`` (attention and MLP projections, fused ones included) becomes a
-:class:`~bitnet_train.modeling.bitlinear.BitLinear` holding the same latent weights; embeddings, norms and
+:class:`~bitnet_train.layers.bitlinear.BitLinear` holding the same latent weights; embeddings, norms and
 the output head stay full precision (more with ``--exclude``). The result is a checkpoint in our
 format (:mod:`bitnet_train.checkpoint.format`): stock transformers loads it with the same quantized
 semantics through its ``quantization_config`` (``quant_method: bitnet``,
@@ -214,7 +214,7 @@ def _rms_eps(model, rms_norm_eps):
 def convert_model(model, exclude=(), use_rms_norm: bool = False, rms_norm_eps: float | None = None,
                   backend: str = "auto", where: str = "model", include=None) -> list[str]:
     """Convert a loaded full-precision model in place; errors (ModelSpecError) name the module."""
-    from bitnet_train.modeling.bitlinear import convert_to_bitlinear
+    from bitnet_train.layers.bitlinear import convert_to_bitlinear
 
     try:
         return convert_to_bitlinear(
@@ -288,7 +288,7 @@ def convert_hf(
         except ModelSpecError as e:
             print(f"convert: note: {e}; the checkpoint is written without a tokenizer", file=sys.stderr)
     kept = sorted(n for n, m in model.named_modules() if type(m) is torch.nn.Linear)
-    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.layers.bitlinear import bitlinear_modules
 
     bit = bitlinear_modules(model)
     n_bit = sum(m.weight.numel() for _, m in bit)

@@ -1,7 +1,7 @@
 """The BitNet model family: presets from ``configs/``, model construction, and model loading.
 
 The architecture is transformers' own BitNet (``BitNetForCausalLM``); we only swap its
-``nn.Linear`` layers for :class:`~bitnet_train.modeling.bitlinear.BitLinear`. Checkpoints (save and load)
+``nn.Linear`` layers for :class:`~bitnet_train.layers.bitlinear.BitLinear`. Checkpoints (save and load)
 live in :mod:`bitnet_train.checkpoint.format`.
 """
 
@@ -16,7 +16,7 @@ import torch
 import yaml
 from transformers import BitNetConfig, BitNetForCausalLM, PreTrainedModel
 
-from bitnet_train.modeling.bitlinear import convert_to_bitlinear
+from bitnet_train.layers.bitlinear import convert_to_bitlinear
 from bitnet_train.errors import ModelSpecError
 
 # keys a preset YAML may hold besides BitNetConfig's own fields
@@ -210,7 +210,7 @@ def load_model(
     arguments go to the builder (:func:`build_model`, :func:`~bitnet_train.checkpoint.format.load_checkpoint`
     or :func:`~bitnet_train.modeling.convert.load_hf_converted`).
     """
-    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.layers.bitlinear import bitlinear_modules
     from bitnet_train.errors import RecipeError
 
     spec = str(preset_or_path)

@@ -34,7 +34,7 @@ class Runtime:
     - ``logits(ids)``: float32 ``[len(ids), vocab]``, every position, from a fresh context.
     - ``probe(ids, text)``: the logits and the tokenization of ``text``, what export verification compares.
     - ``encode(texts)``: ids without special tokens, what ``eval`` scores.
-    - ``nll(windows)``: each ``(seq, n_pred)`` window's summed NLL (:func:`bitnet_train.evaluation.nll.window_nll`).
+    - ``nll(windows)``: each ``(seq, n_pred)`` window's summed NLL (:func:`bitnet_train.runtimes.nll.window_nll`).
     - ``complete(text, n, temperature, chat)``: a continuation and its speed (:func:`result`).
     - ``render(messages)``: the model's chat template applied, ready for ``complete(..., chat=True)``.
     """
@@ -69,7 +69,7 @@ class Runtime:
         return [self.tokenize(t, add_bos=False) for t in texts]
 
     def nll(self, windows: list[tuple[list[int], int]]) -> list[float]:
-        from bitnet_train.evaluation.nll import window_nll
+        from bitnet_train.runtimes.nll import window_nll
 
         return [window_nll(self.logits(seq[:-1]), seq, k) for seq, k in windows]
 

@@ -73,7 +73,7 @@ class TorchModel(Runtime):
     def nll(self, windows: list[tuple[list[int], int]]) -> list[float]:
         import torch
 
-        from bitnet_train.evaluation.nll import window_nll
+        from bitnet_train.runtimes.nll import window_nll
 
         out, pad = [], self.eos if self.eos is not None else 0
         with torch.no_grad(), torch._dynamo.config.patch(disable=True):
@@ -117,7 +117,7 @@ class TorchModel(Runtime):
 
 
 class OurForward(TorchModel):
-    """A bitnet-train checkpoint (or converted model) with :class:`~bitnet_train.modeling.bitlinear.BitLinear`
+    """A bitnet-train checkpoint (or converted model) with :class:`~bitnet_train.layers.bitlinear.BitLinear`
     where it is ternary: the forward the trainer ran. ``backend``: BitLinear's (``torch`` is the
     reference; ``auto`` takes Triton on a GPU)."""
 

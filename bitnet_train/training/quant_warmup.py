@@ -46,7 +46,7 @@ def quant_lambda_at(step: int, cfg: QuantWarmupConfig) -> float:
 
 def apply_warmup(model, step: int, cfg: QuantWarmupConfig) -> float:
     """Set every BitLinear's ``quant_lambda`` for this step; returns the value."""
-    from bitnet_train.modeling.bitlinear import set_quant_lambda
+    from bitnet_train.layers.bitlinear import set_quant_lambda
 
     lam = quant_lambda_at(step, cfg)
     set_quant_lambda(model, lam)
@@ -57,7 +57,7 @@ def apply_warmup(model, step: int, cfg: QuantWarmupConfig) -> float:
 def fully_quantized(model):
     """Every BitLinear at ``quant_lambda`` 1 inside the block (the model as ``eval``, ``export`` and
     stock transformers run it), each back at its own value after."""
-    from bitnet_train.modeling.bitlinear import bitlinear_modules
+    from bitnet_train.layers.bitlinear import bitlinear_modules
 
     mods = [m for _, m in bitlinear_modules(model)]
     saved = [m.quant_lambda for m in mods]

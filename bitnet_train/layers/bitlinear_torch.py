@@ -1,4 +1,4 @@
-"""The ``torch`` backend of :class:`~bitnet_train.modeling.bitlinear.BitLinear`: its autograd function; and
+"""The ``torch`` backend of :class:`~bitnet_train.layers.bitlinear.BitLinear`: its autograd function; and
 the shared activation codes of sibling projections (both backends).
 
 What the ``torch`` backend computes (``quant_lambda`` = 1):
@@ -27,7 +27,7 @@ What the ``torch`` backend computes (``quant_lambda`` = 1):
   exactly (``torch.equal``, tested).
 
 Shared inputs: q/k/v (and gate/up) projections that read the same tensor quantize it once
-(:func:`~bitnet_train.modeling.bitlinear.share_input_quantization`, applied by ``convert_to_bitlinear``; :class:`SharedActQuant`
+(:func:`~bitnet_train.layers.bitlinear.share_input_quantization`, applied by ``convert_to_bitlinear``; :class:`SharedActQuant`
 below), on the ``torch`` backend and on the ``triton`` one (which hands the Triton ``act_quant``
 kernel's codes to ``bitlinear_triton``, or to the packed GEMV kernel when decoding more than
 ``GEMV_FUSED_QUANT_MAX_M`` rows; up to that many rows the GEMV kernel quantizes inside itself and
@@ -164,7 +164,7 @@ class SharedActQuant:
 
 
 class WeightCodes:
-    """The cached ternary codes of one :class:`~bitnet_train.modeling.bitlinear.BitLinear`'s weight (the
+    """The cached ternary codes of one :class:`~bitnet_train.layers.bitlinear.BitLinear`'s weight (the
     layer's ``weight_codes`` attribute; not part of the state dict, not copied by ``deepcopy``).
 
     Codes are computed once per weight version and reused by every forward until the weight

@@ -1,4 +1,4 @@
-"""Which backend a :class:`~bitnet_train.modeling.bitlinear.BitLinear` runs: the names, the environment
+"""Which backend a :class:`~bitnet_train.layers.bitlinear.BitLinear` runs: the names, the environment
 override and the rule of ``auto``.
 
 * ``torch``  — the PyTorch reference, always available (``bitlinear_torch.TorchBitLinearFn``).

@@ -1,12 +1,12 @@
 """BitLinear and the converter that swaps a built model's ``nn.Linear`` layers for it.
 
 The quantization math lives in :mod:`bitnet_train.quant`; this file only wires it into a layer.
-Which backend runs (``torch``, ``triton``, ``auto``): :mod:`bitnet_train.modeling.backends`. The backend is
+Which backend runs (``torch``, ``triton``, ``auto``): :mod:`bitnet_train.layers.backends`. The backend is
 set per layer (``BitLinear.backend``, or :func:`set_backend` for a whole model) and resolved once per
 layer and device type — at its first forward after construction, ``set_backend``, an assignment to
 ``.backend`` or a move (``.to``) — not per forward.
 
-What the ``torch`` backend computes, and why: :mod:`bitnet_train.modeling.bitlinear_torch`, with the
+What the ``torch`` backend computes, and why: :mod:`bitnet_train.layers.bitlinear_torch`, with the
 layer's parts: the shared activation codes (q/k/v, gate/up; both backends) and the weight codes'
 cache. The layer's state and its forward paths: :class:`BitLinear`'s docstring.
 """
@@ -21,8 +21,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bitnet_train import quant
-from bitnet_train.modeling.backends import check_backend, resolve_backend
-from bitnet_train.modeling.bitlinear_torch import BitLinearRMSNorm, SharedActQuant, TorchBitLinearFn, WeightCodes
+from bitnet_train.layers.backends import check_backend, resolve_backend
+from bitnet_train.layers.bitlinear_torch import BitLinearRMSNorm, SharedActQuant, TorchBitLinearFn, WeightCodes
 
 # Modules never converted: embeddings and norms are not nn.Linear; the output head is.
 DEFAULT_EXCLUDE = ("lm_head", "*.lm_head", "output", "score", "classifier")
