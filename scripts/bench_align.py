@@ -42,6 +42,9 @@ def main() -> int:
     ap.add_argument("--dpo-lr-2b4t", action="store_true", help="also run DPO at lr 2e-7 (2B4T report)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="extra --set for both stages")
     a = ap.parse_args()
+    from bench_harness import machine_line
+
+    print(machine_line(), flush=True)
     if a.write_data:
         write_data()
         return 0

@@ -11,6 +11,8 @@ Prints the traced peak memory and the time per index of the Feistel order for th
 import time, tracemalloc
 import numpy as np
 from bitnet_train.data.block_order import BlockPermutation
+from bench_harness import machine_line
+print(machine_line(), flush=True)
 n = 4 * 10**12 // 4097  # 2B4T: 4 T tokens, seq_len 4096
 tracemalloc.start()
 t = time.perf_counter()

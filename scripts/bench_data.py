@@ -82,6 +82,9 @@ def main() -> int:
     ap.add_argument("--min-tokens", type=int, default=1_000_000, help="tokens each data path hands out, at least")
     ap.add_argument("--min-seconds", type=float, default=3.0)
     args = ap.parse_args()
+    from bench_harness import machine_line
+
+    print(machine_line(), flush=True)
 
     import torch
 

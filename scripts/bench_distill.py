@@ -93,6 +93,9 @@ def main() -> int:
         ap.add_argument("--kd-loss", required=True)
         ap.add_argument("--repeats", type=int, default=5)
         a = ap.parse_args()
+        from bench_harness import machine_line
+
+        print(machine_line(), flush=True)
         return bench_kd_loss(a.kd_loss, a.repeats)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the teacher and the student's start: a Hugging Face model directory")
@@ -106,6 +109,9 @@ def main() -> int:
                     help="a recipe override for every variant (repeatable), e.g. distill.kd_weight=5")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = ap.parse_args()
+    from bench_harness import machine_line
+
+    print(machine_line(), flush=True)
 
     import torch
 

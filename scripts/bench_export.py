@@ -129,6 +129,9 @@ def main() -> int:
     ap.add_argument("--bitnet-cpp", default=os.environ.get("BITNET_CPP_DIR"),
                     help="a built bitnet.cpp checkout: also export I2_S and time F16/TQ2_0/I2_S there")
     args = ap.parse_args()
+    from bench_harness import machine_line
+
+    print(machine_line(), flush=True)
     quants = QUANTS + (("i2_s",) if args.bitnet_cpp else ())
 
     repo = Path(__file__).resolve().parents[1]

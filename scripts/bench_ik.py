@@ -160,6 +160,9 @@ def main(argv=None) -> int:
     sp.add_argument("--text", default=str(TEXT))
     sp.set_defaults(func=speed)
     args = ap.parse_args(argv)
+    from bench_harness import machine_line
+
+    print(machine_line(), flush=True)
     t0 = time.perf_counter()
     rc = args.func(args)
     print(f"[{time.perf_counter() - t0:.0f} s]", file=sys.stderr)

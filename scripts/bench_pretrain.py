@@ -245,14 +245,16 @@ def main() -> None:
     if args.timed_pretrain is not None:
         if args.timed_pretrain <= 0:
             raise SystemExit("bench_pretrain: --timed-pretrain must be positive")
+        from bench_harness import machine_line
+
+        print(machine_line(), flush=True)
         timed_pretrain(args)
         return
     import os
 
-    import torch
+    from bench_harness import machine_line
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{machine_line()}; load average {os.getloadavg()[0]:.1f}", flush=True)
     run_quality(args)
 
 

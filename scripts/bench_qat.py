@@ -42,6 +42,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest for these sizes)")
     args = ap.parse_args()
+    from bench_harness import machine_line
+
+    print(machine_line(), flush=True)
 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     ap.add_argument("--world", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--throughput", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    from bench_harness import machine_line
+
+    print(machine_line(), flush=True)
     if args.one:
         one(args)
         return 0

@@ -41,7 +41,7 @@ def _text(path: Path) -> str:
 
 def make_checkpoint(out: Path, text: str, preset="tiny-silu", steps=40, seed=0, train_end=250_000, **over) -> Path:
     """A 2-layer hidden-256 BitNet with a 512-token byte-level BPE, trained ``steps`` steps on
-    ``text[:train_end]`` (also used by scripts/bench_ik.py)."""
+    ``text[:train_end]`` (also used by scripts/bench_tolerances.py)."""
     from bitnet_train.checkpoint.format import save_checkpoint
     from bitnet_train.modeling.models import build_model
     from bitnet_train.data.tokenizer import train_bpe
