@@ -91,7 +91,13 @@ def test_loss_parts_equal_a_computation_by_hand(tok, tmp_path):
     loss.backward()
     assert all(p.grad is not None for p in student.parameters() if p.requires_grad)
     assert all(p.grad is None and not p.requires_grad for p in obj.teacher.parameters())
-    assert obj.step_stats()["teacher_s"] > 0 and obj.step_stats()["teacher_s"] == 0
+    stats = obj.step_stats()
+    assert stats["teacher_s"] > 0 and obj.step_stats() == {"teacher_s": 0, "teacher_mib": 0}
+    # the teacher's logits (fp32 [b, s, vocab]) and, with relations, one layer's Q/K/V outputs
+    c = obj.teacher.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    held = 3 * 16 * (c.vocab_size + c.num_attention_heads * head_dim + 2 * c.num_key_value_heads * head_dim) * 4
+    assert stats["teacher_mib"] == round(held / 2**20, 2) > 0
 
 
 def test_a_teacher_equal_to_the_student_gives_zero(tok, tmp_path):

@@ -212,6 +212,7 @@ class Distillation:
         self.cfg, self.teacher = cfg, teacher
         self.heads = cfg.relation_heads or default_relation_heads(student)
         self.teacher_seconds = 0.0
+        self.teacher_bytes = 0  # the most the teacher's outputs held at once since the last step_stats
         self.rel = cfg.relation_weight > 0
         if self.rel:  # a negative layer counts from the end of each model
             self.s_cap, self.t_cap = _Capture(student, cfg.relation_layer), _Capture(teacher, cfg.relation_layer)
@@ -226,6 +227,10 @@ class Distillation:
         if logits.device.type == "cuda":
             torch.cuda.synchronize(logits.device)
         self.teacher_seconds += time.perf_counter() - t0
+        # what the teacher adds to the step's memory: its logits and Q/K/V, held until the loss is computed
+        # (its weights are counted once, at the start; its activations are freed inside the no-grad forward)
+        held = sum(t.numel() * t.element_size() for t in (logits, *qkv.values()))
+        self.teacher_bytes = max(self.teacher_bytes, held)
         return logits, qkv
 
     def student_forward(self, model, **inputs):
@@ -256,9 +261,11 @@ class Distillation:
         return self.loss(_ce(logits, x[:, 1:]), logits, t_logits, s_qkv, t_qkv)
 
     def step_stats(self) -> dict:
-        """The teacher's forward time since the last call (seconds), then reset."""
+        """The teacher's cost since the last call, then reset: its forward time (``teacher_s``, seconds)
+        and the memory its outputs held at once (``teacher_mib``: logits and Q/K/V, the largest micro-batch's)."""
         s, self.teacher_seconds = self.teacher_seconds, 0.0
-        return {"teacher_s": round(s, 4)}
+        b, self.teacher_bytes = self.teacher_bytes, 0
+        return {"teacher_s": round(s, 4), "teacher_mib": round(b / 2**20, 2)}
 
 
 @contextmanager
@@ -353,6 +360,6 @@ def make_objective(recipe, student, tok, device, announce: bool = True, stage: s
         n = sum(p.numel() for p in teacher.parameters())
         mb = sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20
         print(f"{stage}: distilling from {cfg.teacher} ({n / 1e6:.1f}M parameters, {mb:,.0f} MiB of "
-              f"{next(teacher.parameters()).dtype} weights on {device}); its forward time per step is logged as "
-              "teacher_s", file=sys.stderr)
+              f"{next(teacher.parameters()).dtype} weights on {device}); per step its forward time is logged as "
+              "teacher_s and the memory its outputs hold as teacher_mib", file=sys.stderr)
     return Distillation(cfg, teacher, student)
