@@ -271,3 +271,25 @@ def test_pretrain_on_a_full_disk_stops_with_its_last_checkpoint_and_resumes(tmp_
     assert main(["pretrain", str(write_recipe(ref, _shakespeare(), max_steps=6, save_every=2, eval_every=6,
                                                keep_last=3)), "--no-progress"]) == 0
     assert resumed[-4:] == [r["loss"] for r in read_metrics(ref / "run") if "loss" in r and r["step"] > 2]
+
+
+def test_saving_names_the_intact_checkpoint_for_filesystem_failures_only(tmp_path):
+    """checkpointer.saving: a failed write (here an in-place writer's ENOSPC) gets the checkpoint that is
+    still intact and its partial directory removed; any other error of a save passes through unchanged."""
+    import errno
+
+    from bitnet_train.checkpoint.checkpointer import saving
+    from bitnet_train.errors import CheckpointError, DiskFullError
+
+    ck = tmp_path / "checkpoints" / "step-000004"
+    with pytest.raises(CheckpointError) as e:
+        with saving(ck, tmp_path, 0):
+            raise CheckpointError("some BitLinear layers have an input RMSNorm and some do not")
+    assert "intact" not in str(e.value) and "checkpoint" not in str(e.value).split("RMSNorm")[1]
+    with pytest.raises(DiskFullError, match=r"no space left .* No checkpoint of this run was completed; a lower "
+                                            r"train.keep_last"):
+        with saving(ck, tmp_path, 0, in_place=True):
+            ck.mkdir(parents=True)
+            (ck / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert not ck.exists()

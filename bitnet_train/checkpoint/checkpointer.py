@@ -83,8 +83,14 @@ def saving(ck_dir: Path, out: Path, needed: int, pattern: re.Pattern = PRETRAIN_
     try:
         yield
     except BaseException as e:
-        err = e if isinstance(e, UserError) else write_failure(e, ck_dir, nbytes(ck_dir))
-        if err is None or not isinstance(err, (DiskFullError, UserError)) or isinstance(e, RecipeError):
+        if isinstance(e, UserError):
+            # an atomic writer's own report of the filesystem (full, read-only, denied: raised from the OSError),
+            # or another error of the save (a model stock transformers cannot express), passed on as it is
+            fs = isinstance(e, DiskFullError) or isinstance(e.__cause__, (OSError, RuntimeError))
+            err = e if fs else None
+        else:
+            err = write_failure(e, ck_dir, nbytes(ck_dir))  # an in-place writer's OSError
+        if err is None:
             raise
         if in_place:
             shutil.rmtree(ck_dir, ignore_errors=True)  # the partial checkpoint; earlier ones stay
