@@ -3,19 +3,23 @@
 
 1. Builds a randomly initialised checkpoint of a preset (default ``700m-silu``) with a byte-level
    BPE trained on ``--text`` (random weights: this measures memory and speed, not quality).
-2. Exports it to GGUF F16, TQ2_0 and TQ1_0 (``--no-verify``), each in a fresh subprocess, and
-   reports the subprocess's peak RSS against the checkpoint size, and against the peak RSS of
-   the same subprocess doing everything but the export (imports, reading the checkpoint's
-   tensor index) — the baseline.
-3. Loads each GGUF in llama.cpp (llama-cpp-python) and times greedy decoding: the TQ formats'
-   file size and decode tokens/s are printed as ratios to F16 of the same model, measured in this
-   one process, formats alternated over ``--rounds`` rounds (median).
+2. Exports it to GGUF in each of ``--quants`` (default F16, TQ2_0, TQ1_0, Q2_0) with each of
+   ``--embed-types`` for ``token_embd`` (default: the exporter's; the F16 file keeps an F16 embedding),
+   ``--no-verify``, each in a fresh subprocess, and reports the subprocess's peak RSS against the
+   checkpoint size, and against the peak RSS of the same subprocess doing everything but the export
+   (imports, reading the checkpoint's tensor index) — the baseline. A file is named ``QUANT`` or
+   ``QUANT+EMBED`` (e.g. ``q2_0+q6_k``) in the tables; ``f16@ik`` is ik_llama.cpp's F16 file (ik's
+   types, ``iq2_bn`` ..., go to ik_llama.cpp by themselves).
+3. Loads each GGUF in the runtime that computes it (llama.cpp through llama-cpp-python, ik_llama.cpp
+   through its C API) and times greedy decoding: each file's size and decode tokens/s are printed as
+   ratios to llama.cpp's F16 file of the same model, measured in this one process, files alternated
+   over ``--rounds`` rounds (median).
 4. With ``--bitnet-cpp DIR`` (or ``$BITNET_CPP_DIR``), a built bitnet.cpp checkout: also exports
    I2_S and times decoding of F16, TQ2_0 and I2_S in bitnet.cpp with its ``llama-bench``
    (``-p 0 -n TOKENS``), formats alternated over the rounds; ratios to F16 in that runtime.
 
     python scripts/bench_export.py [--preset 700m-silu] [--work DIR] [--threads N] [--tokens 64]
-                                   [--bitnet-cpp DIR]
+                                   [--quants f16,tq2_0,q2_0] [--embed-types f16,q8_0,q6_k] [--bitnet-cpp DIR]
 
 Its verification tolerances: ``scripts/bench_tolerances.py logits --runtime llama.cpp``.
 """
@@ -31,7 +35,7 @@ import sys
 import time
 from pathlib import Path
 
-QUANTS = ("f16", "tq2_0", "tq1_0")
+QUANTS = ("f16", "tq2_0", "tq1_0", "q2_0")
 
 # Peak RSS is the child's VmHWM (/proc/self/status): getrusage's ru_maxrss survives exec on
 # Linux, so a child forked from this (large) process would report this process's peak.
@@ -45,7 +49,10 @@ if quant == "baseline":
     src = CheckpointSource(ck)
     load_tokenizer_for(src)
 else:
-    export(ck, "gguf", out, quant=quant, verify=False, log=lambda *a: None)
+    quant, _, embed = quant.partition("+")
+    quant, _, ik = quant.partition("@")
+    export(ck, "gguf", out, quant=quant, embed_type=embed or None, runtime="ik_llama.cpp" if ik else None,
+           verify=False, log=lambda *a: None)
 dt = time.perf_counter() - t
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
 print(json.dumps({"peak_rss": int(hwm.split()[1]) * 1024, "seconds": dt}))
@@ -77,22 +84,14 @@ def run_child(ck: Path, quant: str, out: Path, threads: int) -> dict:
 
 
 def decode_speed(paths: dict, threads: int, tokens: int, rounds: int) -> dict:
-    import llama_cpp
+    """Greedy decode tokens/s of each GGUF after a 16-token prompt (median over alternated rounds)."""
+    from bench_harness import gguf_speed
 
+    prompt = list(range(3, 19))
     times: dict[str, list[float]] = {q: [] for q in paths}
-    prompt_ids = None
     for _ in range(rounds):
         for q, p in paths.items():
-            llm = llama_cpp.Llama(model_path=str(p), n_ctx=512, n_threads=threads, n_batch=64, verbose=False)
-            if prompt_ids is None:
-                prompt_ids = llm.tokenize(b"First Citizen:\nBefore we proceed any further, hear me speak.", add_bos=True)
-            llm.eval(prompt_ids)
-            t = time.perf_counter()
-            for _ in range(tokens):
-                tok = llm.sample(temp=0.0, top_k=1)
-                llm.eval([tok])
-            times[q].append(tokens / (time.perf_counter() - t))
-            llm.close()
+            times[q].append(gguf_speed(p, threads, prompt, tokens, "ik_llama.cpp" if "@ik" in q else None)[1])
             print(f"  {q}: {times[q][-1]:.2f} tokens/s", flush=True)
     return {q: statistics.median(v) for q, v in times.items()}
 
@@ -125,6 +124,10 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--tokens", type=int, default=64, help="tokens decoded per timing")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--quants", default=",".join(QUANTS), help="GGUF --quant values (f16 is always included)")
+    ap.add_argument("--embed-types", default="",
+                    help="token_embd storages (export --embed-type) for each ternary quant, e.g. f16,q8_0,q6_k "
+                    "(default: the exporter's default)")
     ap.add_argument("--decode-only", action="store_true", help="reuse the GGUF files of an earlier run")
     ap.add_argument("--bitnet-cpp", default=os.environ.get("BITNET_CPP_DIR"),
                     help="a built bitnet.cpp checkout: also export I2_S and time F16/TQ2_0/I2_S there")
@@ -132,7 +135,11 @@ def main() -> int:
     from bench_harness import machine_line
 
     print(machine_line(), flush=True)
-    quants = QUANTS + (("i2_s",) if args.bitnet_cpp else ())
+    embeds = [e for e in args.embed_types.split(",") if e]
+    files = ["f16"] + [q if not embeds or q.startswith("f16") else f"{q}+{e}" for q in args.quants.split(",")
+                       if q != "f16" for e in embeds or [None]]
+    files = list(dict.fromkeys(files))
+    quants = files + (["i2_s"] if args.bitnet_cpp else [])
 
     repo = Path(__file__).resolve().parents[1]
     text = Path(args.text) if args.text else repo.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -164,15 +171,15 @@ def main() -> int:
             f"{extra / 2**20:.0f} MiB | {r['peak_rss'] / ck_bytes:.2f}x |"
         )
     try:
-        speed = decode_speed({q: paths[q] for q in QUANTS}, args.threads, args.tokens, args.rounds)
+        speed = decode_speed({q: paths[q] for q in files}, args.threads, args.tokens, args.rounds)
     except ImportError:
         print("llama-cpp-python is not installed: no llama.cpp decode speed")
         speed = None
     if speed:
-        print(f"\nllama.cpp decode, {args.threads} threads, {args.tokens} tokens, median of {args.rounds} rounds:")
+        print(f"\ndecode, {args.threads} threads, {args.tokens} tokens, median of {args.rounds} rounds:")
         print("| format | file size vs F16 | decode tokens/s | vs F16 |")
         print("|---|---|---|---|")
-        for q in QUANTS:
+        for q in files:
             print(f"| {q} | {sizes[q] / sizes['f16']:.3f}x | {speed[q]:.2f} | {speed[q] / speed['f16']:.2f}x |")
     if args.bitnet_cpp:
         bq = ("f16", "tq2_0", "i2_s")

@@ -99,3 +99,39 @@ def write_json(path: str | os.PathLike | None, result: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, path)
+
+
+def gguf_speed(path: str | os.PathLike, threads: int, prompt: list[int], tokens: int,
+               runtime: str | None = None) -> tuple[float, float]:
+    """(prefill tokens/s of ``prompt`` in one batch, greedy decode tokens/s over ``tokens``) of a GGUF in
+    ``runtime`` (default the one that computes it, :func:`bitnet_train.runtimes.engine_for`): ik_llama.cpp
+    through its C API, llama.cpp through llama-cpp-python; loaded fresh for this one timing."""
+    from bitnet_train.runtimes import engine_for
+
+    runtime = runtime or engine_for(path)
+    if runtime == "ik_llama.cpp":
+        from bitnet_train.runtimes import IkLlama
+
+        rt = IkLlama(path, n_ctx=len(prompt) + tokens + 8, threads=threads)
+        t0 = time.perf_counter()
+        logits = rt.eval(prompt)[-1]
+        t1 = time.perf_counter()
+        for _ in range(tokens):
+            logits = rt.eval([int(logits.argmax())])[-1]
+        t2 = time.perf_counter()
+        rt.close()
+    elif runtime == "llama.cpp":
+        import llama_cpp
+
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + tokens + 8, n_threads=threads,
+                              n_threads_batch=threads, n_batch=512, verbose=False)
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        t1 = time.perf_counter()
+        for _ in range(tokens):
+            llm.eval([llm.sample(temp=0.0, top_k=1)])
+        t2 = time.perf_counter()
+        llm.close()
+    else:
+        raise ValueError(f"{path}: runs in {runtime}, which gguf_speed does not time")
+    return len(prompt) / (t1 - t0), tokens / (t2 - t1)

@@ -64,34 +64,6 @@ def _random_checkpoint(preset: str, out: Path, text: str) -> None:
     save_checkpoint(model, out, tokenizer=tok)
 
 
-def _time_runtime(path: Path, runtime: str, threads: int, prompt: list[int], tokens: int) -> tuple[float, float]:
-    """(prefill tokens/s, decode tokens/s) of one file."""
-    if runtime == "ik_llama.cpp":
-        from bitnet_train.runtimes import IkLlama
-
-        rt = IkLlama(path, n_ctx=len(prompt) + tokens + 8, threads=threads)
-        t0 = time.perf_counter()
-        logits = rt.eval(prompt)[-1]
-        t1 = time.perf_counter()
-        for _ in range(tokens):
-            logits = rt.eval([int(logits.argmax())])[-1]
-        t2 = time.perf_counter()
-        rt.close()
-    else:
-        import llama_cpp
-
-        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + tokens + 8, n_threads=threads,
-                              n_threads_batch=threads, n_batch=512, verbose=False)
-        t0 = time.perf_counter()
-        llm.eval(prompt)
-        t1 = time.perf_counter()
-        for _ in range(tokens):
-            llm.eval([llm.sample(temp=0.0, top_k=1)])
-        t2 = time.perf_counter()
-        llm.close()
-    return len(prompt) / (t1 - t0), tokens / (t2 - t1)
-
-
 def speed(args) -> int:
     import os
     import statistics
@@ -124,13 +96,13 @@ def speed(args) -> int:
               f"GiB), checkpoint "
               f"{ck_bytes / 2**30:.2f} GiB", flush=True)
     import numpy as np
+    from bench_harness import gguf_speed
 
     prompt = [int(i) for i in np.random.default_rng(0).integers(3, 400, args.prompt_tokens)]
     res: dict[str, list[tuple[float, float]]] = {k: [] for k in files}
     for _ in range(args.rounds):
         for label, which, _q in SPEED_FORMATS:
-            runtime = "ik_llama.cpp" if label.startswith("ik") else "llama.cpp"
-            res[label].append(_time_runtime(files[label], runtime, args.threads, prompt, args.tokens))
+            res[label].append(gguf_speed(files[label], args.threads, prompt, args.tokens))
             print(f"  {label}: prefill {res[label][-1][0]:.1f}, decode {res[label][-1][1]:.2f} tokens/s", flush=True)
     if not args.rounds:
         return 0

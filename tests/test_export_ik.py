@@ -108,7 +108,7 @@ def test_ik_export_verified(request, probe, tmp_path, quant, which):
     want = {"f32": 0, "f16": 1, **{q: t for q, (t, _) in ikllama.GGML_TYPES.items()}}[quant]
     ternary = [G.gguf_name(k) for k in CheckpointSource(ck).keys() if CheckpointSource(ck).is_ternary(k)]
     assert ternary and all(types[n] == want for n in ternary), {n: types[n] for n in ternary}
-    assert types["token_embd.weight"] == (0 if quant == "f32" else 1)
+    assert types["token_embd.weight"] == {"f32": 0, "f16": 1}.get(quant, 8)  # Q8_0 beside ternary weights
     assert types["blk.0.ffn_sub_norm.weight"] == 0 and types["output_norm.weight"] == 0
 
 
@@ -162,6 +162,19 @@ def test_untied_head_is_output_weight(tmp_path, text, probe):
     assert _types(out)["output.weight"] == 1
 
 
+@needs_ik
+@pytest.mark.parametrize("quant", ["iq2_bn_r4", "f16"])
+def test_embedding_types_in_ik(tiny_ckpt, probe, tmp_path, quant):
+    """``--embed-type q6_k`` (``--output-type`` alike): ik's llama-quantize stores token_embd as asked
+    (IQ types), or our writer does (F16); verified in ik_llama.cpp. Measured on this model: 2.6e-3 (IQ2_BN_R4)
+    and 2.8e-3 (F16) against our forward, F16's against its emulation 1.2e-3 (ik quantizes the head's
+    input its own way; llama.cpp's arithmetic is emulated to 7e-5)."""
+    out = tmp_path / f"{quant}.gguf"
+    r = export(tiny_ckpt, "gguf", out, quant=quant, embed_type="q6_k", probe_text=probe, log=_quiet)
+    assert r["agreement"].ok and r["agreement"].rel_error < 1e-2, str(r["agreement"])
+    assert r["embed_type"] == "q6_k" and _types(out)["token_embd.weight"] == 14
+
+
 # ---------------------------------------------------------------------------------------------
 # shapes, refusals, the default format
 # ---------------------------------------------------------------------------------------------
@@ -178,10 +191,14 @@ def test_narrow_rows_refused_before_writing(tmp_path, monkeypatch):
     for quant in ("iq2_bn", "iq1_bn"):
         out = tmp_path / f"{quant}.gguf"
         with pytest.raises(ExportError, match=r"tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' has rows of 256 "
-                                              rf"values; {quant.upper()} needs at least 512.*Q8_K64.*and 9 more tensors"
+                                              rf"values; {quant.upper()} needs at least 512.*Q8_K64.*and \d+ more tensors"
                                               r".*Formats that take this shape: iq2_bn_r4, f16, f32"):
             export(ck, "gguf", out, quant=quant, log=_quiet)
         assert not out.exists()
+    # IQ2_BN's own rule: rows of an even number of 64-value blocks (704 = 11 x 64)
+    with pytest.raises(ExportError, match=r"'model\.layers\.0\.mlp\.down_proj\.weight' has rows of 704 values, not a "
+                                          r"multiple of 128 \(ik_llama\.cpp's IQ2_BN product is wrong"):
+        export(ck, "gguf", tmp_path / "x.gguf", quant="iq2_bn", log=_quiet)
 
 
 def test_rows_not_multiple_of_block_refused(tmp_path):
@@ -205,10 +222,18 @@ def test_relu2_tq_refused_points_to_ik(tmp_path):
     assert not list(tmp_path.glob("*.gguf"))
 
 
-def test_silu_into_ik_types_refused(tmp_path):
-    ck = make_checkpoint(tmp_path / "ck", "ab " * 5000, steps=0, hidden_size=512, intermediate_size=1536)
-    with pytest.raises(ExportError, match=r"hidden_act is 'silu'.*ReLU².*llama\.cpp: --quant tq2_0"):
-        export(ck, "gguf", tmp_path / "x.gguf", quant="iq2_bn", log=_quiet)
+@needs_ik
+def test_silu_bitnet_in_ik_bitnet_graph(tmp_path, text, probe):
+    """A SiLU BitNet in ik's types goes to ik_llama.cpp's bitnet graph (SiLU, sub-norms, weights folded);
+    verified there. Its default stays llama.cpp's TQ2_0, whose rows of 256 it has."""
+    ck = make_checkpoint(tmp_path / "ck", text[:-5000], steps=20, hidden_size=512, intermediate_size=1536,
+                         num_attention_heads=8, num_key_value_heads=4)
+    out = tmp_path / "x.gguf"
+    r = export(ck, "gguf", out, quant="iq2_bn", probe_text=probe, log=_quiet)
+    assert (r["runtime"], r["arch"]) == ("ik_llama.cpp", "bitnet") and r["agreement"].ok, str(r["agreement"])
+    assert r["agreement"].rel_error < 1e-2, str(r["agreement"])
+    meta, tensors = read_header(out)
+    assert meta["bitnet.hidden_activation"] == "silu" and not [n for n, _d, _t in tensors if n.endswith(".scale")]
     assert choose_quant(CheckpointSource(ck))[0] == "tq2_0"
 
 
@@ -220,8 +245,10 @@ def test_default_format_per_model(tmp_path):
     assert choose_quant(CheckpointSource(relu_wide))[0] == "iq2_bn"
     q, why = choose_quant(CheckpointSource(relu_tiny))
     assert q == "iq2_bn_r4" and "256" in why and "512" in why
-    q, why = choose_quant(CheckpointSource(silu_odd))
-    assert q == "q2_0" and "704" in why and "256" in why  # 704 = 11 x 64: Q2_0 packs what TQ cannot
+    q, why = choose_quant(CheckpointSource(silu_odd), ik_installed=True)
+    assert q == "iq2_bn_r4" and "704" in why and "256" in why and "ik_llama.cpp's bitnet graph" in why
+    q, why = choose_quant(CheckpointSource(silu_odd), ik_installed=False)  # 704 = 11 x 64: Q2_0 packs it
+    assert q == "q2_0" and "not installed" in why and "slower than F16" in why
     silu_none = make_checkpoint(tmp_path / "d", "ab " * 5000, steps=0, intermediate_size=720)
     q, why = choose_quant(CheckpointSource(silu_none))
     assert q == "f16" and "720" in why

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitnet_train.runtimes.llamacpp import has_ggml_type
-from bitnet_train.export.formats import (FORMATS, GGUF_QUANTS, GRAPHS, I2S_BLOCKS, TQ_BLOCK, Format, Graph, find, graph_for,
-                      graph_mismatches)
+from bitnet_train.export.formats import (CONVERTED_TYPES, EMBED_TYPES, FORMATS, GGUF_QUANTS, I2S_BLOCKS, TQ_BLOCK, Format,
+                                         Graph, default_embed_type, embed_problems, find, graph_for, graph_mismatches)
 from bitnet_train.errors import ExportError
 from bitnet_train.export.source import CheckpointSource
 
@@ -80,6 +80,14 @@ def register(sub) -> None:
         help="store ternary tensors whose rows TQ/I2_S cannot pack (not multiples of 256, or of I2_S's block) "
         "as F16/F32 codes instead of failing",
     )
+    p.add_argument(
+        "--embed-type", choices=tuple(EMBED_TYPES),
+        help="GGUF: how token_embd is stored (with a tied head it is also the output matrix, read in full for "
+        "every decoded token); q8_0 needs a hidden size that is a multiple of 32, q6_k of 256 (default: q8_0 "
+        "for the ternary formats where it fits, else f16; f16/f32 for --quant f16/f32)",
+    )
+    p.add_argument("--output-type", choices=tuple(EMBED_TYPES),
+                   help="GGUF: how an untied output.weight is stored (default: --embed-type's)")
     p.add_argument("--no-verify", action="store_true", help="skip loading the result in its runtime")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--probe-text", help="text to compare logits on (default: a built-in paragraph)")
@@ -110,6 +118,8 @@ def cmd_export(args) -> int:
         tokenizer=args.tokenizer,
         force=args.force,
         tq_fallback=args.tq_fallback,
+        embed_type=args.embed_type,
+        output_type=args.output_type,
         verify=not args.no_verify,
         probe_text=probe,
         probe_tokens=args.probe_tokens,
@@ -137,6 +147,8 @@ class ExportOptions:
     tokenizer: str | None = None  # when the checkpoint holds none
     force: bool = False  # write although the runtime's graph computes something else; keep a failed file
     tq_fallback: str | None = None  # f16/f32 codes for rows TQ/I2_S cannot pack
+    embed_type: str | None = None  # GGUF: token_embd's storage (formats.EMBED_TYPES); None: formats.default_embed_type
+    output_type: str | None = None  # GGUF: an untied output.weight's storage; None: embed_type's
     verify: bool = True
     probe_text: str | None = None
     probe_tokens: int = 128
@@ -175,6 +187,12 @@ def _export(checkpoint, fmt_name: str, out: Path, o: ExportOptions, log) -> dict
     mismatches = _check(src, fmt, graph, o)
     for m in mismatches:
         log(f"warning (--force): {m}")
+    if graph is not None and o.embed_type is None:
+        from dataclasses import replace
+
+        embed, why = default_embed_type(src, fmt.quant)
+        o = replace(o, embed_type=embed)
+        log(f"token_embd: {embed} ({why}; --embed-type to choose)")
     result: dict = {"path": str(out), "format": fmt_name, "ok": True, "agreement": None, "runtime": fmt.runtime}
     name = fmt_name
     if graph is not None:
@@ -191,7 +209,8 @@ def _export(checkpoint, fmt_name: str, out: Path, o: ExportOptions, log) -> dict
                 f"export with --i2s-layout {other}")
         if o.verify:
             ag = verify_export(src, tok, fmt, tmp, o.probe_text or DEFAULT_PROBE, o.probe_tokens, log,
-                               bitnet_cpp=o.bitnet_cpp, i2s_layout=o.i2s_layout)
+                               bitnet_cpp=o.bitnet_cpp, i2s_layout=o.i2s_layout, embed_type=result.get("embed_type"),
+                               output_type=result.get("output_type"))
             result["agreement"] = ag
             if ag is not None and not ag.ok:
                 if not (o.force and fmt.is_gguf):
@@ -212,18 +231,18 @@ def _format(src, fmt_name: str, o: ExportOptions, log) -> Format:
         raise ExportError(f"--format {fmt_name!r}: choose hf or gguf")
     if o.runtime is not None and o.runtime not in RUNTIMES:
         raise ExportError(f"--runtime {o.runtime!r}: choose {' or '.join(RUNTIMES)}")
-    if o.quant is None:
+    quant = o.quant
+    if quant is None:
         if o.runtime is not None:
             raise ExportError("--runtime applies to --quant f16/f32 (give --quant)")
         quant, why = choose_quant(src)
         log(f"format: gguf/{quant} ({why})")
-        return find(quant, _graph_runtime(src))
-    if o.quant == "hf" or o.quant not in GGUF_QUANTS:
-        raise ExportError(f"--quant {o.quant!r}: GGUF formats are {', '.join(GGUF_QUANTS)}")
-    candidates = [f for f in FORMATS if f.quant == o.quant and f.is_gguf]
+    if quant == "hf" or quant not in GGUF_QUANTS:
+        raise ExportError(f"--quant {quant!r}: GGUF formats are {', '.join(GGUF_QUANTS)}")
+    candidates = [f for f in FORMATS if f.quant == quant and f.is_gguf]
     if len(candidates) > 1 and o.runtime is None:  # f16/f32: the runtime whose graph is the model's
-        return find(o.quant, _graph_runtime(src))
-    return find(o.quant, o.runtime)
+        return find(quant, _graph_runtime(src))
+    return find(quant, o.runtime)
 
 
 def _graph_runtime(src) -> str:
@@ -238,7 +257,17 @@ def _check(src, fmt: Format, graph: Graph | None, o: ExportOptions) -> list[str]
         takes = "/".join(f.quant for f in FORMATS if f.fallback)
         raise ExportError(f"--tq-fallback applies to --quant {takes} only")
     if graph is None:
+        if o.embed_type or o.output_type:
+            raise ExportError("--embed-type/--output-type apply to --format gguf only")
         return []
+    for flag, t in (("--embed-type", o.embed_type), ("--output-type", o.output_type)):
+        if t is not None and t not in EMBED_TYPES:
+            raise ExportError(f"{flag} {t!r}: choose one of {', '.join(EMBED_TYPES)}")
+    problems = embed_problems(src, o.embed_type, "--embed-type") if o.embed_type else []
+    if o.output_type and "lm_head.weight" in src.keys() and not src.head_is_embedding():
+        problems += embed_problems(src, o.output_type, "--output-type", "lm_head.weight")
+    if problems:
+        raise ExportError("; ".join(problems) + "; nothing written")
     mismatches = graph_mismatches(src, graph, fmt.runtime)
     if mismatches and not o.force:
         raise ExportError(f"{fmt.runtime}'s {graph.arch} graph would run this model wrong (finite but wrong logits): "
@@ -261,44 +290,59 @@ def _write(src, fmt: Format, graph: Graph | None, tmp: Path, tok, o: ExportOptio
     if fmt.runtime == "ik_llama.cpp":
         from bitnet_train.export import ik
 
-        return ik.write_ik(src, tmp, fmt.quant, tok, force=o.force, progress=bar)
+        return ik.write_ik(src, tmp, fmt.quant, tok, force=o.force, progress=bar, embed_type=o.embed_type,
+                           output_type=o.output_type, graph=graph)
     from bitnet_train.export.gguf import write_gguf
 
     if fmt.quant == "q2_0" and not has_ggml_type("q2_0"):
         raise ExportError("--quant q2_0 needs a llama.cpp that has Q2_0: pip install 'llama-cpp-python>=0.3.36'")
     return {**write_gguf(src, tmp, fmt.quant, tok, tq_fallback=o.tq_fallback, force=o.force,
-                         i2s_layout=o.i2s_layout, progress=bar, graph=graph), "arch": graph.arch}
+                         i2s_layout=o.i2s_layout, progress=bar, graph=graph, embed_type=o.embed_type,
+                         output_type=o.output_type), "arch": graph.arch}
 
 
-def choose_quant(src) -> tuple[str, str]:
-    """The best GGUF format whose runtime computes this model, and why (the words printed).
+def choose_quant(src, ik_installed: bool | None = None) -> tuple[str, str]:
+    """The best GGUF format whose runtime computes this model on a CPU, and why (the words printed).
 
-    A converted Llama-shaped model: Q2_0 in llama.cpp's llama graph, F16 where rows are not multiples of
-    64. SiLU BitNet: TQ2_0 in llama.cpp (measured, docs/runtimes.md), Q2_0 where the rows are not
-    multiples of TQ's 256, F16 where neither packs. ReLU²: ik_llama.cpp's IQ2_BN; IQ2_BN_R4 (the same 2
-    bits per weight, 4 rows interleaved) where rows under 512 values rule IQ2_BN out (the tiny preset's
-    256: measured to run and verify there, docs/runtimes.md), F16 where neither packs."""
+    llama.cpp's TQ2_0 where every ternary row is a multiple of its 256 (SiLU BitNet in llama.cpp's bitnet
+    graph, a converted Llama-shaped model in its llama graph); else ik_llama.cpp's IQ2_BN (rows of at least
+    512, multiples of 64), else its 4-row repack IQ2_BN_R4 (narrower rows: the tiny preset's 256); F16 where
+    none packs. ReLU² models go to ik_llama.cpp only. Q2_0 (blocks of 64) is never the default: llama.cpp
+    0.3.36 decodes it slower than F16 on an AVX2 CPU (measured 0.22x at the 2B4T shape, docs/runtimes.md);
+    it is what is left for a SiLU or converted model when ik_llama.cpp is not installed (``ik_installed``,
+    default: whether it imports)."""
+    from bitnet_train.runtimes import ikllama
+
     rows = {src.shape(k)[-1] for k in src.keys() if src.is_ternary(k)}
-    if src.config.get("model_type") in GRAPHS["llama"].model_types:
-        what = f"a converted {src.config.get('model_type')} model: llama.cpp's llama graph"
-        if not find("q2_0").shape_problems(src):
-            return "q2_0", f"{what}, 2-bit Q2_0 (blocks of 64; runs on llama.cpp's CPU, CUDA, Metal and Vulkan)"
-        return "f16", f"{what}; rows of {sorted(r for r in rows if r % 64)} values are not multiples of Q2_0's 64, so F16"
-    if src.hidden_act != "relu2":
-        if not find("tq2_0").shape_problems(src):
-            return "tq2_0", "SiLU FFN: llama.cpp's bitnet graph, 2-bit ternary TQ2_0"
-        odd = sorted(r for r in rows if r % TQ_BLOCK)
-        if not find("q2_0").shape_problems(src):
-            return "q2_0", (f"SiLU FFN: llama.cpp's bitnet graph; rows of {odd} values are not multiples of TQ's "
-                            f"{TQ_BLOCK}, so Q2_0 (blocks of 64)")
-        return "f16", (f"SiLU FFN: llama.cpp's bitnet graph; rows of {odd} values are multiples of neither TQ's "
-                       f"{TQ_BLOCK} nor Q2_0's 64, so F16")
-    if not find("iq2_bn").shape_problems(src):
-        return "iq2_bn", "ReLU² FFN: ik_llama.cpp's bitnet-25 graph, 2-bit ternary IQ2_BN"
-    if not find("iq2_bn_r4").shape_problems(src):
-        return "iq2_bn_r4", (f"ReLU² FFN: ik_llama.cpp's bitnet-25 graph; rows of {min(rows)} values are under IQ2_BN's "
-                             f"{find('iq2_bn').min_row}, so its 4-row repack IQ2_BN_R4, which takes them")
-    return "f16", "ReLU² FFN: ik_llama.cpp's bitnet-25 graph; no ternary type of ik packs these rows, so F16"
+    mt = src.config.get("model_type")
+    if mt in CONVERTED_TYPES:
+        what = f"a converted {mt} model"
+        arch = graph_for(src, "llama.cpp", "tq2_0").arch
+        where = {"llama.cpp": f"llama.cpp's {arch} graph", "ik_llama.cpp": f"ik_llama.cpp's {arch} graph"}
+    elif src.hidden_act != "relu2":
+        what = "SiLU FFN"
+        where = {"llama.cpp": "llama.cpp's bitnet graph", "ik_llama.cpp": "ik_llama.cpp's bitnet graph"}
+    else:
+        what = "ReLU² FFN"
+        where = {"ik_llama.cpp": "ik_llama.cpp's bitnet-25 graph"}
+    if "llama.cpp" in where and not find("tq2_0").shape_problems(src):
+        return "tq2_0", f"{what}: {where['llama.cpp']}, 2-bit ternary TQ2_0"
+    odd = f"rows of {sorted(r for r in rows if r % TQ_BLOCK)} values are not multiples of TQ's {TQ_BLOCK}; " \
+        if "llama.cpp" in where else ""
+    ik_ok = ikllama.available() if ik_installed is None else ik_installed
+    if "llama.cpp" not in where or ik_ok:
+        if not find("iq2_bn").shape_problems(src):
+            return "iq2_bn", f"{what}: {odd}{where['ik_llama.cpp']}, 2-bit ternary IQ2_BN"
+        if not find("iq2_bn_r4").shape_problems(src):
+            return "iq2_bn_r4", (f"{what}: {odd}{where['ik_llama.cpp']}; rows of {min(rows)} values are under "
+                                 f"IQ2_BN's {find('iq2_bn').min_row}, so its 4-row repack IQ2_BN_R4, which takes them")
+        if "llama.cpp" not in where:
+            return "f16", f"{what}: {where['ik_llama.cpp']}; no ternary type of ik packs these rows, so F16"
+    if not find("q2_0").shape_problems(src):
+        return "q2_0", (f"{what}: {odd}{where['llama.cpp']}, Q2_0 (blocks of 64; ik_llama.cpp, whose IQ2_BN decodes "
+                        f"faster on x86 CPUs, is {'not installed' if not ik_ok else 'unable to pack these rows'}; "
+                        "llama.cpp runs Q2_0 on CPU, CUDA, Metal and Vulkan, but slower than F16 on AVX2 CPUs)")
+    return "f16", f"{what}: {where['llama.cpp']}; rows of {sorted(rows)} values pack in no ternary type, so F16"
 
 
 def _shape_hint(src, fmt: Format, block: int | None) -> str:

@@ -8,7 +8,8 @@ where no existing one makes it); adding a runtime is one class in :mod:`bitnet_t
 
 Tolerances: the runtime's logits against the trainer's forward on a probe text (max relative error,
 min top-1 agreement), and for F32/F16, whose runtimes quantize no activations, a tight second bound
-against our forward with the runtime's arithmetic emulated (:func:`.verify.emulated_logits`). Measured
+against our forward with the runtime's arithmetic emulated (:func:`.verify.emulated_logits`); for a model
+sensitive to its activation arithmetic, twice that sensitivity instead (:class:`.verify.Agreement`). Measured
 (docs/export.md, docs/runtimes.md) on tiny models trained 40 steps and random-initialised ones:
 - ``hf``: stock transformers unpacks the same codes and quantizes activations the same way (per token
   int8); only float summation order differs: 1e-7 to 1.5e-5.
@@ -54,6 +55,7 @@ class Graph:
     folds_scales: bool  # True: loads no .scale tensors (ternary weights stored as codes * scale)
     other: str  # where a model of the other activation goes (the words of the refusal)
     permute_qk: bool = False  # q/k rows in llama.cpp's llama rotary order (convert_hf_to_gguf.py's permute)
+    qkv_bias: bool = False  # loads q/k/v biases (attn_q.bias, ...), as llama.cpp's qwen2 graph does
 
 
 GRAPHS = {
@@ -70,18 +72,35 @@ GRAPHS = {
     # computes it as a plain llama whose weight tensors hold ternary values (codes * scale) in a 2-bit type
     "llama": Graph("llama", "llama.cpp", ("llama", "mistral"), "silu", False, True,
                    "llama.cpp's llama graph computes a SiLU gated FFN", permute_qk=True),
+    # a SiLU BitNet in ik_llama.cpp's bitnet graph (SiLU, sub-norms, the tied head: llama.cpp's), its weights
+    # in ik's ternary types, whose per-row scale holds our per-tensor one (written folded, no .scale tensors)
+    "bitnet@ik": Graph("bitnet", "ik_llama.cpp", ("bitnet",), "silu", True, True,
+                       "ReLU² models (2B4T's block) run in ik_llama.cpp's bitnet-25 graph, which this format also "
+                       "writes for them"),
+    # a converted Qwen2 (q/k/v with biases, no sliding window): llama.cpp's qwen2 graph, whose NEOX rotary order
+    # is transformers' own (convert_hf_to_gguf.py permutes nothing for it)
+    "qwen2": Graph("qwen2", "llama.cpp", ("qwen2",), "silu", False, True,
+                   "llama.cpp's qwen2 graph computes a SiLU gated FFN", qkv_bias=True),
+    # the same model in ik_llama.cpp's llama graph (a fork of llama.cpp's: the same rotary order), where ik's
+    # ternary types hold the weights
+    "llama@ik": Graph("llama", "ik_llama.cpp", ("llama", "mistral"), "silu", False, True,
+                      "ik_llama.cpp's llama graph computes a SiLU gated FFN", permute_qk=True),
+    "qwen2@ik": Graph("qwen2", "ik_llama.cpp", ("qwen2",), "silu", False, True,
+                      "ik_llama.cpp's qwen2 graph computes a SiLU gated FFN", qkv_bias=True),
 }
+CONVERTED_TYPES = ("llama", "mistral", "qwen2")  # model_types of the converted models we export (their own graphs)
 
 
 def graph_for(src, runtime: str, quant: str) -> Graph:
-    """The graph of ``runtime`` that computes the checkpoint ``src`` in ``quant`` (by its ``model_type``);
-    for a model no graph computes, the first graph that takes ``quant`` (its mismatches then say why)."""
-    fmt = find(quant, runtime)
+    """The graph of ``runtime`` that computes the checkpoint ``src`` in ``quant`` (by its ``model_type`` and
+    FFN activation); for a model no graph computes, the first graph of its ``model_type`` that takes
+    ``quant``, else the first one (its mismatches then say why)."""
+    graphs = [GRAPHS[g] for g in find(quant, runtime).graphs]
     mt = src.config.get("model_type")
-    for g in fmt.graphs:
-        if mt in GRAPHS[g].model_types:
-            return GRAPHS[g]
-    return GRAPHS[fmt.graphs[0]]
+    for g in graphs:
+        if mt in g.model_types and g.hidden_act == src.hidden_act:
+            return g
+    return next((g for g in graphs if mt in g.model_types), graphs[0])
 
 
 def graph_mismatches(src, graph: Graph, runtime: str | None = None) -> list[str]:
@@ -102,8 +121,11 @@ def graph_mismatches(src, graph: Graph, runtime: str | None = None) -> list[str]
                    "output matrix (train with tie_word_embeddings: true)")
     if src.qc.get("use_rms_norm"):
         out.append(f"the BitLinear layers have an input RMSNorm (use_rms_norm), which {where} lacks")
-    if c.get("attention_bias") or c.get("mlp_bias"):
-        out.append(f"the model has biases, which {where} lacks")
+    biases = sorted({k.rsplit(".", 2)[-2] for k in src.keys() if k.endswith(".bias")})
+    takes = {"q_proj", "k_proj", "v_proj"} if graph.qkv_bias else set()
+    if set(biases) - takes:
+        out.append(f"the model has biases in {biases}, which {where} lacks"
+                   + (f" (it takes {sorted(takes)} only)" if takes else ""))
     window = c.get("sliding_window") if c.get("use_sliding_window", True) else None
     if window and window < int(c.get("max_position_embeddings") or 0):
         out.append(f"config.json sliding_window is {window}; {where} attends to the whole context")
@@ -136,10 +158,12 @@ class Format:
     block: int | None = None  # values per quantization block along a row (None: any row)
     min_row: int | None = None  # the shortest row the runtime takes (ik's Q8_K64 activations)
     row_group: int | None = None  # rows interleaved together (a tensor's rows must be a multiple)
+    row_multiple: int | None = None  # rows (values) a multiple of this, beyond the block: a runtime's kernel rule
     emulate: str | None = None  # "f32"/"f16": the runtime's arithmetic that verify.emulated_logits reproduces
     isolated: bool = False  # verify in a child process (the runtime aborts on some input)
     ggml_type: int | None = None  # the type id of its ternary tensors in the runtime's ggml
     fallback: bool = False  # --tq-fallback may store rows it cannot pack as F16/F32 codes
+    our_activations: bool = False  # its runtime quantizes activations per token to int8 as we do (no sensitivity)
 
     @property
     def key(self) -> str:
@@ -158,6 +182,10 @@ class Format:
             if block and k % block:
                 out.append(f"tensor {key!r} has rows of {k} values, not a multiple of {block} ({name} packs blocks "
                            f"of {block})")
+            elif self.row_multiple and k % self.row_multiple:
+                out.append(f"tensor {key!r} has rows of {k} values, not a multiple of {self.row_multiple} "
+                           f"({self.runtime}'s {name} product is wrong on rows holding an odd number of its "
+                           f"{block}-value blocks: measured, docs/runtimes.md)")
             elif self.min_row and k < self.min_row:
                 out.append(f"tensor {key!r} has rows of {k} values; {name} needs at least {self.min_row} "
                            f"({self.runtime} quantizes its activations to Q8_K64, which aborts on rows under "
@@ -179,9 +207,10 @@ IK_BLOCK, IK_MIN_ROW = 64, 512  # QK_IQ1BN; 8 * QK_IQ1BN
 TQ_BLOCK = 256
 I2S_BLOCKS = {"x86": 128, "arm": 64}  # values per block (bitnet.cpp's QK_I2_S) by build
 
-_LLAMA_CPP = ("bitnet", "llama")
+_LLAMA_CPP = ("bitnet", "llama", "qwen2")
+_IK = ("bitnet-25", "bitnet@ik", "llama@ik", "qwen2@ik")
 FORMATS = [
-    Format("hf", "transformers", (), Tolerance(1e-3, 0.99)),
+    Format("hf", "transformers", (), Tolerance(1e-3, 0.99), our_activations=True),
     Format("tq2_0", "llama.cpp", _LLAMA_CPP, Tolerance(5e-2, 0.90), block=TQ_BLOCK, fallback=True),
     Format("tq1_0", "llama.cpp", _LLAMA_CPP, Tolerance(5e-2, 0.90), block=TQ_BLOCK, fallback=True),
     # llama.cpp's Q2_0 (llama-cpp-python 0.3.36 on): blocks of 64 with an fp16 scale, written by ggml's own
@@ -192,18 +221,66 @@ FORMATS = [
     Format("f16", "llama.cpp", _LLAMA_CPP, _FLOAT_GGUF, emulate="f16"),
     Format("f32", "llama.cpp", _LLAMA_CPP, _FLOAT_GGUF, emulate="f32"),
     Format("i2_s", "bitnet.cpp", ("bitnet",), Tolerance(5e-2, 0.90), block=I2S_BLOCKS["x86"], fallback=True,
-           ggml_type=GGML_TYPE_I2_S),
-    Format("iq2_bn", "ik_llama.cpp", ("bitnet-25",), _IK_TERNARY, block=IK_BLOCK, min_row=IK_MIN_ROW, isolated=True,
-           ggml_type=IK_TYPES["iq2_bn"][0]),
-    Format("iq2_bn_r4", "ik_llama.cpp", ("bitnet-25",), _IK_TERNARY, block=IK_BLOCK, row_group=4, isolated=True,
+           ggml_type=GGML_TYPE_I2_S, our_activations=True),
+    # IQ2_BN's product (ik-llama-cpp-python 0.1.5, AVX2) is wrong on rows with an odd number of 64-value
+    # blocks: a converted SmolLM2 (rows of 576) verified at 0.69 against our forward, its IQ2_BN_R4 and IQ1_BN
+    # files at 4.0e-2 and 4.8e-2; 2-layer models at 576 / 640 wide: 5.3e-3 / 1.1e-3 (IQ2_BN_R4 9.3e-4 / 1.1e-3)
+    Format("iq2_bn", "ik_llama.cpp", _IK, _IK_TERNARY, block=IK_BLOCK, min_row=IK_MIN_ROW, isolated=True,
+           ggml_type=IK_TYPES["iq2_bn"][0], row_multiple=2 * IK_BLOCK),
+    Format("iq2_bn_r4", "ik_llama.cpp", _IK, _IK_TERNARY, block=IK_BLOCK, row_group=4, isolated=True,
            ggml_type=IK_TYPES["iq2_bn_r4"][0]),
-    Format("iq1_bn", "ik_llama.cpp", ("bitnet-25",), _IK_TERNARY, block=IK_BLOCK, min_row=IK_MIN_ROW, isolated=True,
+    Format("iq1_bn", "ik_llama.cpp", _IK, _IK_TERNARY, block=IK_BLOCK, min_row=IK_MIN_ROW, isolated=True,
            ggml_type=IK_TYPES["iq1_bn"][0]),
-    Format("f16", "ik_llama.cpp", ("bitnet-25",), _FLOAT_GGUF, emulate="f16", isolated=True),
-    Format("f32", "ik_llama.cpp", ("bitnet-25",), _FLOAT_GGUF, emulate="f32", isolated=True),
+    Format("f16", "ik_llama.cpp", _IK, _FLOAT_GGUF, emulate="f16", isolated=True),
+    Format("f32", "ik_llama.cpp", _IK, _FLOAT_GGUF, emulate="f32", isolated=True),
 ]
 GGUF_QUANTS = tuple(dict.fromkeys(f.quant for f in FORMATS if f.is_gguf))
 ROW_BLOCKS = {f.quant: f.block for f in FORMATS if f.block}  # values per block along a row, by --quant
+
+
+@dataclass(frozen=True)
+class EmbedType:
+    """A storage type for ``token_embd`` (which the graphs with a tied head also multiply as the output
+    matrix) and an untied ``output.weight``: ``--embed-type`` / ``--output-type``."""
+
+    name: str  # the --embed-type name
+    ggml_type: int  # ggml's type id (the same in llama.cpp, ik_llama.cpp and bitnet.cpp)
+    block: int | None  # values per block along a row (the hidden size must be a multiple)
+    bits: float  # bits per weight
+    activations: str | None  # what the runtime does to the head's input before the product (verify's emulation)
+
+
+# ggml.h: GGML_TYPE_F32 0, F16 1, Q8_0 8, Q6_K 14. A K-quant's product with the head's input quantizes that
+# input to Q8_K (blocks of 256), Q8_0's to Q8_0 (blocks of 32), F16's rounds it to fp16
+EMBED_TYPES = {
+    "f32": EmbedType("f32", 0, None, 32.0, None),
+    "f16": EmbedType("f16", 1, None, 16.0, "f16"),
+    "q8_0": EmbedType("q8_0", 8, 32, 8.5, "q8_0"),
+    "q6_k": EmbedType("q6_k", 14, 256, 6.5625, "q8_k"),
+}
+
+
+def embed_problems(src, embed_type: str, what: str = "--embed-type", key: str = "model.embed_tokens.weight") -> list[str]:
+    """Why ``embed_type`` cannot store the tensor ``key`` (the embedding, or an untied ``lm_head.weight``)."""
+    t = EMBED_TYPES[embed_type]
+    width = src.shape(key)[-1]
+    if t.block and width % t.block:
+        return [f"{what} {embed_type}: tensor {key!r} has rows of {width} values, not a multiple "
+                f"of {t.block} ({embed_type.upper()} packs blocks of {t.block}); "
+                + ", ".join(n for n, e in EMBED_TYPES.items() if not e.block or width % e.block == 0) + " take it"]
+    return []
+
+
+def default_embed_type(src, quant: str) -> tuple[str, str]:
+    """``token_embd``'s storage when ``--embed-type`` is not given, and why (the words printed). F16 and F32
+    files keep the embedding in their own type; the ternary formats take Q8_0, whose rows of 32 fit any
+    hidden size we train: with a tied head the embedding is the output matrix, read in full for every
+    decoded token (docs/runtimes.md, "Embedding types", has the measured speed and bits per byte)."""
+    if quant in ("f16", "f32"):
+        return quant, f"the {quant.upper()} file's own type"
+    if embed_problems(src, "q8_0"):
+        return "f16", f"rows of {src.shape('model.embed_tokens.weight')[-1]} values are not multiples of Q8_0's 32"
+    return "q8_0", "Q8_0: half the bytes of F16 for the output matrix read at every decoded token"
 
 
 def find(quant: str, runtime: str | None = None) -> Format:

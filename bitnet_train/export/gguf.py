@@ -1,4 +1,6 @@
-"""GGUF export for llama.cpp's ``bitnet`` architecture (TQ2_0, TQ1_0, F16, F32) and bitnet.cpp's I2_S.
+"""GGUF export for llama.cpp's ``bitnet``, ``llama`` and ``qwen2`` architectures (TQ2_0, TQ1_0, Q2_0, F16,
+F32), bitnet.cpp's I2_S, and the F32/F16 files ik_llama.cpp's graphs read (:mod:`.ik` makes its IQ types
+from them).
 
 Written with the ``gguf`` package: its ``GGUFWriter`` (tensor infos first, then the data one
 tensor at a time, so memory stays near one tensor) and its TQ1_0/TQ2_0 quantizers.
@@ -6,8 +8,9 @@ tensor at a time, so memory stays near one tensor) and its TQ1_0/TQ2_0 quantizer
 Layout. Every ternary weight is stored as its codes ({-1, 0, 1}, exact in every format: a TQ
 block's fp16 scale is its absmax, 1) plus a one-element F32 ``<name>.scale`` tensor holding the
 absmean scale ``s``; llama.cpp's ``bitnet`` graph multiplies each projection's output by it.
-Norms are F32; ``token_embd`` (which llama.cpp also uses as the output matrix) is F32 for
-``f32`` and F16 otherwise.
+Norms are F32; ``token_embd`` (which llama.cpp also uses as the output matrix) and an untied
+``output.weight`` are stored in ``embed_type`` / ``output_type`` (:data:`~.formats.EMBED_TYPES`: F32, F16,
+or ggml's Q8_0 / Q6_K written by ggml's own quantizer), by default F32 for ``f32`` and F16 otherwise.
 
 I2_S (bitnet.cpp's GGML type 36, unknown to the ``gguf`` package and to llama.cpp) is written
 through the same ``GGUFWriter`` with the type id given as a raw number. Layout, from bitnet.cpp's
@@ -35,7 +38,7 @@ from bitnet_train.runtimes.base import strip_generation_tags
 from bitnet_train.runtimes.bitnetcpp import FILE_TYPE_I2_S as I2S_FILE_TYPE
 from bitnet_train.runtimes.bitnetcpp import GGML_TYPE_I2_S as I2S_TYPE
 from bitnet_train.runtimes.llamacpp import FILE_TYPE_Q2_0, GGML_TYPE_Q2_0, ggml_quantize, ggml_row_bytes
-from bitnet_train.export.formats import GRAPHS, I2S_BLOCKS, ROW_BLOCKS, Graph
+from bitnet_train.export.formats import EMBED_TYPES, GRAPHS, I2S_BLOCKS, ROW_BLOCKS, Graph
 from bitnet_train.errors import ExportError
 from bitnet_train.export.source import CheckpointSource
 
@@ -50,6 +53,9 @@ _BLOCK_NAMES = {
     "self_attn.q_proj.weight": "attn_q.weight",
     "self_attn.k_proj.weight": "attn_k.weight",
     "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",  # Qwen2's q/k/v biases (the qwen2 graph)
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
     "self_attn.o_proj.weight": "attn_output.weight",
     "self_attn.attn_sub_norm.weight": "attn_sub_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -127,10 +133,12 @@ def _file_type(quant: str):
 # tokenizer metadata
 # ----------------------------------------------------------------------------------------------
 
-# the byte-level pre-tokenizer regexes llama.cpp knows by name (llama-vocab.cpp)
+# the byte-level pre-tokenizer regexes llama.cpp knows by name (llama-vocab.cpp): Llama 3's, and Qwen2's
+# (digits one at a time)
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_SPLIT_NAMES = {_LLAMA3_REGEX: "llama-bpe", _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}"): "qwen2"}
 
 
 def _pre_tokenizer_name(tj: dict) -> str | None:
@@ -143,11 +151,11 @@ def _pre_tokenizer_name(tj: dict) -> str | None:
         if (
             len(parts) == 2
             and parts[0].get("type") == "Split"
-            and parts[0].get("pattern", {}).get("Regex") == _LLAMA3_REGEX
+            and parts[0].get("pattern", {}).get("Regex") in _SPLIT_NAMES
             and parts[1].get("type") == "ByteLevel"
             and not parts[1].get("use_regex", True)
         ):
-            return "llama-bpe"
+            return _SPLIT_NAMES[parts[0]["pattern"]["Regex"]]
     return None
 
 
@@ -219,7 +227,7 @@ def add_tokenizer(writer, tok, vocab_size: int, force: bool = False) -> str:
 
 def plan(
     src: CheckpointSource, quant: str, tq_fallback: str | None = None, i2s_layout: str = "x86",
-    graph: Graph = GRAPHS[ARCH],
+    graph: Graph = GRAPHS[ARCH], embed_type: str | None = None, output_type: str | None = None,
 ) -> list[tuple[str, str, str, str]]:
     """(gguf name, checkpoint key, kind, storage) for every tensor, in file order.
 
@@ -227,12 +235,15 @@ def plan(
     does), ``folded`` (``codes * scale`` in one tensor, no ``.scale``: for graphs that load no
     scale tensors, ``graph.folds_scales``), ``scale``, ``embed``, ``head`` (an untied ``lm_head`` as
     ``output.weight``, for graphs that read one) or ``norm``. storage: ``tq2_0`` / ``tq1_0`` /
-    ``q2_0`` / ``i2_s`` / ``f16`` / ``f32``."""
+    ``q2_0`` / ``i2_s`` / ``f16`` / ``f32``, and for ``embed`` / ``head`` ``embed_type`` / ``output_type``
+    (default: ``f32`` for ``--quant f32``, else ``f16``; ``output_type`` defaults to ``embed_type``)."""
+    embed_type = embed_type or ("f32" if quant == "f32" else "f16")
+    output_type = output_type or embed_type
     rows = []
     for key in src.keys():
         if key == "lm_head.weight":
             if not graph.head_is_embedding and not src.head_is_embedding():
-                rows.append(("output.weight", key, "head", "f32" if quant == "f32" else "f16"))
+                rows.append(("output.weight", key, "head", output_type))
             # else: the graph multiplies by token_embd (formats.graph_mismatches checks the model agrees)
             continue
         name = gguf_name(key, graph.arch)
@@ -256,7 +267,7 @@ def plan(
             if storage != "i2_s":
                 rows.append((name[: -len(".weight")] + ".scale", key, "scale", "f32"))
         elif key == "model.embed_tokens.weight":
-            rows.append((name, key, "embed", "f32" if quant == "f32" else "f16"))
+            rows.append((name, key, "embed", embed_type))
         elif len(shape) == 1:
             rows.append((name, key, "norm", "f32"))
         else:
@@ -306,9 +317,13 @@ def _encode(
         return np.ascontiguousarray(arr, dtype=np.float32)
     if storage == "f16":
         return arr.astype(np.float16)
-    if storage == "q2_0":
-        return ggml_quantize(arr, GGML_TYPE_Q2_0)
+    if storage in _GGML_STORAGE:
+        return ggml_quantize(arr, _GGML_STORAGE[storage])
     return gguf.quants.quantize(arr, _qtype(storage))
+
+
+# storages written by ggml's own quantizer (llama-cpp-python's libggml-base), by their ggml type id
+_GGML_STORAGE = {"q2_0": GGML_TYPE_Q2_0, **{n: t.ggml_type for n, t in EMBED_TYPES.items() if t.block}}
 
 
 def _rope_permuted(src: CheckpointSource, key: str, arr: np.ndarray) -> np.ndarray:
@@ -332,8 +347,9 @@ def _info(src: CheckpointSource, key: str, kind: str, storage: str) -> tuple[tup
         return shape, np.dtype(np.float32), 4 * n, None
     if storage == "f16":
         return shape, np.dtype(np.float16), 2 * n, None
-    if storage == "q2_0":
-        return shape, np.dtype(np.int8), int(np.prod(shape[:-1])) * ggml_row_bytes(GGML_TYPE_Q2_0, shape[-1]), GGML_TYPE_Q2_0
+    if storage in _GGML_STORAGE:
+        t = _GGML_STORAGE[storage]
+        return shape, np.dtype(np.int8), int(np.prod(shape[:-1])) * ggml_row_bytes(t, shape[-1]), t
     if storage == "i2_s":
         # the gguf package has no I2_S: the type id goes in raw, the shape as it is (int8 keeps
         # the writer from reading the byte count as a shape), the size as bitnet.cpp computes it
@@ -354,6 +370,8 @@ def write_gguf(
     progress=None,
     i2s_layout: str = "x86",
     graph: Graph = GRAPHS[ARCH],
+    embed_type: str | None = None,
+    output_type: str | None = None,
 ) -> dict:
     """Write ``src`` as a GGUF file at ``out`` (the caller makes it atomic). Returns a summary.
 
@@ -369,7 +387,7 @@ def write_gguf(
         raise ExportError(f"--i2s-layout {i2s_layout!r}: choose one of {', '.join(I2S_LAYOUTS)}")
     c = src.config
     arch = graph.arch
-    rows = plan(src, quant, tq_fallback, i2s_layout, graph)
+    rows = plan(src, quant, tq_fallback, i2s_layout, graph, embed_type, output_type)
     embed_rows = src.shape("model.embed_tokens.weight")[0]
     heads = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // heads)
@@ -425,4 +443,6 @@ def write_gguf(
         if progress:
             progress(i + 1, len(rows), gname)
     w.close()
-    return {"tensors": len(rows), "ternary_storage": counts, "pre_tokenizer": pre, "i2s_layout": i2s_layout}
+    stored = {kind: storage for _n, _k, kind, storage in rows if kind in ("embed", "head")}
+    return {"tensors": len(rows), "ternary_storage": counts, "pre_tokenizer": pre, "i2s_layout": i2s_layout,
+            "embed_type": stored.get("embed"), "output_type": stored.get("head")}

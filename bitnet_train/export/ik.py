@@ -22,6 +22,9 @@ Shapes (the formats' records, :mod:`.formats`, checked before anything is writte
 activations to Q8_K64, which aborts the process (``GGML_ASSERT(k >= 8*QK_IQ1BN)``) for rows under
 512 values; all three types pack blocks of 64.
 
+A converted Llama-shaped model (``convert``, or training with ``model: hf:...``) goes to ik's ``llama``
+graph the same way (q/k rows in its rotary order, as for llama.cpp's, :mod:`.gguf`), in the same types.
+
 Verification runs the file in ik_llama.cpp (:class:`bitnet_train.runtimes.ikllama.IkLlama`) in a child
 process, so that an abort inside the runtime fails the export instead of killing it.
 """
@@ -34,7 +37,7 @@ from pathlib import Path
 from bitnet_train.runtimes.base import default_threads
 from bitnet_train.runtimes.gguf_header import read_header
 from bitnet_train.runtimes.ikllama import GGML_TYPES, quantize_bin
-from bitnet_train.export.formats import GRAPHS, find
+from bitnet_train.export.formats import EMBED_TYPES, GRAPHS, Graph, find
 from bitnet_train.errors import ExportError
 from bitnet_train.export.source import CheckpointSource
 
@@ -43,8 +46,11 @@ QUANTS = ("iq2_bn", "iq2_bn_r4", "iq1_bn", "f16", "f32")
 
 
 def write_ik(src: CheckpointSource, out: Path, quant: str, tokenizer, force: bool = False, progress=None,
-             threads: int | None = None) -> dict:
-    """Write ``src`` as an ik_llama.cpp GGUF at ``out`` (the caller makes it atomic)."""
+             threads: int | None = None, embed_type: str | None = None, output_type: str | None = None,
+             graph: Graph = GRAPHS[ARCH]) -> dict:
+    """Write ``src`` as an ik_llama.cpp GGUF at ``out`` (the caller makes it atomic) for ``graph`` (``bitnet-25``,
+    or ``llama`` for a converted Llama-shaped model); ``embed_type`` / ``output_type``: ``token_embd``'s and an
+    untied ``output.weight``'s storage (default F16; F32 for ``--quant f32``)."""
     from bitnet_train.export.gguf import write_gguf
 
     if quant not in QUANTS:
@@ -53,15 +59,19 @@ def write_ik(src: CheckpointSource, out: Path, quant: str, tokenizer, force: boo
     if problems:
         raise ExportError(f"ik_llama.cpp cannot run this model as {quant.upper()}: " + "; ".join(problems))
     if quant in ("f16", "f32"):
-        r = write_gguf(src, out, quant, tokenizer, force=force, progress=progress, graph=GRAPHS[ARCH])
-        return {**r, "arch": ARCH}
+        r = write_gguf(src, out, quant, tokenizer, force=force, progress=progress, graph=graph,
+                       embed_type=embed_type, output_type=output_type)
+        return {**r, "arch": graph.arch}
+    embed_type = embed_type or "f16"
+    output_type = output_type or embed_type
     exe = quantize_bin()  # before the F32 file is written: fail early (EngineError: not installed)
     f32 = out.with_name(out.name + "-f32")  # inside the caller's temporary name, so leftovers are tidied
     try:
-        r = write_gguf(src, f32, "f32", tokenizer, force=force, progress=progress, graph=GRAPHS[ARCH])
-        # token_embd (and an untied output.weight) F16 as in our other GGUFs; the rest of the
-        # non-ternary tensors are 1-D norms, which llama-quantize leaves F32
-        cmd = [str(exe), "--pure", "--token-embedding-type", "f16", "--output-tensor-type", "f16",
+        r = write_gguf(src, f32, "f32", tokenizer, force=force, progress=progress, graph=graph)
+        # token_embd (and an untied output.weight) in the asked types, by ik's own quantizer; the rest of
+        # the non-ternary tensors are 1-D norms, which llama-quantize leaves F32
+        cmd = [str(exe), "--pure", "--token-embedding-type", _ggml_name(embed_type),
+               "--output-tensor-type", _ggml_name(output_type),
                str(f32), str(out), GGML_TYPES[quant][1], str(threads or default_threads())]
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0 or not out.is_file():
@@ -72,10 +82,18 @@ def write_ik(src: CheckpointSource, out: Path, quant: str, tokenizer, force: boo
     types = {name: t for name, _dims, t in read_header(out)[1]}
     want = GGML_TYPES[quant][0]
     wrong = [n for n, k in _ternary_names(src) if types.get(n) != want]
+    if types.get("token_embd.weight") != EMBED_TYPES[embed_type].ggml_type:
+        wrong.append("token_embd.weight")
     if wrong:
-        raise ExportError(f"llama-quantize did not store {wrong[:3]} as {quant.upper()} (types {[types.get(n) for n in wrong[:3]]})")
+        raise ExportError(f"llama-quantize did not store {wrong[:3]} as asked ({quant.upper()}, token_embd "
+                          f"{embed_type.upper()}): their types {[types.get(n) for n in wrong[:3]]}")
     r["ternary_storage"] = {quant: len(_ternary_names(src))}
-    return {**r, "arch": ARCH}
+    return {**r, "arch": graph.arch, "embed_type": embed_type, "output_type": output_type if "output.weight" in types else None}
+
+
+def _ggml_name(embed_type: str) -> str:
+    """ggml's name of an embedding type, as llama-quantize reads it (``q6_K``)."""
+    return embed_type[:-1] + "K" if embed_type.endswith("_k") else embed_type
 
 
 def _ternary_names(src: CheckpointSource) -> list[tuple[str, str]]:
