@@ -13,7 +13,7 @@ import pytest
 import torch
 from test_convert import make_tok, qat_run, save_tiny
 from test_export import HAVE_LLAMA
-from test_export_ik import needs_ik
+from test_export_ik import HAVE_IK, needs_ik
 
 from bitnet_train.cli import main
 from bitnet_train.export import ExportError, export
@@ -103,7 +103,7 @@ def test_wrong_llama_files_fail_verification(fault, qat_llama, tmp_path, monkeyp
     else:
         ternary = CheckpointSource.ternary
         monkeypatch.setattr(CheckpointSource, "ternary", lambda self, key: (ternary(self, key)[0], torch.tensor(1.0)))
-    for quant in ("q2_0", "f32"):
+    for quant in ("q2_0", "f32") + (("iq2_bn_r4",) if HAVE_IK else ()):  # llama.cpp's llama graph, and ik's
         out = tmp_path / f"{quant}.gguf"
         with pytest.raises(ExportError, match="verification failed"):
             export(qat_llama, "gguf", out, quant=quant, log=_quiet)
@@ -165,6 +165,11 @@ def test_qwen2_with_biases_in_its_own_graph(qat_qwen2, tmp_path, monkeypatch):
     assert any(src.tensor(k).abs().sum() == 0 for k in src.keys() if k.endswith(".bias"))
     with pytest.raises(ExportError, match="verification failed"):
         export(qat_qwen2, "gguf", tmp_path / "zero.gguf", quant="q2_0", log=_quiet)
+    monkeypatch.undo()
+    if HAVE_IK:  # ik_llama.cpp's qwen2 graph, with ik's ternary type
+        r = export(qat_qwen2, "gguf", tmp_path / "ik.gguf", quant="iq2_bn_r4", log=_quiet)
+        assert (r["ok"], r["arch"], r["runtime"]) == (True, "qwen2", "ik_llama.cpp"), r
+        assert r["agreement"].rel_error < 1e-2, str(r["agreement"])
 
 
 def test_unmappable_converted_models_are_refused(tmp_path, capsys):
