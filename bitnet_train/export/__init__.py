@@ -305,8 +305,8 @@ def choose_quant(src, ik_installed: bool | None = None) -> tuple[str, str]:
     """The best GGUF format whose runtime computes this model on a CPU, and why (the words printed).
 
     llama.cpp's TQ2_0 where every ternary row is a multiple of its 256 (SiLU BitNet in llama.cpp's bitnet
-    graph, a converted Llama-shaped model in its llama graph); else ik_llama.cpp's IQ2_BN (rows of at least
-    512, multiples of 64), else its 4-row repack IQ2_BN_R4 (narrower rows: the tiny preset's 256); F16 where
+    graph, a converted Llama-shaped or Qwen2 model in its own graph); else ik_llama.cpp's IQ2_BN (rows of at
+    least 512, multiples of 128), else its 4-row repack IQ2_BN_R4 (narrower rows: the tiny preset's 256); F16 where
     none packs. ReLU² models go to ik_llama.cpp only. Q2_0 (blocks of 64) is never the default: llama.cpp
     0.3.36 decodes it slower than F16 on an AVX2 CPU (measured 0.22x at the 2B4T shape, docs/runtimes.md);
     it is what is left for a SiLU or converted model when ik_llama.cpp is not installed (``ik_installed``,

@@ -22,8 +22,10 @@ Shapes (the formats' records, :mod:`.formats`, checked before anything is writte
 activations to Q8_K64, which aborts the process (``GGML_ASSERT(k >= 8*QK_IQ1BN)``) for rows under
 512 values; all three types pack blocks of 64.
 
-A converted Llama-shaped model (``convert``, or training with ``model: hf:...``) goes to ik's ``llama``
-graph the same way (q/k rows in its rotary order, as for llama.cpp's, :mod:`.gguf`), in the same types.
+A SiLU BitNet model goes to ik's ``bitnet`` graph (llama.cpp's: SiLU, sub-norms, the tied head) and a
+converted Llama-shaped or Qwen2 model (``convert``, or training with ``model: hf:...``) to ik's ``llama`` /
+``qwen2`` graph (q/k rows in llama's rotary order as for llama.cpp, :mod:`.gguf`), the same way and in the
+same types.
 
 Verification runs the file in ik_llama.cpp (:class:`bitnet_train.runtimes.ikllama.IkLlama`) in a child
 process, so that an abort inside the runtime fails the export instead of killing it.
@@ -48,8 +50,8 @@ QUANTS = ("iq2_bn", "iq2_bn_r4", "iq1_bn", "f16", "f32")
 def write_ik(src: CheckpointSource, out: Path, quant: str, tokenizer, force: bool = False, progress=None,
              threads: int | None = None, embed_type: str | None = None, output_type: str | None = None,
              graph: Graph = GRAPHS[ARCH]) -> dict:
-    """Write ``src`` as an ik_llama.cpp GGUF at ``out`` (the caller makes it atomic) for ``graph`` (``bitnet-25``,
-    or ``llama`` for a converted Llama-shaped model); ``embed_type`` / ``output_type``: ``token_embd``'s and an
+    """Write ``src`` as an ik_llama.cpp GGUF at ``out`` (the caller makes it atomic) for ``graph`` (``bitnet-25``
+    for ReLU², ``bitnet`` for SiLU BitNet, ``llama`` / ``qwen2`` for converted models); ``embed_type`` / ``output_type``: ``token_embd``'s and an
     untied ``output.weight``'s storage (default F16; F32 for ``--quant f32``)."""
     from bitnet_train.export.gguf import write_gguf
 
