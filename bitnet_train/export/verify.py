@@ -367,7 +367,12 @@ def verify_export(src, tokenizer, fmt: Format, path: Path, text: str, probe_toke
     theirs, tokenization = got
     ours = our_logits(src.path, ids)
     emulated = emulated_logits(src.path, ids, fmt.emulate, embed_type, output_type) if fmt.emulate else None
-    floats = None if fmt.our_activations else emulated_logits(src.path, ids, "f32", "f32", "f32")
+    if fmt.our_activations:
+        floats = None  # its runtime quantizes activations as we do: no sensitivity allowance
+    elif fmt.emulate == "f32" and {embed_type or "f32", output_type or embed_type or "f32"} == {"f32"}:
+        floats = emulated  # the F32 file's emulation is our model with float activations already
+    else:
+        floats = emulated_logits(src.path, ids, "f32", "f32", "f32")
     ag = compare(fmt, theirs, ours, tokenization, ours_emulated=emulated, ids=ids, ours_float=floats)
     log(str(ag))
     return ag
