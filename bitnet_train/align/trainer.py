@@ -173,8 +173,6 @@ def summed_sft_trainer():
             return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
         def _distilled_loss(self, model, inputs, num_items_in_batch):
-            import torch.nn.functional as F
-
             d = self.distillation
             fw = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
             t_logits, t_qkv = d.teacher_forward(**fw, use_cache=False)
@@ -184,9 +182,8 @@ def summed_sft_trainer():
             n_here = counted.sum()
             n = num_items_in_batch if num_items_in_batch is not None else n_here
             s_rows, t_rows = logits[:, :-1][counted], t_logits[:, :-1][counted]
-            ce = F.cross_entropy(s_rows.float(), labels[counted], reduction="sum") / n
             share = n_here / n  # this micro-batch's part of the accumulated batch's trained tokens
-            loss, parts = d.loss(ce, s_rows, t_rows, s_qkv, t_qkv, kd_divisor=n, rel_scale=share,
+            loss, parts = d.loss(s_rows, t_rows, labels[counted], s_qkv, t_qkv, divisor=n, rel_scale=share,
                                  attention_mask=fw.get("attention_mask"))
             for k, v in {**parts, **d.step_stats()}.items():
                 self._metrics["train"][k].append(float(v))

@@ -12,6 +12,10 @@
   ``softmax(A @ A.T / sqrt(d))`` over all positions of the sequence; the loss is
   KL(teacher || student) averaged over heads and rows, summed over Q, K and V.
 
+CE and KD are computed together, a few rows of logits at a time, each row's softmax shared by both
+and their gradient made in the same pass (:func:`logit_losses`), instead of one pass of autograd
+over ``positions x vocab`` tensors per term.
+
 The recipe section is :class:`DistillConfig` (``distill:``, in ``pretrain`` and ``sft`` recipes);
 :func:`make_objective` builds the objective of a run (the pretraining loop calls it on each block;
 the SFT trainer, :mod:`bitnet_train.align.trainer`, uses its teacher and student forwards and
@@ -75,59 +79,102 @@ class TokenLoss:
 
 def kd_loss(student_logits, teacher_logits, temperature: float, reduction: str = "mean"):
     """KL(softmax(teacher / T) || softmax(student / T)) * T**2 per position (``[..., vocab]``
-    logits), averaged over positions (``reduction="sum"``: summed). Computed a block of rows at a
-    time with its gradient (:func:`_kd_function`): the vocabulary-wide intermediates of a block stay
-    in cache instead of a dozen passes over ``positions x vocab`` tensors."""
+    logits), averaged over positions (``reduction="sum"``: summed). Computed by
+    :func:`logit_losses`, a block of rows at a time with its gradient."""
     v = student_logits.shape[-1]
-    s, t = student_logits.reshape(-1, v), teacher_logits.reshape(-1, v)
-    kl = _kd_function().apply(s, t.detach(), float(temperature))
+    s = student_logits.reshape(-1, v)
+    kl, _, _ = logit_losses(s, teacher_logits.reshape(-1, v), temperature)  # total = the KL, with its gradient
     return kl if reduction == "sum" else kl / s.shape[0]
 
 
-def _kd_rows(s, t, temperature: float):
-    """Summed T^2-scaled KL of rows ``s`` vs ``t`` and its gradient with respect to ``s``."""
+def logit_losses(logits, teacher_logits, temperature: float, labels=None, ce_weight: float = 0.0,
+                 kd_weight: float = 1.0):
+    """The losses on ``[rows, vocab]`` logits in one pass: ``(total, ce, kd)``, where ``ce`` is the
+    summed next-token cross-entropy against ``labels`` (``-100``: not counted; 0 without labels),
+    ``kd`` the summed T^2-scaled KL(softmax(teacher / T) || softmax(logits / T)) (0 with
+    ``teacher_logits`` None) and ``total = ce_weight * ce + kd_weight * kd``, the only one with a
+    gradient. Each block of ``KD_ROWS`` rows computes its softmaxes once, for both losses and the
+    gradient (kept from the forward): the vocabulary-wide intermediates stay in cache instead of a
+    dozen passes over ``rows x vocab`` tensors, and the cross-entropy needs no pass of its own."""
     import torch
 
-    ls = torch.log_softmax(s.float() / temperature, dim=-1)
-    lt = torch.log_softmax(t.float() / temperature, dim=-1)
-    pt = lt.exp()
-    kl = (pt * (lt - ls)).sum() * temperature**2
-    return kl, (ls.exp_() - pt).mul_(temperature)  # d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T))
+    if labels is None:
+        labels = torch.full(logits.shape[:1], -100, dtype=torch.long, device=logits.device)
+    t = None if teacher_logits is None else teacher_logits.detach()
+    return _logit_function().apply(logits, t, labels.reshape(-1), float(temperature), float(ce_weight),
+                                   float(kd_weight))
 
 
-KD_ROWS = 8  # rows of logits per block of the KD loss
-_KD_FN = None
+def _logit_rows(s, t, labels, temperature: float, ce_weight: float, kd_weight: float, want_grad: bool):
+    """Summed CE and T^2-scaled KL of rows ``s`` (against ``labels`` and teacher rows ``t``) and the
+    gradient of ``ce_weight * CE + kd_weight * KL`` with respect to ``s`` (None unless ``want_grad``)."""
+    import torch
+
+    s = s.float()
+    ce = kd = s.new_zeros(())
+    grad = ls = p = None
+    rows = (labels != -100).nonzero().squeeze(1)
+    every = rows.numel() == s.shape[0]
+    if rows.numel():
+        ls = torch.log_softmax(s, dim=-1)
+        ce = -ls[rows, labels[rows]].sum()
+        p = ls.exp()
+        if want_grad and ce_weight:  # d CE / ds = softmax(s) - onehot(label), on the counted rows
+            grad = p * ce_weight if every else torch.zeros_like(s).index_copy_(0, rows, p[rows] * ce_weight)
+            grad[rows, labels[rows]] -= ce_weight
+    if t is not None:
+        T = temperature
+        lt = torch.log_softmax(t.float() / T, dim=-1)
+        pt = lt.exp()
+        if T != 1 or ls is None:
+            ls = torch.log_softmax(s / T, dim=-1)
+            p = ls.exp()
+        kd = (pt * (lt - ls)).sum() * T**2  # at T = 1 the cross-entropy's softmax serves
+        if want_grad and kd_weight:  # d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T))
+            g = (p - pt).mul_(T * kd_weight)
+            grad = g if grad is None else grad.add_(g)
+    if want_grad and grad is None:
+        grad = torch.zeros_like(s)
+    return ce, kd, grad
 
 
-def _kd_function():
-    """The autograd Function of :func:`kd_loss` (made on first use: this module imports no torch):
-    ``sum over rows of T^2 KL(softmax(t/T) || softmax(s/T))``, its gradient computed in the
-    forward, ``KD_ROWS`` rows at a time."""
-    global _KD_FN
-    if _KD_FN is None:
+KD_ROWS = 8  # rows of logits per block of logit_losses
+_LOGIT_FN = None
+
+
+def _logit_function():
+    """The autograd Function of :func:`logit_losses` (made on first use: this module imports no
+    torch); the gradient of ``total`` is computed in the forward, ``KD_ROWS`` rows at a time."""
+    global _LOGIT_FN
+    if _LOGIT_FN is None:
         import torch
 
-        class KD(torch.autograd.Function):
+        class LogitLosses(torch.autograd.Function):
             @staticmethod
-            def forward(ctx, s, t, temperature):
-                total = torch.zeros((), dtype=torch.float32, device=s.device)
-                grad = torch.empty(s.shape, dtype=torch.float32, device=s.device) if s.requires_grad else None
+            def forward(ctx, s, t, labels, temperature, ce_weight, kd_weight):
+                ce = torch.zeros((), dtype=torch.float32, device=s.device)
+                kd = torch.zeros((), dtype=torch.float32, device=s.device)
+                want = s.requires_grad
+                grad = torch.empty(s.shape, dtype=torch.float32, device=s.device) if want else None
                 for i in range(0, s.shape[0], KD_ROWS):
-                    kl, g = _kd_rows(s[i:i + KD_ROWS], t[i:i + KD_ROWS], temperature)
-                    total += kl
-                    if grad is not None:
+                    c, k, g = _logit_rows(s[i:i + KD_ROWS], None if t is None else t[i:i + KD_ROWS],
+                                          labels[i:i + KD_ROWS], temperature, ce_weight, kd_weight, want)
+                    ce += c
+                    kd += k
+                    if want:
                         grad[i:i + KD_ROWS] = g
-                ctx.save_for_backward(grad if grad is not None else torch.empty(0))
+                ctx.save_for_backward(grad if want else torch.empty(0))
                 ctx.dtype = s.dtype
-                return total
+                ctx.mark_non_differentiable(ce, kd)
+                return ce_weight * ce + kd_weight * kd, ce, kd
 
             @staticmethod
-            def backward(ctx, grad_out):
+            def backward(ctx, grad_out, _grad_ce, _grad_kd):
                 (grad,) = ctx.saved_tensors
-                return (grad * grad_out).to(ctx.dtype), None, None
+                return (grad * grad_out).to(ctx.dtype), None, None, None, None, None
 
-        _KD_FN = KD
-    return _KD_FN
+        _LOGIT_FN = LogitLosses
+    return _LOGIT_FN
 
 
 def relation_loss(student: dict, teacher: dict, heads: int, attention_mask=None):
@@ -206,7 +253,7 @@ class Distillation:
     """The distillation objective for one run (see the module's docstring). Called on a
     pretraining block it returns ``(loss, parts)`` with the parts ``loss_ce``, ``loss_kd``,
     ``loss_relation`` (detached, for the metrics); :meth:`teacher_forward`, :meth:`student_forward`
-    and :meth:`loss` serve a trainer that computes its own cross-entropy (SFT)."""
+    and :meth:`loss` serve a trainer that picks the positions that count itself (SFT)."""
 
     def __init__(self, cfg: DistillConfig, teacher, student):
         self.cfg, self.teacher = cfg, teacher
@@ -238,27 +285,31 @@ class Distillation:
             logits = model(**inputs).logits
         return logits, qkv
 
-    def loss(self, ce, logits, t_logits, s_qkv, t_qkv, kd_divisor=None, rel_scale=1.0, attention_mask=None):
-        """``ce_weight * ce + kd_weight * KD + relation_weight * relation`` and the detached parts.
-        ``logits`` / ``t_logits`` hold the positions that count (``[n, vocab]`` or
-        ``[b, s, vocab]``); KD is their summed KL divided by ``kd_divisor`` (default: their number),
-        the relation KL is scaled by ``rel_scale`` (a trainer that normalises over a whole
-        accumulated batch passes this micro-batch's share)."""
+    def loss(self, logits, t_logits, labels, s_qkv, t_qkv, divisor=None, rel_scale=1.0, attention_mask=None):
+        """``ce_weight * CE + kd_weight * KD + relation_weight * relation`` and the detached parts.
+        ``logits`` / ``t_logits`` hold the positions (``[n, vocab]`` or ``[b, s, vocab]``) and
+        ``labels`` their next tokens (``-100``: no cross-entropy there); CE and KD are summed over
+        them in one pass (:func:`logit_losses`) and divided by ``divisor`` (default: the number of
+        counted labels); the relation KL is scaled by ``rel_scale``. A trainer that normalises over
+        a whole accumulated batch passes that batch's count as ``divisor`` and this micro-batch's
+        share of it as ``rel_scale``."""
         c = self.cfg
-        if c.kd_weight > 0:
-            kd = kd_loss(logits, t_logits, c.temperature, reduction="sum")
-            kd = kd / (kd_divisor if kd_divisor is not None else logits.reshape(-1, logits.shape[-1]).shape[0])
-        else:
-            kd = ce.new_zeros(())
+        v = logits.shape[-1]
+        labels = labels.reshape(-1)
+        n = divisor if divisor is not None else (labels != -100).sum().clamp(min=1)
+        teacher = t_logits.reshape(-1, v) if c.kd_weight > 0 else None
+        total, ce, kd = logit_losses(logits.reshape(-1, v), teacher, c.temperature, labels, c.ce_weight / n,
+                                     c.kd_weight / n)
+        ce, kd = ce / n, kd / n
         rel = relation_loss(s_qkv, t_qkv, self.heads, attention_mask) * rel_scale if self.rel else ce.new_zeros(())
-        total = c.ce_weight * ce + c.kd_weight * kd + c.relation_weight * rel
+        total = total + c.relation_weight * rel
         return total, {"loss_ce": ce.detach(), "loss_kd": kd.detach(), "loss_relation": rel.detach()}
 
     def __call__(self, model, x):
         inp = x[:, :-1]
         t_logits, t_qkv = self.teacher_forward(input_ids=inp)
         logits, s_qkv = self.student_forward(model, input_ids=inp)
-        return self.loss(_ce(logits, x[:, 1:]), logits, t_logits, s_qkv, t_qkv)
+        return self.loss(logits, t_logits, x[:, 1:], s_qkv, t_qkv)
 
     def step_stats(self) -> dict:
         """The teacher's cost since the last call, then reset: its forward time (``teacher_s``, seconds)
