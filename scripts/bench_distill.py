@@ -26,6 +26,8 @@ random logits, cross-entropy + 10 x KD at T = 5 (``--temperature``): in one pass
 the blocked KD alone (``kd_loss``) and against both written with autograd; next-token cross-entropy alone
 (what a plain step computes) for scale; alternated in this process.
 
+``--report`` instead prints the tables of OUT/results.json again and redraws OUT/curves.png.
+
 ``--chat`` instead (after a run) puts a few questions to the teacher and to each variant's ``final/`` in
 OUT through ``bitnet-train generate --chat`` (greedy, ``--max-new-tokens``), one turn each, and prints the
 answers side by side (OUT/chat.json).
@@ -128,6 +130,60 @@ def chat_check(model: str, out: Path, variants: list[str], max_new_tokens: int) 
     return 0
 
 
+def report(results: dict, out: Path) -> None:
+    """The tables (the end of each run; every evaluation, with the share of plain QAT's gap to the
+    teacher each variant has closed there) and OUT/curves.png, from a ``results.json``."""
+    v = results["variants"]
+    steps_run = max(d["curve"][-1][0] for d in v.values())
+    base = v.get("plain", {}).get("tokens_per_s")
+    tb = results["teacher_bits_per_byte"]
+    gap = (v["plain"]["curve"][-1][2] - tb) if "plain" in v else None
+    print(f"\n| variant | bits/byte at step 0 | at the end ({steps_run} steps) | share of plain QAT's gap closed "
+          f"| tokens/s | step time vs plain | teacher's forward per step |")
+    print("|---|---|---|---|---|---|---|")
+    for name, d in v.items():
+        first, last = d["curve"][0][2], d["curve"][-1][2]
+        closed = f"{(gap - (last - tb)) / gap:.0%}" if gap else "-"
+        ratio = f"{base / d['tokens_per_s']:.2f}x" if base and d["tokens_per_s"] else "-"
+        teacher = "-"
+        if d.get("teacher_s"):
+            teacher = f"{d['teacher_s']:.2f} s"
+            if base:  # the teacher's forward as a share of a plain step's time
+                per_step = d["curve"][-1][1] / d["curve"][-1][0]
+                teacher += f" ({d['teacher_s'] / (per_step / base):.2f} of a plain step)"
+        print(f"| {name} | {first:.3f} | {last:.3f} | {closed} | {d['tokens_per_s']:,.0f} | {ratio} | {teacher} |")
+    print(f"| teacher (full precision) | {tb:.3f} | | | | | |")
+    if "plain" in v:  # how the share closed moves with tokens
+        plain = {c[0]: c[2] for c in v["plain"]["curve"]}
+        others = [n for n in v if n != "plain"]
+        print("\n| step | tokens | plain | " + " | ".join(f"{n} (share closed)" for n in others) + " |")
+        print("|---" * (3 + len(others)) + "|")
+        for step, tokens, b in v["plain"]["curve"]:
+            cells = []
+            for n in others:
+                at = {c[0]: c[2] for c in v[n]["curve"]}.get(step)
+                g = plain[step] - tb
+                cells.append("-" if at is None else f"{at:.3f} ({(plain[step] - at) / g:.0%})" if g > 0 else f"{at:.3f}")
+            print(f"| {step} | {tokens:,} | {b:.3f} | " + " | ".join(cells) + " |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, d in v.items():
+            ax.plot([c[1] for c in d["curve"]], [c[2] for c in d["curve"]], marker="o", label=name)
+        ax.axhline(tb, color="k", linestyle="--", label="teacher (fp)")
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("held-out bits per byte (ternary)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "curves.png", dpi=120)
+    except ImportError:
+        print("bench_distill: matplotlib not installed; no plot", file=sys.stderr)
+
+
 def main() -> int:
     if "--kd-loss" in sys.argv:
         ap = argparse.ArgumentParser()
@@ -140,7 +196,8 @@ def main() -> int:
         print(machine_line(), flush=True)
         return bench_kd_loss(a.kd_loss, a.repeats, a.temperature)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="the teacher and the student's start: a Hugging Face model directory")
+    ap.add_argument("--model", help="the teacher and the student's start: a Hugging Face model directory (required "
+                    "but with --report)")
     ap.add_argument("--val-text", default=None, help="held-out text (a .txt or .jsonl file), never trained on (required but with --chat)")
     ap.add_argument("--data", default="builtin:pydoc", help="training data (data.path)")
     ap.add_argument("--steps", type=int, default=150)
@@ -151,11 +208,18 @@ def main() -> int:
                     help="a recipe override for every variant (repeatable), e.g. distill.kd_weight=5")
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--chat", action="store_true", help="instead: the chat check of the teacher and OUT's variants")
+    ap.add_argument("--report", action="store_true", help="instead: the tables and plot of OUT/results.json again")
     ap.add_argument("--max-new-tokens", type=int, default=40, help="with --chat (default 40)")
     args = ap.parse_args()
     from bench_harness import machine, machine_line
 
     print(machine_line(), flush=True)
+    if args.report:
+        out = Path(args.out)
+        report(json.loads((out / "results.json").read_text()), out)
+        return 0
+    if not args.model:
+        ap.error("--model is required (but with --report)")
     if args.chat:
         return chat_check(str(Path(args.model).resolve()), Path(args.out), args.variants.split(","), args.max_new_tokens)
     if not args.val_text:
@@ -201,36 +265,7 @@ def main() -> int:
         }
         print(f"{name}: bits per byte {' -> '.join(f'{b:.3f}' for _, _, b in curve)} ({wall:.0f} s)", flush=True)
         (out / "results.json").write_text(json.dumps(results, indent=2))
-    v = results["variants"]
-    base = v.get("plain", {}).get("tokens_per_s")
-    tb = results["teacher_bits_per_byte"]
-    gap = (v["plain"]["curve"][-1][2] - tb) if "plain" in v else None
-    print(f"\n| variant | bits/byte at step 0 | at the end ({args.steps} steps) | share of plain QAT's gap closed "
-          f"| tokens/s | step time vs plain |")
-    print("|---|---|---|---|---|---|")
-    for name, d in v.items():
-        first, last = d["curve"][0][2], d["curve"][-1][2]
-        closed = f"{(gap - (last - tb)) / gap:.0%}" if gap else "-"
-        ratio = f"{base / d['tokens_per_s']:.2f}x" if base and d["tokens_per_s"] else "-"
-        print(f"| {name} | {first:.3f} | {last:.3f} | {closed} | {d['tokens_per_s']:,.0f} | {ratio} |")
-    print(f"| teacher (full precision) | {tb:.3f} | | | | |")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, d in v.items():
-            ax.plot([c[1] for c in d["curve"]], [c[2] for c in d["curve"]], marker="o", label=name)
-        ax.axhline(tb, color="k", linestyle="--", label="teacher (fp)")
-        ax.set_xlabel("training tokens")
-        ax.set_ylabel("held-out bits per byte (ternary)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=120)
-    except ImportError:
-        print("bench_distill: matplotlib not installed; no plot", file=sys.stderr)
+    report(results, out)
     print(f"\nwrote {out / 'results.json'} ({time.time() - t0:.0f} s in all)")
     return 0
 
