@@ -336,6 +336,36 @@ def test_sensitive_models_are_held_to_their_sensitivity():
     assert not V.compare(hf, ours_float, ours, ours_float=None).ok  # no allowance where activations are ours
 
 
+def test_top1_counts_the_positions_not_near_a_tie():
+    """Top-1 agreement is over the positions where our top logit leads the runner-up by more than the
+    format's tolerance could move it (a barely trained student has many near ties, and an error within the
+    tolerance may pick either token); a runtime that changes the choice where it is clear still fails."""
+    from bitnet_train.export.formats import find
+
+    q2 = find("q2_0")
+    rng = np.random.default_rng(0)
+    ours = rng.normal(size=(40, 1000))
+    top = ours.max(-1)
+    for i in range(40):  # rows 0-19: a clear winner (margin 0.6); rows 20-39: two tokens tied
+        ours[i, i] = top[i] + (0.6 if i < 20 else 0.0)
+        if i >= 20:
+            ours[i, i + 1] = ours[i, i]
+    keep = V.decisive_positions(ours, q2.tolerance.max_rel)
+    assert keep[:20].all() and not keep[20:].any()
+    theirs = ours + 1e-3 * rng.normal(size=ours.shape)
+    for i in range(20, 40):  # the ties go either way
+        theirs[i, i + 1] += 1e-2 if i % 2 else -1e-2
+    ag = V.compare(q2, theirs, ours, ours_emulated=theirs)
+    assert np.mean(theirs.argmax(-1) == ours.argmax(-1)) < 0.9  # over every position it would fail
+    assert ag.ok and ag.top1 == 1.0 and ag.decisive == 20, str(ag)
+    assert "over the 20 of 40 positions not near a tie" in str(ag)
+    wrong = theirs.copy()
+    for i in range(5):  # five clear choices changed: a small error overall, caught by top-1 alone
+        wrong[i, 500] = ours[i, i] + 0.1
+    ag = V.compare(q2, wrong, ours, ours_emulated=wrong)
+    assert ag.rel_error < q2.tolerance.max_rel and ag.top1 == 0.75 and not ag.ok, str(ag)
+
+
 def test_relu2_model_refused(relu2_ckpt, tmp_path):
     out = tmp_path / "r.gguf"
     with pytest.raises(ExportError, match=r"hidden_act is 'relu2'.*SiLU"):

@@ -7,7 +7,10 @@ a tokenizer difference cannot hide a weight error; whether the runtime tokenizes
 tokenizer does is checked separately.
 
 Metrics over all probe positions: relative error ``||runtime - ours|| / ||ours||`` of the logits and top-1
-agreement (share of positions whose argmax token is the same), against the format's
+agreement (share of positions whose argmax token is the same, over the *decisive* ones: where our top logit
+leads the runner-up by more than :data:`TIE_FACTOR` times the error the format's tolerance allows in that
+row, ``max_rel * ||ours_row|| / sqrt(vocab)``; among near ties any error within the tolerance may pick
+another token — a barely trained student with nearly flat distributions has many), against the format's
 :class:`~.formats.Tolerance` (measured figures in :mod:`.formats`), and where the format has an emulation of
 its runtime's arithmetic (:func:`emulated_logits`) against that too.
 
@@ -67,6 +70,7 @@ class Agreement:
     ppl_ours: float | None = None
     ppl_runtime: float | None = None
     sensitivity: float | None = None  # rel. error of our model with float activations against ours
+    decisive: int | None = None  # probe positions top1 is over (the rest are near ties); None: all
 
     @property
     def ppl_rel(self) -> float | None:
@@ -103,7 +107,7 @@ class Agreement:
         if not (np.isfinite(self.rel_error) and self.rel_error <= self.allowed_rel):
             return False
         if not self.sensitive:
-            if self.top1 < self.min_top1:
+            if self.top1 < self.min_top1:  # NaN (no decisive position) passes
                 return False
             if self.max_emulated_rel is not None and not (
                     self.emulated_rel is not None and self.emulated_rel <= self.max_emulated_rel):
@@ -117,8 +121,13 @@ class Agreement:
                    f"activations alone move this model's logits, above the format's {self.max_rel:.0e}")
         else:
             tol = f"tolerance {self.max_rel:.0e}"
-        s = f"verify [{self.fmt}] {verdict}: relative logit error {self.rel_error:.3e} ({tol}), top-1 agreement {self.top1:.1%}"
-        s += (" (reported)" if self.sensitive else f" (tolerance {self.min_top1:.0%})") + f" over {self.positions} positions"
+        s = f"verify [{self.fmt}] {verdict}: relative logit error {self.rel_error:.3e} ({tol}), top-1 agreement "
+        s += "- " if np.isnan(self.top1) else f"{self.top1:.1%}"
+        s += " (reported)" if self.sensitive else f" (tolerance {self.min_top1:.0%})"
+        if self.decisive is None or self.decisive == self.positions:
+            s += f" over {self.positions} positions"
+        else:
+            s += f" over the {self.decisive} of {self.positions} positions not near a tie"
         if self.max_emulated_rel is not None:
             s += f"; vs our model with {self.fmt}'s arithmetic emulated {self.emulated_rel:.3e} "
             s += "(reported)" if self.sensitive else f"(tolerance {self.max_emulated_rel:.0e})"
@@ -126,6 +135,20 @@ class Agreement:
             s += (f"; probe perplexity ours {self.ppl_ours:.4f}, runtime {self.ppl_runtime:.4f} "
                   f"(relative difference {self.ppl_rel:.2e})")
         return s + f"; tokenization: {self.tokenization}"
+
+
+TIE_FACTOR = 4.0  # a position is decisive when our top-2 margin exceeds this many allowed row errors
+
+
+def decisive_positions(ours: np.ndarray, max_rel: float) -> np.ndarray:
+    """Positions (a boolean per row of ``ours``, ``[positions, vocab]``) where our top logit leads the
+    runner-up by more than :data:`TIE_FACTOR` times ``max_rel * ||row|| / sqrt(vocab)``, the root-mean-square
+    error per logit that a relative error of ``max_rel`` spread evenly allows there."""
+    ours = np.asarray(ours, dtype=np.float64)
+    top2 = np.partition(ours, -2, axis=-1)[:, -2:]
+    margin = top2[:, 1] - top2[:, 0]
+    allowed = max_rel * np.linalg.norm(ours, axis=-1) / np.sqrt(ours.shape[-1])
+    return margin > TIE_FACTOR * allowed
 
 
 def rel_error(runtime: np.ndarray, ours: np.ndarray) -> float:
@@ -157,13 +180,15 @@ def compare(
     for the probe perplexity of each; ``ours_float``: our model with float activations (``emulated_logits``
     ``f32``), for the model's sensitivity (:attr:`Agreement.sensitive`)."""
     rel = rel_error(runtime, ours)
-    top1 = float(np.mean(np.asarray(runtime).argmax(-1) == np.asarray(ours).argmax(-1)))
     t = fmt.tolerance
+    keep = decisive_positions(ours, t.max_rel)
+    agree = np.asarray(runtime).argmax(-1) == np.asarray(ours).argmax(-1)
+    top1 = float(np.mean(agree[keep])) if keep.any() else float("nan")
     w = rel_error(runtime, ours_emulated) if ours_emulated is not None else None
     ppl = (probe_perplexity(ours, ids), probe_perplexity(runtime, ids)) if ids is not None else (None, None)
     sens = rel_error(ours_float, ours) if ours_float is not None else None
     return Agreement(fmt.key, rel, top1, int(np.asarray(ours).shape[0]), t.max_rel, t.min_top1, tokenization, w,
-                     t.max_emulated, *ppl, sens)
+                     t.max_emulated, *ppl, sens, int(keep.sum()))
 
 
 def probe_ids(tokenizer, text: str, max_tokens: int = 128) -> list[int]:
