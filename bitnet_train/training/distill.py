@@ -96,13 +96,9 @@ def logit_losses(logits, teacher_logits, temperature: float, labels=None, ce_wei
     gradient. Each block of ``KD_ROWS`` rows computes its softmaxes once, for both losses and the
     gradient (kept from the forward): the vocabulary-wide intermediates stay in cache instead of a
     dozen passes over ``rows x vocab`` tensors, and the cross-entropy needs no pass of its own."""
-    import torch
-
-    if labels is None:
-        labels = torch.full(logits.shape[:1], -100, dtype=torch.long, device=logits.device)
     t = None if teacher_logits is None else teacher_logits.detach()
-    return _logit_function().apply(logits, t, labels.reshape(-1), float(temperature), float(ce_weight),
-                                   float(kd_weight))
+    return _logit_function().apply(logits, t, None if labels is None else labels.reshape(-1), float(temperature),
+                                   float(ce_weight), float(kd_weight))
 
 
 def _logit_rows(s, t, labels, temperature: float, ce_weight: float, kd_weight: float, want_grad: bool):
@@ -113,15 +109,14 @@ def _logit_rows(s, t, labels, temperature: float, ce_weight: float, kd_weight: f
     s = s.float()
     ce = kd = s.new_zeros(())
     grad = ls = p = None
-    rows = (labels != -100).nonzero().squeeze(1)
-    every = rows.numel() == s.shape[0]
-    if rows.numel():
+    if labels is not None:  # masks, not indices: no host sync per block on a GPU
+        counted = (labels != -100).unsqueeze(1)
+        target = labels.clamp(min=0).unsqueeze(1)
         ls = torch.log_softmax(s, dim=-1)
-        ce = -ls[rows, labels[rows]].sum()
+        ce = -(ls.gather(1, target) * counted).sum()
         p = ls.exp()
         if want_grad and ce_weight:  # d CE / ds = softmax(s) - onehot(label), on the counted rows
-            grad = p * ce_weight if every else torch.zeros_like(s).index_copy_(0, rows, p[rows] * ce_weight)
-            grad[rows, labels[rows]] -= ce_weight
+            grad = (p * counted).mul_(ce_weight).scatter_add_(1, target, counted.to(s.dtype) * -ce_weight)
     if t is not None:
         T = temperature
         lt = torch.log_softmax(t.float() / T, dim=-1)
@@ -158,7 +153,8 @@ def _logit_function():
                 grad = torch.empty(s.shape, dtype=torch.float32, device=s.device) if want else None
                 for i in range(0, s.shape[0], KD_ROWS):
                     c, k, g = _logit_rows(s[i:i + KD_ROWS], None if t is None else t[i:i + KD_ROWS],
-                                          labels[i:i + KD_ROWS], temperature, ce_weight, kd_weight, want)
+                                          None if labels is None else labels[i:i + KD_ROWS], temperature,
+                                          ce_weight, kd_weight, want)
                     ce += c
                     kd += k
                     if want:
