@@ -48,11 +48,11 @@ def machine(packages=("torch", "transformers")) -> dict:
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpu = torch.backends.cpu
-    isa = [n for n, probe in (("AVX-512", "_is_avx512_supported"), ("VNNI", "_is_vnni_supported"),
-                              ("AMX", "_is_amx_tile_supported")) if getattr(torch._C, probe, lambda: False)()]
+    probes = (("AVX-512", "_is_avx512_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"),
+              ("VNNI", "_is_vnni_supported"), ("AMX", "_is_amx_tile_supported"))
+    isa = [n for n, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
     m = {"cpu": _cpu_model(), "cores": cores, "threads": torch.get_num_threads(),
-         "int8_isa": isa or ["none of AVX-512/VNNI/AMX"], "capability": cpu.get_cpu_capability(),
+         "isa": isa or ["none of AVX-512/AVX-512 BF16/VNNI/AMX"], "capability": torch.backends.cpu.get_cpu_capability(),
          "python": platform.python_version(), "versions": versions(packages)}
     if torch.cuda.is_available():
         m["gpu"] = torch.cuda.get_device_name(0)
@@ -64,7 +64,7 @@ def machine_line(m: dict | None = None) -> str:
     gpu = f"; GPU {m['gpu']}" if "gpu" in m else ""
     ver = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
     return (f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, {m['capability']} "
-            f"({'/'.join(m['int8_isa'])}){gpu}; Python {m['python']}, {ver}")
+            f"({', '.join(m['isa'])}){gpu}; Python {m['python']}, {ver}")
 
 
 def alternated_medians(forms, repeats: int, inner: int = 1, warmup: int = 1) -> list[float]:

@@ -377,7 +377,10 @@ def test_sft_distillation(pretrained, tmp_path):
         return [m for m in map(json.loads, (tmp_path / name / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
 
     plain = run("plain")
-    kd = run("kd", {"teacher": str(pre), "kd_weight": 1.0, "temperature": 2.0, "relation_weight": 1.0})
+    kd = run("kd", {"teacher": str(pre), "kd_weight": 1.0, "temperature": 2.0, "relation_weight": 1.0,
+                    "teacher_dtype": "float32"})  # the student's own weights: KD and relations 0
     assert kd[0]["loss"] == pytest.approx(plain[0]["loss"], rel=1e-5)
-    assert abs(kd[0]["loss_kd"]) < 1e-6 and abs(kd[0]["loss_relation"]) < 1e-6 and kd[0]["teacher_s"] > 0
+    # float rounding only (the student's training forward and the teacher's no-grad one order their sums
+    # differently; 1.3e-6 measured on an AVX-512 CPU), ten times under what the last step must reach
+    assert abs(kd[0]["loss_kd"]) < 1e-5 and abs(kd[0]["loss_relation"]) < 1e-5 and kd[0]["teacher_s"] > 0
     assert kd[-1]["loss_kd"] > 1e-4 and kd[-1]["loss_relation"] > 1e-5

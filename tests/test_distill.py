@@ -77,7 +77,7 @@ def test_loss_parts_equal_a_computation_by_hand(tok, tmp_path):
         for p in student.parameters():
             p.add_(0.02 * torch.randn_like(p))
     d = {"teacher": f"hf:{teacher_dir}", "ce_weight": 0.5, "kd_weight": 2.0, "temperature": 3.0,
-         "relation_weight": 7.0, "relation_layer": -1, "relation_heads": 8}
+         "relation_weight": 7.0, "relation_layer": -1, "relation_heads": 8, "teacher_dtype": "float32"}
     r = _recipe(tmp_path, "x", f"hf:{teacher_dir}", distill=d)
     obj = make_objective(r, student, tok, "cpu", announce=False)
     x = torch.randint(0, len(tok), (3, 17))
@@ -140,7 +140,7 @@ def test_one_pass_losses_equal_autograd(T):
 def test_a_teacher_equal_to_the_student_gives_zero(tok, tmp_path):
     teacher_dir = save_tiny("llama", tok, tmp_path / "teacher", seed=2)
     r = _recipe(tmp_path, "x", f"hf:{teacher_dir}", "none",
-                distill={"teacher": f"hf:{teacher_dir}", "relation_weight": 1.0})
+                distill={"teacher": f"hf:{teacher_dir}", "relation_weight": 1.0, "teacher_dtype": "float32"})
     from transformers import AutoModelForCausalLM
 
     student = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
@@ -149,6 +149,31 @@ def test_a_teacher_equal_to_the_student_gives_zero(tok, tmp_path):
     _, parts = obj(student, x)
     assert abs(parts["loss_kd"].item()) < 1e-6 and abs(parts["loss_relation"].item()) < 1e-6
     assert parts["loss_ce"].item() > 1.0
+
+
+@pytest.mark.parametrize("bf16_cpu", [False, True])
+def test_auto_teacher_dtype_is_bfloat16_where_the_cpu_has_it(tok, tmp_path, monkeypatch, bf16_cpu):
+    """``teacher_dtype: auto`` on the CPU: bfloat16 where the CPU has AVX-512 BF16 (or AMX), float32
+    elsewhere; the teacher's logits are then the bfloat16 model's, and the loss stays float32."""
+    from bitnet_train.training import distill
+
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, probe, lambda: bf16_cpu, raising=False)
+    assert distill.bf16_is_fast("cpu") is bf16_cpu and distill.bf16_is_fast("meta") is False
+    teacher_dir = save_tiny("llama", tok, tmp_path / "teacher", seed=3)
+    r = _recipe(tmp_path, "x", f"hf:{teacher_dir}", "none", distill={"teacher": f"hf:{teacher_dir}"})
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    obj = make_objective(r, student, tok, "cpu", announce=False)
+    want = torch.bfloat16 if bf16_cpu else torch.float32
+    assert {p.dtype for p in obj.teacher.parameters()} == {want}
+    x = torch.randint(0, len(tok), (2, 33))
+    loss, parts = obj(student, x)
+    assert loss.dtype == torch.float32 and math.isfinite(loss.item())
+    # the same model in bfloat16 differs from the student by its rounding only: a small, non-zero KD
+    # (float32: exactly the same logits, KD 0)
+    assert (parts["loss_kd"].item() > 0) is bf16_cpu and parts["loss_kd"].item() < 1e-4, parts["loss_kd"].item()
 
 
 # ----------------------------------------------------------------------------- a distilled run
@@ -179,7 +204,10 @@ def test_distilled_qat_run_logs_parts_and_resumes_exactly(trained_teacher, tmp_p
 
     whole = pretrain(recipe("whole"), progress=False)
     err = capfd.readouterr().err
-    assert f"distilling from {trained_teacher}" in err and "MiB of torch.float32 weights" in err
+    from bitnet_train.training.distill import bf16_is_fast
+
+    dtype = "torch.bfloat16" if bf16_is_fast("cpu") else "torch.float32"  # teacher_dtype: auto
+    assert f"distilling from {trained_teacher}" in err and f"MiB of {dtype} weights" in err
     steps = [m for m in _metrics(tmp_path / "whole") if "loss" in m]
     assert len(steps) == 8
     for m in steps:

@@ -54,7 +54,8 @@ class DistillConfig:
                                 "student's key/value heads"})
     teacher_dtype: str = field(
         default="auto", metadata={"choices": ("auto", "float32", "bfloat16"),
-                                  "help": "the teacher's weights: auto = bfloat16 on a GPU, float32 on the CPU"})
+                                  "help": "the teacher's weights: auto = bfloat16 on a GPU and on a CPU with AVX-512 BF16 "
+                                          "or AMX, float32 elsewhere"})
 
     def validate(self):
         if self.teacher is not None and self.ce_weight == self.kd_weight == self.relation_weight == 0:
@@ -320,6 +321,20 @@ def _none():
     yield {}
 
 
+def bf16_is_fast(device) -> bool:
+    """Whether bfloat16 matmuls run natively on ``device``: CUDA GPUs, and CPUs with AVX-512 BF16 or
+    AMX, where a bfloat16 teacher's forward measured well under its float32 one's at the same bits per
+    byte; on a CPU without them bfloat16 matmuls are emulated, several times slower than float32
+    (both measured in docs/performance.md)."""
+    import torch
+
+    dev = torch.device(device).type
+    if dev == "cuda":
+        return True
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return dev == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+
+
 def load_teacher(cfg: DistillConfig, device):
     """The teacher of ``cfg``: frozen, eval mode, on ``device`` in ``teacher_dtype``."""
     import torch
@@ -328,7 +343,7 @@ def load_teacher(cfg: DistillConfig, device):
 
     dtype = cfg.teacher_dtype
     if dtype == "auto":
-        dtype = "bfloat16" if torch.device(device).type == "cuda" else "float32"
+        dtype = "bfloat16" if bf16_is_fast(device) else "float32"
     spec = cfg.teacher
     teacher = load_model(spec, quant="none" if spec.startswith("hf:") else None, checkpoint_only=True,
                          what="distill.teacher", dtype=getattr(torch, dtype))
