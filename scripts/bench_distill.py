@@ -13,9 +13,10 @@ seed, steps and held-out text; ``--variants`` picks some):
 Each run scores the held-out text (``--val-text``, never trained on, scored whole) at step 0 and
 every ``--eval-every`` steps as the ternary model (``quant_lambda`` 1): step 0 of ``plain`` is the
 converted model without training, of ``bitdistill`` the converted model with sub-norms. The teacher
-is scored with ``bitnet-train eval`` on the same text. The step-time ratio of each variant to
-``plain`` is the median of its steps' ``tokens_per_s`` (the first two steps left out), measured in
-this process one variant after the other on an otherwise idle machine.
+is scored with ``bitnet-train eval`` on the same text, and in bfloat16 too where the runs distil from
+it in bfloat16 (``distill.teacher_dtype``: auto picks it on a CPU with AVX-512 BF16 or AMX). The
+step-time ratio of each variant to ``plain`` is the median of its steps' ``tokens_per_s`` (the first
+two steps left out), measured in this process one variant after the other on an otherwise idle machine.
 
     python scripts/bench_distill.py --model DIR --val-text FILE [--data builtin:pydoc] [--steps 150]
         [--eval-every 25] [--variants plain,kd,bitdistill,fp] [--out runs/bench-distill] [--set KEY=VALUE ...]
@@ -98,6 +99,22 @@ def bench_kd_loss(shape: str, repeats: int = 5, temperature: float = 5.0) -> int
     return 0
 
 
+def _score_in_bf16(model: str, val_text: str, seq_len: int) -> float:
+    """Held-out bits per byte of the Hugging Face model ``model`` with its weights in bfloat16 (as
+    ``distill.teacher_dtype`` bfloat16 loads the teacher), scored as ``bitnet-train eval`` scores."""
+    import torch
+
+    from bitnet_train.evaluation.evaluate import score
+    from bitnet_train.runtimes.torch_model import StockTransformers
+
+    rt = StockTransformers(model)
+    try:
+        rt.model.to(torch.bfloat16)
+        return score(rt, val_text, seq_len, progress=False)["bits_per_byte"]
+    finally:
+        rt.close()
+
+
 CHAT_PROMPTS = ("What is the capital of France?", "Write one sentence about the sea.",
                 "Name three colours.")
 
@@ -153,6 +170,8 @@ def report(results: dict, out: Path) -> None:
                 teacher += f" ({d['teacher_s'] / (per_step / base):.2f} of a plain step)"
         print(f"| {name} | {first:.3f} | {last:.3f} | {closed} | {d['tokens_per_s']:,.0f} | {ratio} | {teacher} |")
     print(f"| teacher (full precision) | {tb:.3f} | | | | | |")
+    if "teacher_bf16_bits_per_byte" in results:  # the teacher the runs distilled from
+        print(f"| teacher in bfloat16 (distilled from) | {results['teacher_bf16_bits_per_byte']:.3f} | | | | | |")
     if "plain" in v:  # how the share closed moves with tokens
         plain = {c[0]: c[2] for c in v["plain"]["curve"]}
         others = [n for n in v if n != "plain"]
@@ -228,6 +247,7 @@ def main() -> int:
     import torch
 
     from bitnet_train.evaluation.evaluate import evaluate
+    from bitnet_train.training.distill import bf16_is_fast
     from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
     if args.threads:
@@ -244,6 +264,11 @@ def main() -> int:
                        progress=False)
     results = {"machine": machine(), "args": vars(args), "teacher_bits_per_byte": teacher["bits_per_byte"], "variants": {}}
     print(f"teacher: {teacher['bits_per_byte']:.4f} bits per byte on {args.val_text}", flush=True)
+    recipe = load_pretrain_recipe(REPO / "recipes" / "distill-smollm2.yaml", common + args.overrides)
+    dtype = recipe.distill.teacher_dtype
+    if dtype == "bfloat16" or (dtype == "auto" and bf16_is_fast("cpu")):  # what the runs distil from
+        results["teacher_bf16_bits_per_byte"] = b = _score_in_bf16(model, args.val_text, recipe.data.seq_len)
+        print(f"teacher in bfloat16 (the runs' teacher_dtype: {dtype}): {b:.4f} bits per byte", flush=True)
     for name in args.variants.split(","):
         if name not in VARIANTS:
             raise SystemExit(f"bench_distill: --variants: unknown {name!r} (choose from {', '.join(VARIANTS)})")
