@@ -25,7 +25,8 @@ two steps left out), measured in this process one variant after the other on an 
 random logits, cross-entropy + 10 x KD at T = 5 (``--temperature``): in one pass
 (``bitnet_train.training.distill.logit_losses``, what a step computes) against PyTorch's cross-entropy plus
 the blocked KD alone (``kd_loss``) and against both written with autograd; next-token cross-entropy alone
-(what a plain step computes) for scale; alternated in this process.
+(what a plain step computes) for scale; alternated in this process. ``--rows 1,2,8,32`` adds the one pass
+with those rows a block (``distill.KD_ROWS``) and with a bfloat16 teacher's logits.
 
 ``--report`` instead prints the tables of OUT/results.json again and redraws OUT/curves.png.
 
@@ -60,10 +61,11 @@ def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def bench_kd_loss(shape: str, repeats: int = 5, temperature: float = 5.0) -> int:
+def bench_kd_loss(shape: str, repeats: int = 5, temperature: float = 5.0, rows: str | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
+    from bitnet_train.training import distill
     from bitnet_train.training.distill import kd_loss, logit_losses
 
     n, v = (int(x) for x in shape.lower().split("x"))
@@ -79,6 +81,20 @@ def bench_kd_loss(shape: str, repeats: int = 5, temperature: float = 5.0) -> int
            "CE + blocked kd_loss": lambda s: F.cross_entropy(s, labels) + w * kd_loss(s, t, T),
            "CE + KD autograd": lambda s: F.cross_entropy(s, labels) + w * autograd_kd(s),
            "cross-entropy alone": lambda s: F.cross_entropy(s, labels)}
+    if rows:  # the one pass with other blocks of rows, and with a bfloat16 teacher's logits
+        tb, default = t.bfloat16(), distill.KD_ROWS
+
+        def blocked(r):
+            def fn(s):
+                distill.KD_ROWS = r
+                try:
+                    return logit_losses(s, t, T, labels, 1 / n, w / n)[0]
+                finally:
+                    distill.KD_ROWS = default
+            return fn
+
+        fns.update({f"one pass, {r} rows a block": blocked(int(r)) for r in rows.split(",")})
+        fns["one pass, bf16 teacher"] = lambda s: logit_losses(s, tb, T, labels, 1 / n, w / n)[0]
     times = {k: [] for k in fns}
     grads = {}
     for _ in range(repeats):
@@ -209,11 +225,13 @@ def main() -> int:
         ap.add_argument("--kd-loss", required=True)
         ap.add_argument("--repeats", type=int, default=5)
         ap.add_argument("--temperature", type=float, default=5.0)
+        ap.add_argument("--rows", default=None, help="also the one pass with these rows a block (e.g. 1,2,8,32) "
+                        "and with bfloat16 teacher logits")
         a = ap.parse_args()
         from bench_harness import machine_line
 
         print(machine_line(), flush=True)
-        return bench_kd_loss(a.kd_loss, a.repeats, a.temperature)
+        return bench_kd_loss(a.kd_loss, a.repeats, a.temperature, a.rows)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="the teacher and the student's start: a Hugging Face model directory (required "
                     "but with --report)")
