@@ -265,7 +265,7 @@ def main() -> int:
     import torch
 
     from bitnet_train.evaluation.evaluate import evaluate
-    from bitnet_train.training.distill import bf16_is_fast
+    from bitnet_train.training.distill import teacher_dtype
     from bitnet_train.training.pretrain import load_pretrain_recipe, pretrain
 
     if args.threads:
@@ -283,10 +283,11 @@ def main() -> int:
     results = {"machine": machine(), "args": vars(args), "teacher_bits_per_byte": teacher["bits_per_byte"], "variants": {}}
     print(f"teacher: {teacher['bits_per_byte']:.4f} bits per byte on {args.val_text}", flush=True)
     recipe = load_pretrain_recipe(REPO / "recipes" / "distill-smollm2.yaml", common + args.overrides)
-    dtype = recipe.distill.teacher_dtype
-    if dtype == "bfloat16" or (dtype == "auto" and bf16_is_fast("cpu")):  # what the runs distil from
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if teacher_dtype(recipe.distill, device) == "bfloat16":  # what the runs distil from
         results["teacher_bf16_bits_per_byte"] = b = _score_in_bf16(model, args.val_text, recipe.data.seq_len)
-        print(f"teacher in bfloat16 (the runs' teacher_dtype: {dtype}): {b:.4f} bits per byte", flush=True)
+        print(f"teacher in bfloat16 (distill.teacher_dtype {recipe.distill.teacher_dtype} on {device}): "
+              f"{b:.4f} bits per byte", flush=True)
     for name in args.variants.split(","):
         if name not in VARIANTS:
             raise SystemExit(f"bench_distill: --variants: unknown {name!r} (choose from {', '.join(VARIANTS)})")

@@ -335,15 +335,20 @@ def bf16_is_fast(device) -> bool:
     return dev == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
 
 
+def teacher_dtype(cfg: DistillConfig, device) -> str:
+    """The dtype the teacher of ``cfg`` is loaded in on ``device`` (``auto`` resolved)."""
+    if cfg.teacher_dtype != "auto":
+        return cfg.teacher_dtype
+    return "bfloat16" if bf16_is_fast(device) else "float32"
+
+
 def load_teacher(cfg: DistillConfig, device):
-    """The teacher of ``cfg``: frozen, eval mode, on ``device`` in ``teacher_dtype``."""
+    """The teacher of ``cfg``: frozen, eval mode, on ``device`` in :func:`teacher_dtype`."""
     import torch
 
     from bitnet_train.modeling.models import load_model
 
-    dtype = cfg.teacher_dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if bf16_is_fast(device) else "float32"
+    dtype = teacher_dtype(cfg, device)
     spec = cfg.teacher
     teacher = load_model(spec, quant="none" if spec.startswith("hf:") else None, checkpoint_only=True,
                          what="distill.teacher", dtype=getattr(torch, dtype))
