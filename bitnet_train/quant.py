@@ -100,8 +100,9 @@ def cpu_int8_gemm_is_fast() -> bool:
     docs/performance.md); on an AVX2-only x86 CPU it was 4.5-6.6x slower than the fp32 ``mm`` of the
     same operands (``python scripts/bench_quant.py int-gemm``, docs/performance.md), and
     other CPUs are not measured. Both paths give the same bits (:func:`_int_gemm`)."""
-    probes = ("_is_avx512_supported", "_is_vnni_supported", "_is_amx_tile_supported")
-    return any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    from bitnet_train.cpu_features import cpu_features
+
+    return bool({"AVX-512", "VNNI", "AMX"} & set(cpu_features()))
 
 
 def _int_gemm(xq2: torch.Tensor, wq: torch.Tensor, int8: bool | None = None) -> torch.Tensor:

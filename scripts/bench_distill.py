@@ -28,6 +28,11 @@ the blocked KD alone (``kd_loss``) and against both written with autograd; next-
 (what a plain step computes) for scale; alternated in this process. ``--rows 1,2,8,32`` adds the one pass
 with those rows a block (``distill.KD_ROWS``) and with a bfloat16 teacher's logits.
 
+``--step-cost`` instead times the optimizer step of each variant, the runs built side by side in this
+process and their steps alternated for ``--steps`` rounds (a machine whose speed drifts slows them alike),
+the quantization warm-up off, nothing evaluated or saved; prints each variant's median step and the median
+of its step over plain's in the same round (OUT/step_cost.json). ``--val-text`` is not needed.
+
 ``--report`` instead prints the tables of OUT/results.json again and redraws OUT/curves.png.
 
 ``--chat`` instead (after a run) puts a few questions to the teacher and to each variant's ``final/`` in
@@ -113,6 +118,58 @@ def bench_kd_loss(shape: str, repeats: int = 5, temperature: float = 5.0, rows: 
         print(f"  {k:24s} {statistics.median(ts) * 1e3:8.1f} ms  ({statistics.median(ts) / base:.2f}x cross-entropy"
               f" alone){'' if diff != diff else f'; gradient vs autograd {diff:.1e}'}")
     return 0
+
+
+def bench_step_cost(model: str, data: str, variants: list[str], rounds: int, overrides: list[str], out: Path) -> dict:
+    """The optimizer step's wall time of each variant, the runs built side by side in this process and
+    their steps alternated (round ``i`` starts at variant ``i mod len(variants)``), so that a machine whose
+    speed drifts (a shared host) slows every variant alike. The quantization warm-up is off (every step
+    fully ternary, the steady state of a run); nothing is evaluated or saved. Median seconds per variant
+    over the rounds after the first two, and each variant's median over rounds of its step / plain's."""
+    from transformers.utils import logging as hf_logging
+
+    from bitnet_train.training.loop import train_step
+    from bitnet_train.training.pretrain import load_pretrain_recipe
+    from bitnet_train.training.run import make_accelerator, open_run, reset_accelerate
+
+    hf_logging.disable_progress_bar()
+    if "plain" not in variants:
+        variants = ["plain", *variants]
+    common = [f"model=hf:{model}", f"distill.teacher=hf:{model}", f"data.path={data}", "quant_warmup.steps=0",
+              "train.eval_batches=0", f"train.max_steps={rounds}", f"train.eval_every={rounds}",
+              f"train.save_every={rounds}"]
+    recipes = {n: load_pretrain_recipe(REPO / "recipes" / "distill-smollm2.yaml",
+                                       common + VARIANTS[n] + overrides + [f"output_dir={out / n}"]) for n in variants}
+    acc = make_accelerator(recipes["plain"].train)
+    runs = {}
+    try:
+        for n, r in recipes.items():
+            runs[n] = open_run(r, False, acc)
+        secs = {n: [] for n in runs}
+        teacher = {n: [] for n in runs}
+        for i in range(rounds):
+            for n in variants[i % len(variants):] + variants[:i % len(variants)]:
+                t0 = time.perf_counter()
+                rec, _ = train_step(runs[n])
+                secs[n].append(time.perf_counter() - t0)
+                teacher[n].append(rec.get("teacher_s", 0.0))
+            print(f"round {i + 1}: " + ", ".join(f"{n} {secs[n][-1]:.2f} s" for n in variants), flush=True)
+    finally:
+        for r in runs.values():
+            r.close()
+        reset_accelerate(acc)
+    keep = slice(2, None) if rounds > 4 else slice(None)
+    res = {}
+    for n in variants:
+        ratio = statistics.median(a / b for a, b in zip(secs[n][keep], secs["plain"][keep]))
+        res[n] = {"step_s": statistics.median(secs[n][keep]), "teacher_s": statistics.median(teacher[n][keep]),
+                  "ratio_to_plain": ratio, "step_s_all": secs[n]}
+    tokens = recipes["plain"].train.batch_size * recipes["plain"].train.grad_accum * recipes["plain"].data.seq_len
+    print(f"\nstep cost, {tokens:,} tokens a step, steps alternated, median of {len(secs['plain'][keep])} rounds:")
+    print("| variant | s / step | teacher forward s | x plain |\n|---|---|---|---|")
+    for n, v in res.items():
+        print(f"| {n} | {v['step_s']:.2f} | {v['teacher_s']:.2f} | {v['ratio_to_plain']:.2f} |")
+    return res
 
 
 def _score_in_bf16(model: str, val_text: str, seq_len: int) -> float:
@@ -246,6 +303,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     ap.add_argument("--chat", action="store_true", help="instead: the chat check of the teacher and OUT's variants")
     ap.add_argument("--report", action="store_true", help="instead: the tables and plot of OUT/results.json again")
+    ap.add_argument("--step-cost", action="store_true", help="instead: each variant's step time, the runs' steps "
+                    "alternated in this process (--steps rounds; OUT/step_cost.json)")
     ap.add_argument("--max-new-tokens", type=int, default=40, help="with --chat (default 40)")
     args = ap.parse_args()
     from bench_harness import machine, machine_line
@@ -257,6 +316,17 @@ def main() -> int:
         return 0
     if not args.model:
         ap.error("--model is required (but with --report)")
+    if args.step_cost:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        out = Path(args.out)
+        res = bench_step_cost(str(Path(args.model).resolve()), args.data, args.variants.split(","), args.steps,
+                              args.overrides, out)
+        (out / "step_cost.json").write_text(json.dumps({"machine": machine(), "args": vars(args), "variants": res},
+                                                       indent=2))
+        return 0
     if args.chat:
         return chat_check(str(Path(args.model).resolve()), Path(args.out), args.variants.split(","), args.max_new_tokens)
     if not args.val_text:

@@ -48,9 +48,9 @@ def machine(packages=("torch", "transformers")) -> dict:
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    probes = (("AVX-512", "_is_avx512_supported"), ("AVX-512 BF16", "_is_avx512_bf16_supported"),
-              ("VNNI", "_is_vnni_supported"), ("AMX", "_is_amx_tile_supported"))
-    isa = [n for n, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
+    from bitnet_train.cpu_features import cpu_features
+
+    isa = cpu_features()
     m = {"cpu": _cpu_model(), "cores": cores, "threads": torch.get_num_threads(),
          "isa": isa or ["none of AVX-512/AVX-512 BF16/VNNI/AMX"], "capability": torch.backends.cpu.get_cpu_capability(),
          "python": platform.python_version(), "versions": versions(packages)}

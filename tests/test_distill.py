@@ -135,6 +135,11 @@ def test_one_pass_losses_equal_autograd(T):
     r = s0.clone().requires_grad_(True)
     (pt * (pt.log() - torch.log_softmax(r / T, -1))).sum(-1).mean().mul(T * T).backward()
     assert torch.allclose(s.grad, r.grad, atol=1e-7, rtol=1e-4)
+    # the gradient is scaled in place in the backward: a second backward through the same loss is refused
+    total, _, _ = distill.logit_losses(s0.clone().requires_grad_(True), t, T, labels)
+    total.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        total.backward()
 
 
 def test_a_teacher_equal_to_the_student_gives_zero(tok, tmp_path):

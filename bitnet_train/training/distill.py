@@ -102,36 +102,45 @@ def logit_losses(logits, teacher_logits, temperature: float, labels=None, ce_wei
                                    float(ce_weight), float(kd_weight))
 
 
-def _logit_rows(s, t, labels, temperature: float, ce_weight: float, kd_weight: float, want_grad: bool):
-    """Summed CE and T^2-scaled KL of rows ``s`` (against ``labels`` and teacher rows ``t``) and the
-    gradient of ``ce_weight * CE + kd_weight * KL`` with respect to ``s`` (None unless ``want_grad``)."""
+def _logit_rows(s, t, labels, temperature: float, ce_weight: float, kd_weight: float, grad=None):
+    """Summed CE and T^2-scaled KL of rows ``s`` (against ``labels`` and teacher rows ``t``); with
+    ``grad`` (a float32 tensor shaped like ``s``) the gradient of ``ce_weight * CE + kd_weight * KL``
+    with respect to ``s`` is written into it. Each op is one pass over the rows; the passes are few,
+    in place where they can be, and the gradient is made where it is kept."""
     import torch
 
     s = s.float()
     ce = kd = s.new_zeros(())
-    grad = ls = p = None
+    ls = p = None
     if labels is not None:  # masks, not indices: no host sync per block on a GPU
         counted = (labels != -100).unsqueeze(1)
         target = labels.clamp(min=0).unsqueeze(1)
         ls = torch.log_softmax(s, dim=-1)
         ce = -(ls.gather(1, target) * counted).sum()
-        p = ls.exp()
-        if want_grad and ce_weight:  # d CE / ds = softmax(s) - onehot(label), on the counted rows
-            grad = (p * counted).mul_(ce_weight).scatter_add_(1, target, counted.to(s.dtype) * -ce_weight)
+    want_ce = grad is not None and labels is not None and ce_weight != 0
+    want_kd = grad is not None and t is not None and kd_weight != 0
     if t is not None:
         T = temperature
-        lt = torch.log_softmax(t.float() / T, dim=-1)
+        t = t / T if t.dtype == torch.float32 else t.float().div_(T)  # never in place on the teacher's logits
+        lt = torch.log_softmax(t, dim=-1)
         pt = lt.exp()
         if T != 1 or ls is None:
-            ls = torch.log_softmax(s / T, dim=-1)
-            p = ls.exp()
-        kd = (pt * (lt - ls)).sum() * T**2  # at T = 1 the cross-entropy's softmax serves
-        if want_grad and kd_weight:  # d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T))
-            g = (p - pt).mul_(T * kd_weight)
-            grad = g if grad is None else grad.add_(g)
-    if want_grad and grad is None:
-        grad = torch.zeros_like(s)
-    return ce, kd, grad
+            lsT = torch.log_softmax(s / T, dim=-1)
+        else:  # at T = 1 the cross-entropy's log-softmax serves
+            lsT = ls
+        kd = torch.dot(pt.reshape(-1), lt.sub_(lsT).reshape(-1)) * T**2  # the KL summed over the block's rows
+        if want_kd:  # d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T))
+            torch.exp(lsT, out=grad).mul_(T * kd_weight).sub_(pt, alpha=T * kd_weight)
+    if want_ce:  # d CE / ds = softmax(s) - onehot(label), on the counted rows
+        p = ls.exp_().mul_(counted)  # ls is not needed after this
+        if want_kd:
+            grad.add_(p, alpha=ce_weight)
+        else:
+            torch.mul(p, ce_weight, out=grad)
+        grad.scatter_add_(1, target, counted.to(grad.dtype) * -ce_weight)
+    elif grad is not None and not want_kd:
+        grad.zero_()
+    return ce, kd
 
 
 KD_ROWS = 8  # rows of logits per block of logit_losses
@@ -153,22 +162,25 @@ def _logit_function():
                 want = s.requires_grad
                 grad = torch.empty(s.shape, dtype=torch.float32, device=s.device) if want else None
                 for i in range(0, s.shape[0], KD_ROWS):
-                    c, k, g = _logit_rows(s[i:i + KD_ROWS], None if t is None else t[i:i + KD_ROWS],
-                                          None if labels is None else labels[i:i + KD_ROWS], temperature,
-                                          ce_weight, kd_weight, want)
+                    c, k = _logit_rows(s[i:i + KD_ROWS], None if t is None else t[i:i + KD_ROWS],
+                                       None if labels is None else labels[i:i + KD_ROWS], temperature,
+                                       ce_weight, kd_weight, grad[i:i + KD_ROWS] if want else None)
                     ce += c
                     kd += k
-                    if want:
-                        grad[i:i + KD_ROWS] = g
                 ctx.save_for_backward(grad if want else torch.empty(0))
-                ctx.dtype = s.dtype
+                ctx.dtype, ctx.done = s.dtype, False
                 ctx.mark_non_differentiable(ce, kd)
                 return ce_weight * ce + kd_weight * kd, ce, kd
 
             @staticmethod
             def backward(ctx, grad_out, _grad_ce, _grad_kd):
+                # the gradient made in the forward is scaled in place (no second rows x vocab buffer), so a
+                # second backward through the same graph (retain_graph) would be wrong: refused instead
+                if ctx.done:
+                    raise RuntimeError("logit_losses: backward twice through the same loss is not supported")
+                ctx.done = True
                 (grad,) = ctx.saved_tensors
-                return (grad * grad_out).to(ctx.dtype), None, None, None, None, None
+                return grad.mul_(grad_out).to(ctx.dtype), None, None, None, None, None
 
         _LOGIT_FN = LogitLosses
     return _LOGIT_FN
@@ -331,8 +343,9 @@ def bf16_is_fast(device) -> bool:
     dev = torch.device(device).type
     if dev == "cuda":
         return True
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return dev == "cpu" and any(getattr(torch.cpu, p, lambda: False)() for p in probes)
+    from bitnet_train.cpu_features import cpu_features
+
+    return dev == "cpu" and bool({"AVX-512 BF16", "AMX"} & set(cpu_features()))
 
 
 def teacher_dtype(cfg: DistillConfig, device) -> str:
