@@ -245,6 +245,8 @@ def report(results: dict, out: Path) -> None:
     print(f"| teacher (full precision) | {tb:.3f} | | | | | |")
     if "teacher_bf16_bits_per_byte" in results:  # the teacher the runs distilled from
         print(f"| teacher in bfloat16 (distilled from) | {results['teacher_bf16_bits_per_byte']:.3f} | | | | | |")
+    print("(step time vs plain: runs one after the other, minutes apart, on a machine whose speed may drift; "
+          "--step-cost alternates the variants' steps in one process)")
     if "plain" in v:  # how the share closed moves with tokens
         plain = {c[0]: c[2] for c in v["plain"]["curve"]}
         others = [n for n in v if n != "plain"]
