@@ -62,6 +62,13 @@ VARIANTS = {
 }
 
 
+def _run_sets(model: str, data: str, steps: int) -> list[str]:
+    """The recipe overrides every variant's run shares: ``model`` as the student's start and the teacher,
+    the training data, ``steps`` steps, saved once at the end."""
+    return [f"model=hf:{model}", f"distill.teacher=hf:{model}", f"data.path={data}", f"train.max_steps={steps}",
+            f"train.save_every={steps}"]
+
+
 def _metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -135,9 +142,8 @@ def bench_step_cost(model: str, data: str, variants: list[str], rounds: int, ove
     hf_logging.disable_progress_bar()
     if "plain" not in variants:
         variants = ["plain", *variants]
-    common = [f"model=hf:{model}", f"distill.teacher=hf:{model}", f"data.path={data}", "quant_warmup.steps=0",
-              "train.eval_batches=0", f"train.max_steps={rounds}", f"train.eval_every={rounds}",
-              f"train.save_every={rounds}"]
+    common = _run_sets(model, data, rounds) + ["quant_warmup.steps=0", "train.eval_batches=0",
+                                               f"train.eval_every={rounds}"]
     recipes = {n: load_pretrain_recipe(REPO / "recipes" / "distill-smollm2.yaml",
                                        common + VARIANTS[n] + overrides + [f"output_dir={out / n}"]) for n in variants}
     acc = make_accelerator(recipes["plain"].train)
@@ -345,10 +351,9 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = str(Path(args.model).resolve())
-    common = [f"model=hf:{model}", f"distill.teacher=hf:{model}", f"data.path={args.data}",
-              f"data.val_path={Path(args.val_text).resolve()}", "data.val_tokens=0", "train.eval_batches=100000",
-              f"train.max_steps={args.steps}", f"train.eval_every={args.eval_every}",
-              f"train.save_every={args.steps}", "train.keep_last=1"]
+    common = _run_sets(model, args.data, args.steps) + [
+        f"data.val_path={Path(args.val_text).resolve()}", "data.val_tokens=0", "train.eval_batches=100000",
+        f"train.eval_every={args.eval_every}", "train.keep_last=1"]
     t0 = time.time()
     teacher = evaluate(model, args.val_text, seq_len=load_pretrain_recipe(REPO / "recipes" / "distill-smollm2.yaml").data.seq_len,
                        progress=False)
