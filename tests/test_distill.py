@@ -39,7 +39,7 @@ def _recipe(tmp, name, model, quant="bitnet", steps=4, distill=None, **kw):
 # ----------------------------------------------------------------------------- the loss, by hand
 
 
-def _by_hand(student, teacher, x, T, layer, heads):
+def _by_hand(student, teacher, x, T, layer, heads, similarity="scaled_dot"):
     """CE, KD and the Q/K/V relation KL written out with explicit loops over heads."""
     inp, lab = x[:, :-1], x[:, 1:]
     out = {}
@@ -61,15 +61,21 @@ def _by_hand(student, teacher, x, T, layer, heads):
             kl = []
             for r in range(heads):
                 a_s, a_t = (a[..., r * d:(r + 1) * d] for a in acts)
-                p_s = torch.softmax(a_s @ a_s.transpose(1, 2) / math.sqrt(d), -1)
-                p_t = torch.softmax(a_t @ a_t.transpose(1, 2) / math.sqrt(d), -1)
+                if similarity == "cosine":  # each row over its length: the scores are cosines
+                    a_s, a_t = (a / a.pow(2).sum(-1, keepdim=True).sqrt() for a in (a_s, a_t))
+                    p_s = torch.softmax(a_s @ a_s.transpose(1, 2), -1)
+                    p_t = torch.softmax(a_t @ a_t.transpose(1, 2), -1)
+                else:
+                    p_s = torch.softmax(a_s @ a_s.transpose(1, 2) / math.sqrt(d), -1)
+                    p_t = torch.softmax(a_t @ a_t.transpose(1, 2) / math.sqrt(d), -1)
                 kl.append((p_t * (p_t.log() - p_s.log())).sum(-1).mean())
             rel = rel + torch.stack(kl).mean()
         out["relation"] = rel
     return out
 
 
-def test_loss_parts_equal_a_computation_by_hand(tok, tmp_path):
+@pytest.mark.parametrize("similarity", ["scaled_dot", "cosine"])
+def test_loss_parts_equal_a_computation_by_hand(tok, tmp_path, similarity):
     torch.manual_seed(0)
     teacher_dir = save_tiny("llama", tok, tmp_path / "teacher", seed=1)
     student = load_hf_converted(str(teacher_dir), sub_norm=True).eval()
@@ -77,12 +83,13 @@ def test_loss_parts_equal_a_computation_by_hand(tok, tmp_path):
         for p in student.parameters():
             p.add_(0.02 * torch.randn_like(p))
     d = {"teacher": f"hf:{teacher_dir}", "ce_weight": 0.5, "kd_weight": 2.0, "temperature": 3.0,
-         "relation_weight": 7.0, "relation_layer": -1, "relation_heads": 8, "teacher_dtype": "float32"}
+         "relation_weight": 7.0, "relation_layer": -1, "relation_heads": 8, "relation_similarity": similarity,
+         "teacher_dtype": "float32"}
     r = _recipe(tmp_path, "x", f"hf:{teacher_dir}", distill=d)
     obj = make_objective(r, student, tok, "cpu", announce=False)
     x = torch.randint(0, len(tok), (3, 17))
     loss, parts = obj(student, x)
-    hand = _by_hand(student, obj.teacher, x, T=3.0, layer=1, heads=8)
+    hand = _by_hand(student, obj.teacher, x, T=3.0, layer=1, heads=8, similarity=similarity)
     for k in ("ce", "kd", "relation"):
         assert parts[f"loss_{k}"].item() == pytest.approx(hand[k].item(), rel=1e-5), k
         assert hand[k].item() > 1e-4, k
