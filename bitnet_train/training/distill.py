@@ -9,9 +9,8 @@
 * **relation** (MiniLM-v2's multi-head self-attention relations, one layer): the outputs of that
   layer's ``q_proj``, ``k_proj`` and ``v_proj`` (before RoPE), each re-split into
   ``relation_heads`` heads of ``width / relation_heads``; per head the relation is
-  ``softmax(A @ A.T / sqrt(d))`` over all positions of the sequence (``relation_similarity:
-  scaled_dot``, MiniLM-v2 and the paper) or the softmax of the cosine similarities of the rows of A
-  (``cosine``, what the public BitNet Distillation code computes); the loss is
+  ``softmax(A @ A.T / sqrt(d))`` over all positions of the sequence (``relation_similarity: cosine``:
+  of A's rows' cosine similarities, as the public BitNet Distillation code computes it); the loss is
   KL(teacher || student) averaged over heads and rows, summed over Q, K and V.
 
 CE and KD are computed together, a few rows of logits at a time, each row's softmax shared by both
@@ -51,17 +50,13 @@ class DistillConfig:
         default=0.0, metadata={"min": 0.0, "help": "weight of the Q/K/V attention-relation KL of relation_layer (0 = off)"})
     relation_layer: int = field(
         default=-1, metadata={"help": "decoder layer whose relations are distilled (negative: from the end)"})
-    relation_heads: int | None = field(
-        default=None, metadata={"min": 1, "help": "relation heads Q, K and V are re-split into; default: the "
-                                "student's key/value heads"})
-    relation_similarity: str = field(
-        default="scaled_dot", metadata={"choices": ("scaled_dot", "cosine"),
-                                        "help": "the relation's scores: scaled_dot = A A^T / sqrt(d) (MiniLM-v2); cosine = "
-                                                "the cosine similarities of A's rows (the public BitNet Distillation code)"})
-    teacher_dtype: str = field(
-        default="auto", metadata={"choices": ("auto", "float32", "bfloat16"),
-                                  "help": "the teacher's weights: auto = bfloat16 on a GPU and on a CPU with AVX-512 BF16 "
-                                          "or AMX, float32 elsewhere"})
+    relation_heads: int | None = field(default=None, metadata={"min": 1, "help": (
+        "relation heads Q, K and V are re-split into; default: the student's key/value heads")})
+    relation_similarity: str = field(default="scaled_dot", metadata={"choices": ("scaled_dot", "cosine"), "help": (
+        "the relation's scores: scaled_dot = A A^T / sqrt(d) (MiniLM-v2); cosine = the cosine similarities of A's rows "
+        "(the public BitNet Distillation code)")})
+    teacher_dtype: str = field(default="auto", metadata={"choices": ("auto", "float32", "bfloat16"), "help": (
+        "the teacher's weights: auto = bfloat16 on a GPU and on a CPU with AVX-512 BF16 or AMX, float32 elsewhere")})
 
     def validate(self):
         if self.teacher is not None and self.ce_weight == self.kd_weight == self.relation_weight == 0:
@@ -195,10 +190,9 @@ def _logit_function():
 def relation_loss(student: dict, teacher: dict, heads: int, attention_mask=None, similarity: str = "scaled_dot"):
     """MiniLM-v2 relation KL: for each of ``q``, ``k``, ``v`` (``[batch, seq, width]``, the widths
     of student and teacher may differ) the ``heads`` relation distributions
-    ``softmax(A A^T / sqrt(width / heads))`` per position (``similarity="cosine"``: A's rows
-    L2-normalised and no scale, so the scores are cosine similarities), KL(teacher || student)
-    averaged over heads and positions; summed over the three. With ``attention_mask``
-    (``[batch, seq]``, 0 = padding) padded positions are neither rows nor columns."""
+    ``softmax(A A^T / sqrt(width / heads))`` per position (``similarity="cosine"``: of the cosine
+    similarities of A's rows), KL(teacher || student) averaged over heads and positions; summed over
+    the three. With ``attention_mask`` (``[batch, seq]``, 0 = padding) padded positions are neither rows nor columns."""
     import torch
 
     total = 0.0
@@ -209,11 +203,9 @@ def relation_loss(student: dict, teacher: dict, heads: int, attention_mask=None,
             b, n, w = a.shape
             d = w // heads
             a = a.float().reshape(b, n, heads, d).transpose(1, 2)  # [b, heads, n, d]
-            if similarity == "cosine":
+            if similarity == "cosine":  # unit rows, no scale
                 a = torch.nn.functional.normalize(a, dim=-1)
-                scores = a @ a.transpose(-1, -2)
-            else:
-                scores = a @ a.transpose(-1, -2) / math.sqrt(d)
+            scores = a @ a.transpose(-1, -2) / (1.0 if similarity == "cosine" else math.sqrt(d))
             if keep is not None:
                 scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
             rels.append(torch.log_softmax(scores, dim=-1))
@@ -321,8 +313,8 @@ class Distillation:
         total, ce, kd = logit_losses(logits.reshape(-1, v), teacher, c.temperature, labels, c.ce_weight / n,
                                      c.kd_weight / n)
         ce, kd = ce / n, kd / n
-        rel = (relation_loss(s_qkv, t_qkv, self.heads, attention_mask, c.relation_similarity) * rel_scale
-               if self.rel else ce.new_zeros(()))
+        rel = relation_loss(s_qkv, t_qkv, self.heads, attention_mask, c.relation_similarity) if self.rel else ce.new_zeros(())
+        rel = rel * rel_scale
         total = total + c.relation_weight * rel
         return total, {"loss_ce": ce.detach(), "loss_kd": kd.detach(), "loss_relation": rel.detach()}
 
