@@ -23,10 +23,10 @@ two steps left out), measured in this process one variant after the other on an 
 
 ``--kd-loss ROWSxVOCAB`` instead times the loss on the logits of a distilled step (forward and backward) on
 random logits, cross-entropy + 10 x KD at T = 5 (``--temperature``): in one pass
-(``bitnet_train.training.distill.logit_losses``, what a step computes) against PyTorch's cross-entropy plus
+(``bitnet_train.training.distill_losses.logit_losses``, what a step computes) against PyTorch's cross-entropy plus
 the blocked KD alone (``kd_loss``) and against both written with autograd; next-token cross-entropy alone
 (what a plain step computes) for scale; alternated in this process. ``--rows 1,2,8,32`` adds the one pass
-with those rows a block (``distill.KD_ROWS``) and with a bfloat16 teacher's logits.
+with those rows a block (``distill_losses.KD_ROWS``) and with a bfloat16 teacher's logits.
 
 ``--step-cost`` instead times the optimizer step of each variant, the runs built side by side in this
 process and their steps alternated for ``--steps`` rounds (a machine whose speed drifts slows them alike),
@@ -77,8 +77,8 @@ def bench_kd_loss(shape: str, repeats: int = 5, temperature: float = 5.0, rows: 
     import torch
     import torch.nn.functional as F
 
-    from bitnet_train.training import distill
-    from bitnet_train.training.distill import kd_loss, logit_losses
+    from bitnet_train.training import distill_losses
+    from bitnet_train.training.distill_losses import kd_loss, logit_losses
 
     n, v = (int(x) for x in shape.lower().split("x"))
     torch.manual_seed(0)
@@ -94,15 +94,15 @@ def bench_kd_loss(shape: str, repeats: int = 5, temperature: float = 5.0, rows: 
            "CE + KD autograd": lambda s: F.cross_entropy(s, labels) + w * autograd_kd(s),
            "cross-entropy alone": lambda s: F.cross_entropy(s, labels)}
     if rows:  # the one pass with other blocks of rows, and with a bfloat16 teacher's logits
-        tb, default = t.bfloat16(), distill.KD_ROWS
+        tb, default = t.bfloat16(), distill_losses.KD_ROWS
 
         def blocked(r):
             def fn(s):
-                distill.KD_ROWS = r
+                distill_losses.KD_ROWS = r
                 try:
                     return logit_losses(s, t, T, labels, 1 / n, w / n)[0]
                 finally:
-                    distill.KD_ROWS = default
+                    distill_losses.KD_ROWS = default
             return fn
 
         fns.update({f"one pass, {r} rows a block": blocked(int(r)) for r in rows.split(",")})

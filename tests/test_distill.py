@@ -112,7 +112,7 @@ def test_one_pass_losses_equal_autograd(T):
     """CE and KD computed together a few rows at a time (``logit_losses``) give the values and the
     gradient of the same formulas written with autograd, rows whose label is -100 left out of the
     cross-entropy (not of the KL)."""
-    from bitnet_train.training import distill
+    from bitnet_train.training import distill_losses as distill
 
     torch.manual_seed(0)
     s0, t = torch.randn(37, 300) * 3, torch.randn(37, 300) * 3  # 37 rows: the last block is partial
