@@ -112,14 +112,14 @@ def test_one_pass_losses_equal_autograd(T):
     """CE and KD computed together a few rows at a time (``logit_losses``) give the values and the
     gradient of the same formulas written with autograd, rows whose label is -100 left out of the
     cross-entropy (not of the KL)."""
-    from bitnet_train.training import distill_losses as distill
+    from bitnet_train.training import distill_losses
 
     torch.manual_seed(0)
     s0, t = torch.randn(37, 300) * 3, torch.randn(37, 300) * 3  # 37 rows: the last block is partial
     labels = torch.randint(0, 300, (37,))
     labels[::4] = -100
     s = s0.clone().requires_grad_(True)
-    total, ce, kd = distill.logit_losses(s, t, T, labels, ce_weight=0.7, kd_weight=2.5)
+    total, ce, kd = distill_losses.logit_losses(s, t, T, labels, ce_weight=0.7, kd_weight=2.5)
     total.backward()
     r = s0.clone().requires_grad_(True)
     ce_ref = torch.nn.functional.cross_entropy(r, labels, reduction="sum")
@@ -132,18 +132,18 @@ def test_one_pass_losses_equal_autograd(T):
     assert not ce.requires_grad and not kd.requires_grad
     # each part alone: no teacher, or no labels
     s = s0.clone().requires_grad_(True)
-    total, ce, kd = distill.logit_losses(s, None, T, labels, ce_weight=1.0, kd_weight=1.0)
+    total, ce, kd = distill_losses.logit_losses(s, None, T, labels, ce_weight=1.0, kd_weight=1.0)
     total.backward()
     r = s0.clone().requires_grad_(True)
     torch.nn.functional.cross_entropy(r, labels, reduction="sum").backward()
     assert kd.item() == 0 and torch.allclose(s.grad, r.grad, atol=1e-6)
     s = s0.clone().requires_grad_(True)
-    distill.kd_loss(s, t, T).backward()
+    distill_losses.kd_loss(s, t, T).backward()
     r = s0.clone().requires_grad_(True)
     (pt * (pt.log() - torch.log_softmax(r / T, -1))).sum(-1).mean().mul(T * T).backward()
     assert torch.allclose(s.grad, r.grad, atol=1e-7, rtol=1e-4)
     # the gradient is scaled in place in the backward: a second backward through the same loss is refused
-    total, _, _ = distill.logit_losses(s0.clone().requires_grad_(True), t, T, labels)
+    total, _, _ = distill_losses.logit_losses(s0.clone().requires_grad_(True), t, T, labels)
     total.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward twice"):
         total.backward()
