@@ -93,13 +93,18 @@ def act_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -
     return (codes / scale.float()).to(dtype)
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # a fact of the machine: torch.compile takes its value, traces nothing
 def cpu_int8_gemm_is_fast() -> bool:
     """Whether this CPU multiplies int8 matrices faster than fp32 ones in torch: with AVX-512, VNNI
     or AMX, ``torch._int_mm`` runs oneDNN's int8 kernels (measured cheap on an AVX-512 machine,
     docs/performance.md); on an AVX2-only x86 CPU it was 4.5-6.6x slower than the fp32 ``mm`` of the
     same operands (``python scripts/bench_quant.py int-gemm``, docs/performance.md), and
     other CPUs are not measured. Both paths give the same bits (:func:`_int_gemm`)."""
+    return _cpu_has_int8_units()
+
+
+@functools.cache  # apart from the function above: dynamo traces into (and warns about) a cached one
+def _cpu_has_int8_units() -> bool:
     from bitnet_train.cpu_features import cpu_features
 
     return bool({"AVX-512", "VNNI", "AMX"} & set(cpu_features()))

@@ -60,7 +60,6 @@ def main() -> int:
     pre = Path(a.pretrained)
     tok = AutoTokenizer.from_pretrained(pre)
     held, _ = T.split(T.triples(T.TINY_WORDS))
-    rows = []
     em_pre = T.exact_match(load_model(pre), tok, held)
     pref_pre = T.preference_accuracy(load_model(pre), tok, held)
 

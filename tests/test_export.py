@@ -460,6 +460,29 @@ def test_generate_cli(silu_ckpt, tmp_path, capsys):
     assert printed.startswith("ROMEO:") and "[llama.cpp]" in printed and "tokens/s" in printed
 
 
+def test_checkpoint_generation_reuses_the_kv_cache(silu_ckpt):
+    """Greedy decoding of a checkpoint (our forward) hands the KV cache back under the argument this
+    transformers names (no deprecated one: its removal would break decoding) and picks the tokens a
+    full forward over the whole sequence picks at every step."""
+    import warnings
+
+    import torch
+
+    from bitnet_train.runtimes.generate import open_runtime
+
+    with open_runtime(silu_ckpt, threads=2) as rt, warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values", category=FutureWarning)
+        got = rt.complete("ROMEO:", 10, 0.0, chat=False)
+        ids = rt.tokenize("ROMEO:", add_bos=True)
+        new = []
+        with torch.no_grad():
+            for _ in range(got["new_tokens"]):
+                nxt = int(rt.model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                new.append(nxt)
+    assert got["runtime"] == "bitnet-train" and got["new_tokens"] == 10, got
+    assert got["text"] == rt.tok.decode(new), (got["text"], rt.tok.decode(new))
+
+
 def test_cli_progress_bar(silu_ckpt, tmp_path, capsys):
     from bitnet_train.cli import main
 

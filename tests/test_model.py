@@ -432,7 +432,7 @@ def test_shared_input_is_checked_at_run_time():
 def test_checkpoint_recompute_and_weight_codes(monkeypatch, recompute):
     m = bitnet_train.build_model("tiny", seed=9, backend="torch", num_hidden_layers=2)
     bitnet_train.layers.bitlinear.set_switches(m, recompute_weight_codes=recompute)
-    m.gradient_checkpointing_enable()
+    m.activation_checkpointing_enable()
     m.train()
     n_bit = len(bitnet_train.layers.bitlinear.bitlinear_modules(m))
     calls = []

@@ -200,6 +200,21 @@ def test_both_int_gemm_paths_are_exact_at_the_extremes(int8):
     assert isinstance(quant.cpu_int8_gemm_is_fast(), bool)
 
 
+def test_compiled_int_gemm_takes_the_cpu_choice_as_a_constant():
+    """Under torch.compile the CPU's int8 choice is a constant: dynamo neither traces the probe nor
+    warns about it (``train.compile`` would print that warning to every user), and the product is exact."""
+    import warnings
+
+    torch._dynamo.reset()
+    xq = torch.randint(-128, 128, (5, 64), dtype=torch.int8)
+    wq = torch.randint(-1, 2, (3, 64), dtype=torch.int8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(quant._int_gemm, backend="eager", fullgraph=True)(xq, wq)
+    assert torch.equal(out, (xq.long() @ wq.long().t()).float())
+    assert not [w for w in caught if "Dynamo" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_int_linear_refuses_inexact_widths():
     k = 2**17
     with pytest.raises(ValueError, match="in_features 131072"):

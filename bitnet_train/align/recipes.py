@@ -38,7 +38,7 @@ class AlignTrainConfig:
     keep_last: int = field(default=2, metadata={"min": 1, "help": "checkpoints kept"})
     eval_every: int = field(default=0, metadata={"min": 0, "help": "evaluate every N steps (needs eval data); 0 = off"})
     log_every: int = field(default=1, metadata={"min": 1, "help": "write metrics.jsonl every N steps"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory"})
+    activation_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward"})
     bf16: bool = field(default=False, metadata={"help": "bf16 autocast (GPU)"})
 
 

@@ -55,7 +55,7 @@ def trainer_kwargs(recipe, out: Path, progress: bool) -> dict:
         report_to=report,
         run_name=recipe.wandb.name,
         disable_tqdm=not progress,
-        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing=t.activation_checkpointing,
         bf16=t.bf16,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,

@@ -9,6 +9,7 @@ the same function without the compiler (or a C toolchain), so dynamo is disabled
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from pathlib import Path
@@ -95,10 +96,13 @@ class TorchModel(Runtime):
         ids = torch.tensor([self.tokenize(text, add_bos=not chat)], device=self.device)
         check_fits(ids.shape[1], self.n_ctx)
         n = min(n, self.n_ctx - ids.shape[1])
+        # transformers 5.25 renamed the KV cache's argument and output field from `past_key_values`
+        # to `cache` (the old name is deprecated, to be removed in 5.40): the name this forward takes
+        key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with torch._dynamo.config.patch(disable=True), torch.no_grad():
             t0 = time.perf_counter()
             outp = self.model(ids, use_cache=True)
-            past = outp.past_key_values
+            past = outp[key]
             t1 = time.perf_counter()
             logits = outp.logits[0, -1]
             new = []
@@ -110,8 +114,8 @@ class TorchModel(Runtime):
                 if nxt == self.eos:
                     break
                 new.append(nxt)
-                outp = self.model(torch.tensor([[nxt]], device=self.device), past_key_values=past, use_cache=True)
-                past, logits = outp.past_key_values, outp.logits[0, -1]
+                outp = self.model(torch.tensor([[nxt]], device=self.device), **{key: past}, use_cache=True)
+                past, logits = outp[key], outp.logits[0, -1]
             t2 = time.perf_counter()
         return result(self.name, self.tok.decode(new), ids.shape[1], len(new), t1 - t0, t2 - t1, self.n_ctx)
 

@@ -174,10 +174,7 @@ def build_model(recipe, tok, device, fsdp: bool, ck: Path | None = None):
         model.to(device)
     t = recipe.train
     if t.activation_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if fsdp:
         if t.compile:  # accelerate compiles what it prepares; under FSDP each decoder layer is compiled in place
