@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -248,5 +249,12 @@ def test_cli_json_and_table(ckpt, docs, capsys):
     assert r["tokens"] == 300 and r["perplexity"] == pytest.approx(math.exp(r["loss"]))
     assert "eval [bitnet-train]" in cap.err  # the progress bar
     assert main(["eval", str(ckpt), "--data", "builtin:pydoc", "--max-tokens", "200", "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    assert "bits per byte" in out and "tokens 200" in out
+    cap = capsys.readouterr()
+    assert "bits per byte" in cap.out and "tokens 200" in cap.out
+    # no bar at all: neither ours nor transformers' weight loading; the libraries' switches are restored
+    assert "eval [bitnet-train]" not in cap.err and "Loading weights" not in cap.err, cap.err
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled() and "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    assert main(["eval", str(ckpt), "--data", str(docs), "--max-tokens", "100", "--seq-len", "64"]) == 0
+    assert "Loading weights" in capsys.readouterr().err
