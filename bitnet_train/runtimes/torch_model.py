@@ -96,8 +96,8 @@ class TorchModel(Runtime):
         ids = torch.tensor([self.tokenize(text, add_bos=not chat)], device=self.device)
         check_fits(ids.shape[1], self.n_ctx)
         n = min(n, self.n_ctx - ids.shape[1])
-        # transformers 5.25 renamed the KV cache's argument and output field from `past_key_values`
-        # to `cache` (the old name is deprecated, to be removed in 5.40): the name this forward takes
+        # transformers renamed the KV cache's argument and output field `past_key_values` to `cache`
+        # (5.23 takes the old name; 5.25 deprecates it, to be removed in 5.40): the name this forward takes
         key = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with torch._dynamo.config.patch(disable=True), torch.no_grad():
             t0 = time.perf_counter()
