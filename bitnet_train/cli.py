@@ -10,10 +10,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import os
 import sys
 
 from bitnet_train.errors import USER_ERRORS
+from bitnet_train.progress import library_bars_off
 
 # (module, what it provides) — in the order shown by --help
 COMMAND_MODULES = [
@@ -43,42 +43,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# the libraries' own switches for their progress bars, read by the processes a command starts
-LIBRARY_BAR_ENV = ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS")
-
-
-@contextlib.contextmanager
-def library_bars(on: bool):
-    """``--no-progress`` silences the libraries' progress bars too (transformers' "Loading weights",
-    the Hub's downloads, datasets' maps), in this process and in those a command starts; what was set
-    before is restored after the command."""
-    if on:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    saved = {k: os.environ.get(k) for k in LIBRARY_BAR_ENV}
-    was_on = hf_logging.is_progress_bar_enabled()
-    datasets = sys.modules.get("datasets")  # imported later, it reads the variable instead
-    ds_was_on = datasets is not None and datasets.is_progress_bar_enabled()
-    os.environ.update(dict.fromkeys(LIBRARY_BAR_ENV, "1"))
-    hf_logging.disable_progress_bar()  # transformers' and the Hub's
-    if datasets is not None:
-        datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if was_on:
-            hf_logging.enable_progress_bar()
-        if ds_was_on:
-            datasets.enable_progress_bars()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -86,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        with library_bars(not getattr(args, "no_progress", False)):
+        # --no-progress: no bar at all, the libraries' included, also in the processes a command starts
+        quiet = getattr(args, "no_progress", False)
+        with library_bars_off(everywhere=True) if quiet else contextlib.nullcontext():
             rc = args.func(args)
     except USER_ERRORS as e:
         print(f"bitnet-train {args.command}: error: {e}", file=sys.stderr)

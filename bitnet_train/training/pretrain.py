@@ -137,21 +137,18 @@ def pretrain(recipe: PretrainRecipe, resume: bool = False, stop_after: int | Non
 
     ``stop_after`` (for tests) acts like a SIGINT after that optimizer step: save and return.
     """
-    from transformers.utils import logging as hf_logging
-
     from bitnet_train.fsutil import owned
+    from bitnet_train.progress import library_bars_off
     from bitnet_train.training.run import make_accelerator, reset_accelerate
 
-    was_on = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # its per-save "Writing model shards" bars would break ours
-    acc = make_accelerator(recipe.train)
-    try:
-        with owned(recipe.output_dir, "pretrain"):  # a second run into the same output_dir is refused
-            return _pretrain(recipe, resume, stop_after, progress, acc)
-    finally:
-        reset_accelerate(acc)
-        if was_on:
-            hf_logging.enable_progress_bar()
+    # transformers' per-save "Writing model shards" bars would break ours
+    with library_bars_off():
+        acc = make_accelerator(recipe.train)
+        try:
+            with owned(recipe.output_dir, "pretrain"):  # a second run into the same output_dir is refused
+                return _pretrain(recipe, resume, stop_after, progress, acc)
+        finally:
+            reset_accelerate(acc)
 
 
 def _pretrain(recipe: PretrainRecipe, resume: bool, stop_after: int | None, progress: bool, acc) -> dict:
